@@ -1,0 +1,250 @@
+"""Run configuration: typed dataclasses loaded from YAML plus dotted ``key=value`` overrides.
+
+What a model *is* (architecture kwargs) travels with its weights as ``config.json``; how a run
+*executes* lives here. Every error is one line naming the offending key and what is valid, and is
+raised before any process group starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key, value or type is wrong; the message names the key."""
+
+
+def choice(default, choices):
+    return field(default=default, metadata={"choices": tuple(choices)})
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    seed: int = 0
+    steps: int = 1000
+    log_every: int = 10
+    ckpt_every: int = 500  # 0 = only at the end and on SIGTERM
+    keep_last: int = 3
+    sample_every: int = 0  # 0 = never during training
+    sample_num: int = 16
+    sample_steps: int = 25
+    sample_sampler: str = choice("dpmpp_2m", ["euler", "heun", "ddim", "dpmpp_2m"])
+    sample_guidance: float = 3.0
+    sample_prompts: list = field(default_factory=list)  # text models; class models use labels 0..
+    progress: bool = True
+    device: str = choice("auto", ["auto", "cpu", "cuda"])
+
+
+@dataclass
+class ModelConfig:
+    name: str = "DiT-S/2"  # a key of difftrain.models.registry.MODELS
+    image_size: int = 32  # in model space (latent size when a VAE is used)
+    in_channels: int = 3
+    cond: str = choice("none", ["none", "class", "text"])
+    num_classes: int = 0
+    args: dict = field(default_factory=dict)  # architecture overrides, checked by the model's config
+
+
+@dataclass
+class DiffusionConfig:
+    path: str = choice("vp_cosine", ["vp_cosine", "vp_linear", "rf"])
+    density: str = choice("uniform", ["uniform", "logit_normal"])
+    density_args: dict = field(default_factory=dict)
+    target: str = choice("v", ["eps", "v", "x", "velocity"])
+    t_min: float = 1e-4
+    t_max: float = 1.0 - 1e-4
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # webdataset shard spec, e.g. data/digits/train/{00000..00003}.tar
+    batch_size: int = 64  # global, over all data-parallel ranks and accumulation steps
+    num_workers: int = 1
+    channels: int = 3
+    image_size: int = 32  # pixels
+    caption_dropout: float = 0.1  # probability of the null condition (classifier-free guidance)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: str = choice("cosine", ["cosine", "constant"])
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0  # 0 = off
+    grad_accum: int = 1
+    ema_decay: float = 0.999
+
+
+@dataclass
+class ParallelConfig:
+    engine: str = choice("ddp", ["ddp", "fsdp2"])
+    dp_replicate: int = -1  # -1: whatever the other dimensions leave
+    dp_shard: int = 1
+    tp: int = 1
+    pp: int = 1
+    mixed_precision: str = choice("auto", ["auto", "bf16", "fp32"])  # auto: bf16 on CUDA, fp32 on CPU
+    activation_checkpointing: bool = False
+    compile: bool = False
+    compile_backend: str = "inductor"
+
+
+@dataclass
+class EncodersConfig:
+    text: str = ""  # "" none; "minilm" (the packaged MiniLM); or a local HF folder (CLIP/T5/BERT)
+    text_max_length: int = 32
+    vae: str = ""  # "" = pixel space; else a local diffusers AutoencoderKL folder
+
+
+@dataclass
+class Config:
+    stage: str = choice("pretrain", ["pretrain"])
+    init_from: str = ""  # weights only (our export or a diffusers folder); never a resume
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    encoders: EncodersConfig = field(default_factory=EncodersConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        f.type = hints[f.name]
+        out[f.name] = f
+    return out
+
+
+def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
+    typ = f.type
+    if isinstance(typ, types.GenericAlias):
+        typ = typing.get_origin(typ)
+    if typ is float and isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    ok = (
+        (typ is bool and isinstance(value, bool))
+        or (typ is int and isinstance(value, int) and not isinstance(value, bool))
+        or (typ is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+        or (typ is str and isinstance(value, str))
+        or (typ is list and isinstance(value, list))
+        or (typ is dict and isinstance(value, dict))
+    )
+    if not ok:
+        raise ConfigError(f"config key '{key}' must be {typ.__name__}, got {type(value).__name__} {value!r}")
+    if typ is float:
+        value = float(value)
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"config key '{key}' = {value!r} is not one of: {', '.join(map(str, choices))}")
+    return value
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping")
+    fields = _fields(cls)
+    kwargs = {}
+    for key, value in data.items():
+        full = prefix + key
+        if key not in fields:
+            raise ConfigError(
+                f"unknown config key '{full}'; valid keys in '{prefix.rstrip('.') or '<root>'}': "
+                f"{', '.join(fields)}"
+            )
+        f = fields[key]
+        if dataclasses.is_dataclass(f.type):
+            kwargs[key] = _build(f.type, value, full + ".")
+        else:
+            kwargs[key] = _coerce(full, f, value)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config override '{key}': '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"config override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    if value is None:
+        value = ""
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist")
+        tree = yaml.safe_load(p.read_text()) or {}
+    for o in overrides:
+        key, value = parse_override(o)
+        _set_dotted(tree, key, value)
+    cfg = _build(Config, tree)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    if cfg.data.batch_size <= 0:
+        raise ConfigError("config key 'data.batch_size' must be > 0")
+    if cfg.optim.grad_accum <= 0:
+        raise ConfigError("config key 'optim.grad_accum' must be > 0")
+    if cfg.model.cond == "class" and cfg.model.num_classes <= 0:
+        raise ConfigError("config key 'model.num_classes' must be > 0 when model.cond=class")
+    if cfg.model.cond == "text" and not cfg.encoders.text:
+        raise ConfigError("config key 'encoders.text' must name a text encoder when model.cond=text")
+    if not 0.0 <= cfg.data.caption_dropout < 1.0:
+        raise ConfigError("config key 'data.caption_dropout' must be in [0, 1)")
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_hash(cfg: Config) -> str:
+    blob = json.dumps(to_dict(cfg), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def save_config(cfg: Config, run_dir: str | Path) -> str:
+    """Write the resolved config and its hash into the run dir; returns the hash."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    h = config_hash(cfg)
+    text = f"# config hash {h}\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    tmp = run_dir / "config.yaml.tmp"
+    tmp.write_text(text)
+    tmp.replace(run_dir / "config.yaml")
+    return h

@@ -1,0 +1,90 @@
+"""The ``Diffusion`` bundle: path + training density + prediction target + t clamp.
+
+A stage uses it as
+
+    t = diff.t_from_uniform(u)                     # u: keyed uniforms [B]
+    x_t = diff.add_noise(x0, eps, t)
+    pred = model(x_t, t, cond)
+    loss = diff.loss(pred, x0, eps, t, weight)     # [B]; reduce (and log binned by t) outside
+
+and sampling uses ``diff.x0_from_pred`` to turn model outputs into the data predictions the
+samplers consume (see ``denoiser`` and ``guidance.guided_denoiser(..., to_x0=...)``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from difftrain.diffusion import targets as T
+from difftrain.diffusion.densities import DENSITIES, Density
+from difftrain.diffusion.paths import PATHS, Path
+
+
+@dataclass
+class Diffusion:
+    path: Path
+    density: Density
+    target_kind: str = "v"
+    t_min: float = 1e-4
+    t_max: float = 1.0 - 1e-4
+
+    def __post_init__(self):
+        if self.target_kind not in T.TARGETS:
+            raise ValueError(f"unknown prediction target '{self.target_kind}'; valid: {', '.join(T.TARGETS)}")
+        if not 0.0 <= self.t_min < self.t_max <= 1.0:
+            raise ValueError(f"Diffusion needs 0 <= t_min < t_max <= 1, got {self.t_min}, {self.t_max}")
+
+    def t_from_uniform(self, u: torch.Tensor) -> torch.Tensor:
+        """Training times from uniforms u ∈ [0, 1): the density's t, clamped to [t_min, t_max]."""
+        return self.density.t(u, self.path).clamp(self.t_min, self.t_max)
+
+    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t = α(t)·x0 + σ(t)·ε; t is [B], x0 and ε are [B, ...]."""
+        a = T._bcast(self.path.alpha(t), x0)
+        s = T._bcast(self.path.sigma(t), x0)
+        return a * x0 + s * eps
+
+    def target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return T.target(self.target_kind, x0, eps, t, self.path)
+
+    def loss(self, pred, x0, eps, t, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample loss [B]: mean over non-batch dims of (pred − target)², times ``weight`` [B].
+
+        Computed in at least float32 whatever the prediction's dtype (bf16 autocast).
+        """
+        dtype = torch.promote_types(pred.dtype, torch.float32)
+        err = pred.to(dtype) - self.target(x0, eps, t).to(dtype)
+        per_sample = err.square().flatten(1).mean(dim=1)
+        if weight is not None:
+            per_sample = per_sample * weight.to(dtype)
+        return per_sample
+
+    def x0_from_pred(self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x̂0 from a model prediction of this bundle's target kind (exact inverse of ``target``)."""
+        return T.to_x0(self.target_kind, pred, x_t, t, self.path)
+
+    def to_x0_eps(self, pred, x_t, t):
+        return T.to_x0_eps(self.target_kind, pred, x_t, t, self.path)
+
+    def denoiser(self, model_fn, cond=None):
+        """``model_fn(x_t, t, cond) -> pred`` as a sampler's ``denoise_fn(x, t) -> x̂0``."""
+        return lambda x, t: self.x0_from_pred(model_fn(x, t, cond), x, t)
+
+
+def build_diffusion(cfg) -> Diffusion:
+    """From a ``difftrain.config.DiffusionConfig``. Errors name the offending config key."""
+    from difftrain.config import ConfigError
+
+    if cfg.path not in PATHS:
+        raise ConfigError(f"config key 'diffusion.path' = {cfg.path!r} is not one of: {', '.join(PATHS)}")
+    if cfg.density not in DENSITIES:
+        raise ConfigError(f"config key 'diffusion.density' = {cfg.density!r} is not one of: {', '.join(DENSITIES)}")
+    try:
+        density = DENSITIES[cfg.density](**cfg.density_args)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config key 'diffusion.density_args' is invalid for density {cfg.density!r}: {e}") from None
+    try:
+        return Diffusion(PATHS[cfg.path](), density, cfg.target, cfg.t_min, cfg.t_max)
+    except ValueError as e:
+        raise ConfigError(f"config section 'diffusion': {e}") from None

@@ -1,0 +1,144 @@
+"""Export our DiT as a diffusers folder: ``DiTTransformer2DModel`` (class-conditional, adaLN-Zero) or
+``PixArtTransformer2DModel`` (text-conditional, adaLN-single).
+
+The folder is what diffusers itself writes: we build the diffusers model (on the meta device), load the mapped
+state dict with ``strict=True`` and call its ``save_pretrained``. Options no diffusers class can express are refused
+with an ``ExportError`` naming the option.
+
+Calling the exported model (continuous t in [0, 1], 1 = noise):
+    DiT:    model(x, timestep=t * 1000, class_labels=labels).sample             (labels may be the null label)
+    PixArt: model(x, encoder_hidden_states=text_states, timestep=t * 1000,
+                  encoder_attention_mask=text_mask).sample                      (mask: 1 = real token)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from difftrain.models.dit import DiT, DiTConfig
+
+
+class ExportError(ValueError):
+    """The model uses an option the target format cannot express; the message names it."""
+
+
+def diffusers_target(cfg: DiTConfig) -> tuple[str, dict]:
+    """The diffusers class name and its constructor kwargs for ``cfg``, or ``ExportError`` naming the option."""
+    D = cfg.hidden_size
+    if cfg.num_classes > 0 and cfg.text_dim > 0:
+        raise ExportError(f"cannot export class and text conditioning at once (num_classes={cfg.num_classes}, "
+                          f"text_dim={cfg.text_dim}): no diffusers DiT class takes both")
+    if cfg.num_classes == 0 and cfg.text_dim == 0:
+        raise ExportError("cannot export an unconditional DiT (num_classes=0, text_dim=0): DiTTransformer2DModel "
+                          "needs class labels and PixArtTransformer2DModel needs text")
+    if cfg.num_classes > 0 and cfg.mod_type != "zero":
+        raise ExportError(f"cannot export modulation={cfg.modulation!r} (adaLN-single) without text: "
+                          "DiTTransformer2DModel is adaLN-Zero only")
+    if cfg.text_dim > 0 and cfg.mod_type != "single":
+        raise ExportError(f"cannot export modulation={cfg.modulation!r} (adaLN-Zero) with text_dim={cfg.text_dim}: "
+                          "PixArtTransformer2DModel is adaLN-single only")
+    if int(D * cfg.mlp_ratio) != 4 * D:
+        raise ExportError(f"cannot export mlp_ratio={cfg.mlp_ratio}: diffusers DiT/PixArt blocks have a 4x MLP")
+    common = dict(
+        num_attention_heads=cfg.num_heads,
+        attention_head_dim=D // cfg.num_heads,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.out_ch,
+        num_layers=cfg.depth,
+        dropout=0.0,
+        attention_bias=True,
+        sample_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        activation_fn="gelu-approximate",
+        upcast_attention=False,
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+    )
+    if cfg.mod_type == "zero":
+        if cfg.pos_interp_scale != 1.0:
+            raise ExportError(f"cannot export pos_interp_scale={cfg.pos_interp_scale} as DiTTransformer2DModel: "
+                              "it has no interpolation_scale (only 1.0)")
+        return "DiTTransformer2DModel", dict(common, num_embeds_ada_norm=cfg.num_classes, norm_type="ada_norm_zero")
+    interp = cfg.pos_interp_scale
+    return "PixArtTransformer2DModel", dict(
+        common,
+        num_embeds_ada_norm=1000,  # unused by adaLN-single, but diffusers requires it to be set
+        norm_type="ada_norm_single",
+        cross_attention_dim=D,  # captions are projected to the hidden size first
+        caption_channels=cfg.text_dim,
+        interpolation_scale=int(interp) if float(interp).is_integer() else interp,
+        use_additional_conditions=False,  # no resolution / aspect-ratio embedders
+        attention_type="default",
+    )
+
+
+# ---------------------------------------------------------------------------------------- key mapping
+def _linear(out: dict, dst: str, state: dict, src: str) -> None:
+    out[f"{dst}.weight"] = state[f"{src}.weight"]
+    out[f"{dst}.bias"] = state[f"{src}.bias"]
+
+
+def _split(out: dict, dsts: list[str], state: dict, src: str) -> None:
+    """Fused projection (rows stacked in the order of ``dsts``) -> one diffusers linear per part."""
+    for dst, w, b in zip(dsts, state[f"{src}.weight"].chunk(len(dsts)), state[f"{src}.bias"].chunk(len(dsts))):
+        out[f"{dst}.weight"], out[f"{dst}.bias"] = w, b
+
+
+def _block_common(out: dict, d: str, state: dict, s: str) -> None:
+    _split(out, [f"{d}.attn1.to_q", f"{d}.attn1.to_k", f"{d}.attn1.to_v"], state, f"{s}.attn.qkv")
+    _linear(out, f"{d}.attn1.to_out.0", state, f"{s}.attn.proj")
+    _linear(out, f"{d}.ff.net.0.proj", state, f"{s}.mlp.fc1")
+    _linear(out, f"{d}.ff.net.2", state, f"{s}.mlp.fc2")
+
+
+def convert_state_dict(cfg: DiTConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our state dict -> the diffusers one for ``diffusers_target(cfg)`` (tensors are views; clone before saving)."""
+    name, _ = diffusers_target(cfg)
+    out: dict[str, torch.Tensor] = {}
+    _linear(out, "pos_embed.proj", state, "patch_embed")
+    if name == "DiTTransformer2DModel":
+        for i in range(cfg.depth):
+            d, s = f"transformer_blocks.{i}", f"blocks.{i}"
+            # diffusers keeps a copy of the t + label embedder in every block's norm1.emb
+            _linear(out, f"{d}.norm1.emb.timestep_embedder.linear_1", state, "t_embed.mlp.0")
+            _linear(out, f"{d}.norm1.emb.timestep_embedder.linear_2", state, "t_embed.mlp.2")
+            out[f"{d}.norm1.emb.class_embedder.embedding_table.weight"] = state["y_embed.weight"]
+            _linear(out, f"{d}.norm1.linear", state, f"{s}.adaLN.1")
+            _block_common(out, d, state, s)
+        _linear(out, "proj_out_1", state, "final_layer.adaLN.1")
+        _linear(out, "proj_out_2", state, "final_layer.linear")
+    else:
+        _linear(out, "adaln_single.emb.timestep_embedder.linear_1", state, "t_embed.mlp.0")
+        _linear(out, "adaln_single.emb.timestep_embedder.linear_2", state, "t_embed.mlp.2")
+        _linear(out, "adaln_single.linear", state, "t_block.1")
+        _linear(out, "caption_projection.linear_1", state, "text_embed.0")
+        _linear(out, "caption_projection.linear_2", state, "text_embed.2")
+        for i in range(cfg.depth):
+            d, s = f"transformer_blocks.{i}", f"blocks.{i}"
+            out[f"{d}.scale_shift_table"] = state[f"{s}.scale_shift_table"]
+            _block_common(out, d, state, s)
+            _linear(out, f"{d}.attn2.to_q", state, f"{s}.cross_attn.q")
+            _split(out, [f"{d}.attn2.to_k", f"{d}.attn2.to_v"], state, f"{s}.cross_attn.kv")
+            _linear(out, f"{d}.attn2.to_out.0", state, f"{s}.cross_attn.proj")
+        out["scale_shift_table"] = state["final_layer.scale_shift_table"]
+        _linear(out, "proj_out", state, "final_layer.linear")
+    return out
+
+
+def export_dit_diffusers(model: DiT, state: dict[str, torch.Tensor], out_dir: str | Path) -> str:
+    """Write ``state`` (e.g. EMA weights, keys of ``model.state_dict()``) as a diffusers folder; returns the class name."""
+    import diffusers
+
+    cfg = model.config
+    name, kwargs = diffusers_target(cfg)
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ExportError(f"state does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    mapped = {k: v.detach().to("cpu").clone().contiguous() for k, v in convert_state_dict(cfg, state).items()}
+    with torch.device("meta"):
+        target = getattr(diffusers, name)(**kwargs)
+    target.load_state_dict(mapped, strict=True, assign=True)
+    target.save_pretrained(str(out_dir), safe_serialization=True)
+    return name

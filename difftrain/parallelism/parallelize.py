@@ -1,0 +1,67 @@
+"""Apply parallelism to a single-device model from outside, in torchtitan's order:
+(TP, not built yet) -> activation checkpointing -> compile -> FSDP2 | DDP.
+
+Every function keeps parameter names (FQNs) unchanged except DDP's ``module.`` wrapper, which the
+engine and DCP's state-dict helpers see through, so checkpoints move between engines and world sizes.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
+
+from difftrain.config import ParallelConfig
+from difftrain.parallelism.dims import Meshes
+
+
+def trunk_blocks(model: nn.Module) -> list[nn.Module]:
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise TypeError(f"{type(model).__name__} exposes no .blocks trunk to parallelize")
+    return list(blocks)
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each trunk block in backward. Replaces the instance's forward (names unchanged)."""
+    for block in trunk_blocks(model):
+        inner = block.forward
+        block.forward = functools.partial(checkpoint, inner, use_reentrant=False)
+
+
+def apply_compile(model: nn.Module, backend: str) -> None:
+    """Compile block by block (one graph per block type, reused; names unchanged)."""
+    for block in trunk_blocks(model):
+        block.compile(backend=backend, dynamic=False)
+
+
+def apply_fsdp2(model: nn.Module, meshes: Meshes) -> nn.Module:
+    """fully_shard each trunk block, then the root (FSDP over dp_shard, HSDP when dp_replicate > 1)."""
+    mesh = meshes.fsdp
+    for block in trunk_blocks(model):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def apply_ddp(model: nn.Module, meshes: Meshes, device: torch.device) -> nn.Module:
+    return DistributedDataParallel(
+        model,
+        process_group=meshes.dp.get_group(),
+        device_ids=[device.index] if device.type == "cuda" else None,
+        broadcast_buffers=False,
+    )
+
+
+def parallelize(model: nn.Module, meshes: Meshes, pcfg: ParallelConfig, device: torch.device) -> nn.Module:
+    """Returns the module to call for forward (the DDP wrapper, or the same sharded module)."""
+    if pcfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if pcfg.compile:
+        apply_compile(model, pcfg.compile_backend)
+    if pcfg.engine == "fsdp2":
+        return apply_fsdp2(model, meshes)
+    return apply_ddp(model, meshes, device)

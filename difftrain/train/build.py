@@ -1,0 +1,102 @@
+"""Build what a run needs from its config: frozen encoders, the backbone, weights-only init.
+
+Shared by training, sampling and export so there is one way to turn a run into modules.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from difftrain.config import Config, ConfigError
+from difftrain.models import registry
+
+
+def build_encoders(cfg: Config, device: torch.device):
+    """(text encoder or None, VAE or pixel space), frozen, on ``device``."""
+    from difftrain.models.encoders import TextEncoder, build_vae
+
+    text = None
+    if cfg.model.cond == "text":
+        text = TextEncoder.from_pretrained(cfg.encoders.text, max_length=cfg.encoders.text_max_length).to(device)
+    vae = build_vae(cfg.encoders.vae, channels=cfg.data.channels).to(device)
+    return text, vae
+
+
+def model_config(cfg: Config, text_dim: int, latent_channels: int | None):
+    arch, acfg = registry.arch_config(cfg.model, text_dim)
+    if latent_channels is not None and acfg.in_channels != latent_channels:
+        raise ConfigError(f"config key 'model.in_channels' = {acfg.in_channels} but the "
+                          f"{'VAE latents' if cfg.encoders.vae else 'images'} have {latent_channels} channels")
+    return arch, acfg
+
+
+def build_backbone(cfg: Config, arch: str, acfg, device: torch.device) -> nn.Module:
+    """Meta build -> materialise on ``device`` with ``init_weights`` under the run seed -> init_from."""
+    model = registry.materialize(registry.build(arch, acfg), device, seed=cfg.run.seed)
+    if cfg.init_from:
+        load_weights_only(model, cfg.init_from)
+    return model
+
+
+def load_weights_only(model: nn.Module, path: str) -> None:
+    """``init_from``: our export (config.json with _difftrain_arch + model.safetensors) or a diffusers
+    model folder. Weights only: never optimizer state, step or data position (that is resume)."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    cfg_file = p / "config.json"
+    if not cfg_file.is_file():
+        raise ConfigError(f"config key 'init_from' = '{path}' has no config.json")
+    meta = json.loads(cfg_file.read_text())
+    if "_difftrain_arch" in meta:
+        state = load_file(str(p / "model.safetensors"))
+    elif "_class_name" in meta:
+        state = model.from_diffusers_state(p)
+    else:
+        raise ConfigError(f"config key 'init_from' = '{path}' is neither a difftrain nor a diffusers model folder")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"config key 'init_from' = '{path}' does not match the model "
+                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def write_model_config(arch: str, acfg, run_dir: Path) -> None:
+    d = run_dir / "model"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps({"_difftrain_arch": arch, **dataclasses.asdict(acfg)}, indent=2))
+
+
+def read_model_config(run_dir: Path):
+    f = Path(run_dir) / "model" / "config.json"
+    if not f.is_file():
+        raise FileNotFoundError(f"'{run_dir}' is not a difftrain run dir (no model/config.json)")
+    meta = json.loads(f.read_text())
+    arch = meta.pop("_difftrain_arch")
+    return arch, registry.arch_class(arch).config_class(**meta)
+
+
+def load_run_weights(run_dir: Path, model: nn.Module, which: str = "ema") -> int:
+    """Load a run's newest complete checkpoint into a plain single-process ``model`` (any world size
+    wrote it). ``which="ema"`` overlays the EMA parameters on the saved model state. Returns the step."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    from difftrain.train.checkpoint import SafeReader, latest_checkpoint, read_train_state
+
+    last = latest_checkpoint(Path(run_dir) / "checkpoints")
+    if last is None:
+        raise FileNotFoundError(f"'{run_dir}' has no complete checkpoint")
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    tensors = {"model": sd}
+    if which == "ema":
+        tensors["ema"] = {n: torch.empty_like(p) for n, p in model.named_parameters()}
+    dcp.load(tensors, storage_reader=SafeReader(last), no_dist=not dist.is_initialized())
+    if which == "ema":
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(tensors["ema"][n])
+    return read_train_state(last)["step"]

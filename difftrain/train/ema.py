@@ -1,0 +1,56 @@
+"""Exponential moving average of the trainable weights, sharded like the weights themselves.
+
+Under FSDP2 the parameters are DTensors, so ``p.detach().clone()`` gives an EMA that is sharded
+the same way: each rank holds 1/world of it, and the update touches only local shards (no
+communication). Sampling with the EMA swaps it into the live parameters on every rank, so the
+usual forward (with its all-gathers) runs with EMA weights.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+class EMA:
+    def __init__(self, module: nn.Module, decay: float):
+        self.decay = decay
+        self.params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+        self.shadow = {n: p.detach().clone() for n, p in self.params.items()}
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        # Warm-up as in Karras et al. 2022 / common practice: no averaging over the first steps.
+        decay = min(self.decay, (1 + step) / (10 + step))
+        shadow = [_local(self.shadow[n]) for n in self.params]
+        live = [_local(p) for p in self.params.values()]
+        torch._foreach_lerp_(shadow, live, 1.0 - decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow
+
+    @torch.no_grad()
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        for n, t in sd.items():
+            if t is not self.shadow[n]:
+                _local(self.shadow[n]).copy_(_local(t))
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """Temporarily put the EMA weights into the live parameters (all ranks must enter)."""
+        with torch.no_grad():
+            backup = {n: _local(p).clone() for n, p in self.params.items()}
+            for n, p in self.params.items():
+                _local(p).copy_(_local(self.shadow[n]))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    _local(p).copy_(backup[n])

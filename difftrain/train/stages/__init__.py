@@ -1,0 +1,4 @@
+"""Stage registry: config ``stage`` -> Stage class (all run on the same Trainer)."""
+from difftrain.train.stages.pretrain import PretrainStage
+
+STAGES = {PretrainStage.name: PretrainStage}

@@ -1,0 +1,180 @@
+"""The Trainer: one loop for every stage and engine.
+
+step:  next batch (the one after it is already fetched: ``LookAhead``) -> per micro-batch
+       stage.frozen -> stage.prepare -> stage.forward -> stage.loss -> engine.backward
+       -> engine.step (clip, optimizer, LR, EMA) -> metrics (device tensors, reduced at log steps)
+       -> callbacks (sample grids) -> checkpoint (every N steps, at the end, on SIGTERM)
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from difftrain.config import Config, ConfigError, save_config
+from difftrain.data.loader import ShardLoader
+from difftrain.diffusion.diffusion import build_diffusion
+from difftrain.launch.env import init_distributed, pick_device, discover
+from difftrain.parallelism.dims import Meshes, ParallelDims
+from difftrain.train import checkpoint as ckpt
+from difftrain.train.build import build_backbone, build_encoders, model_config, write_model_config
+from difftrain.train.engine import TorchEngine
+from difftrain.train.metrics import Metrics
+from difftrain.train.stages import STAGES
+from difftrain.train.stages.pretrain import Conditioner
+
+
+class LookAhead:
+    """Iterator wrapper that always holds the next batch, so its frozen work can start early."""
+
+    def __init__(self, it):
+        self._it = iter(it)
+        self._next = next(self._it)
+
+    def __next__(self):
+        cur, self._next = self._next, next(self._it)
+        return cur
+
+    def peek(self):
+        return self._next
+
+
+class Trainer:
+    def __init__(self, cfg: Config, callbacks: list | None = None):
+        self.cfg = cfg
+        env = discover()
+        self.device = pick_device(cfg.run.device, env.local_rank)
+        init_distributed(self.device)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.dims = ParallelDims.from_config(cfg.parallel, self.world)
+        self.meshes = Meshes(self.dims, self.dims.build_mesh(self.device.type))
+        self.dp, self.dp_rank = self.dims.dp, self.meshes.dp_rank
+        per_rank, rem = divmod(cfg.data.batch_size, self.dp * cfg.optim.grad_accum)
+        if rem or per_rank == 0:
+            raise ConfigError(f"config key 'data.batch_size' = {cfg.data.batch_size} must be a multiple of "
+                              f"data-parallel size {self.dp} x optim.grad_accum {cfg.optim.grad_accum}")
+        self.micro = per_rank
+        self.run_dir = Path(cfg.run.dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        if self.rank == 0:
+            self.config_hash = save_config(cfg, self.run_dir)
+        dist.barrier()
+
+        text, vae = build_encoders(cfg, self.device)
+        latent_ch = vae.latent_channels
+        self.arch, self.acfg = model_config(cfg, text.dim if text is not None else 0, latent_ch)
+        if self.rank == 0:
+            write_model_config(self.arch, self.acfg, self.run_dir)
+        module = build_backbone(cfg, self.arch, self.acfg, self.device)
+        self.engine = TorchEngine(module, self.meshes, cfg.parallel, cfg.optim, self.device, cfg.run.steps)
+        self.diffusion = build_diffusion(cfg.diffusion)
+        self.conditioner = Conditioner(cfg, text, self.device)
+        self.vae = vae
+        self.stage = STAGES[cfg.stage](cfg, module, self.diffusion, self.conditioner, vae, self.device)
+        self.loader = ShardLoader(cfg.data.train, cfg.data.batch_size, rank=self.dp_rank, world=self.dp,
+                                  num_workers=cfg.data.num_workers, seed=cfg.run.seed,
+                                  channels=cfg.data.channels, image_size=cfg.data.image_size)
+        self.callbacks = list(callbacks or [])
+        self.step = 0
+        self._data = None
+        self._stop_requested = False
+        self.autocast = self._autocast_dtype()
+
+    def _autocast_dtype(self):
+        mp = self.cfg.parallel.mixed_precision
+        if mp == "bf16" or (mp == "auto" and self.device.type == "cuda"):
+            return torch.bfloat16
+        return None
+
+    # ------------------------------------------------------------------------------ checkpoint
+    def _tensors(self) -> dict:
+        return {**self.engine.state_dict(), "rng": {"cpu": torch.get_rng_state()}}
+
+    def save(self) -> Path:
+        # The look-ahead batch is fetched but not trained on: resume must start with it.
+        data_pos = dict(self._data.peek()["position"]) if self._data is not None else self.loader.state_dict()
+        state = {"step": self.step, "data": data_pos, "world_size": self.world,
+                 "config_hash": getattr(self, "config_hash", None)}
+        return ckpt.save(self.ckpt_root, self.step, self._tensors(), state, self.cfg.run.keep_last)
+
+    def maybe_resume(self) -> bool:
+        last = ckpt.latest_checkpoint(self.ckpt_root)
+        if last is None:
+            return False
+        tensors = self._tensors()
+        state = ckpt.load(last, tensors)
+        self.step = state["step"]
+        self.engine.load_state_dict(tensors, self.step)
+        torch.set_rng_state(tensors["rng"]["cpu"])
+        self.loader.load_state_dict(state["data"])
+        if self.rank == 0:
+            print(f"resumed from {last} (step {self.step}, saved by {state['world_size']} ranks)", flush=True)
+        return True
+
+    def _on_sigterm(self, signum, frame):
+        self._stop_requested = True
+
+    def _agree_to_stop(self) -> bool:
+        flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    # ------------------------------------------------------------------------------------ loop
+    def train_step(self, batch: dict) -> None:
+        # batch["index"]: each sample's global position in the stream (the key of its randomness).
+        # A rank's slice can be short when bad samples were dropped; micro-batches split what is there.
+        accum = self.cfg.optim.grad_accum
+        n = len(batch["index"])
+        bounds = [n * i // accum for i in range(accum + 1)]
+        t0 = time.perf_counter()
+        for i in range(accum):
+            mb = {k: v[bounds[i]:bounds[i + 1]] for k, v in batch.items() if k != "position"}
+            with self.engine.accumulating(last=i == accum - 1):
+                fb = self.stage.frozen(mb, self.step)
+                prep = self.stage.prepare(fb, self.step)
+                with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+                    pred = self.stage.forward(self.engine.model, prep)
+                loss, per_sample = self.stage.loss(pred, prep)
+                self.engine.backward(loss / accum)
+            self.metrics.add_samples(per_sample, prep["t"])
+        t1 = time.perf_counter()
+        gnorm = self.engine.step(self.step)
+        t2 = time.perf_counter()
+        self.metrics.add_step(gnorm, fwd_bwd=t1 - t0, optim=t2 - t1)
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        self.maybe_resume()
+        prev = signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.metrics = Metrics(self.run_dir, self.rank, self.meshes.dp, self.device, cfg.run, self.step)
+        data = self._data = LookAhead(self.loader)
+        last_log = {}
+        try:
+            while self.step < cfg.run.steps:
+                t_data = time.perf_counter()
+                batch = next(data)
+                self.metrics.add_data_time(time.perf_counter() - t_data)
+                self.train_step(batch)
+                self.step += 1
+                if ckpt.fault("kill_at_step", self.step):
+                    os.kill(os.getpid(), signal.SIGKILL)
+                is_log = self.step % cfg.run.log_every == 0 or self.step == cfg.run.steps
+                if is_log:
+                    last_log = self.metrics.log(self.step, lr=self.engine.lr(), batch_size=cfg.data.batch_size)
+                for cb in self.callbacks:
+                    cb.on_step_end(self, self.step)
+                stop = is_log and self._agree_to_stop()
+                if stop or self.step == cfg.run.steps or (cfg.run.ckpt_every and self.step % cfg.run.ckpt_every == 0):
+                    self.save()
+                if stop:
+                    if self.rank == 0:
+                        print(f"SIGTERM: saved step {self.step}, stopping", flush=True)
+                    break
+        finally:
+            signal.signal(signal.SIGTERM, prev)
+            self.metrics.close()
+        return last_log

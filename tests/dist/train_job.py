@@ -1,0 +1,34 @@
+"""Runs inside torchrun: several short training runs in the same processes (one launch, many
+cases), each given as NAME and dotted overrides; rank 0 writes each run's final full weights to
+OUT/NAME.safetensors. Usage: train_job.py OUT NAME1 'k=v k=v' NAME2 'k=v ...'"""
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from difftrain.config import load_config
+from difftrain.train.trainer import Trainer
+
+
+def main():
+    out = Path(sys.argv[1])
+    out.mkdir(parents=True, exist_ok=True)
+    cases = sys.argv[2:]
+    for name, overrides in zip(cases[::2], cases[1::2]):
+        cfg = load_config(None, overrides.split())
+        trainer = Trainer(cfg)
+        trainer.fit()
+        sd = get_model_state_dict(trainer.engine.model,
+                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if dist.get_rank() == 0:
+            save_file({k: v.contiguous() for k, v in sd.items()}, str(out / f"{name}.safetensors"))
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()
