@@ -91,8 +91,10 @@ class OptimConfig:
 @dataclass
 class ParallelConfig:
     engine: str = choice("ddp", ["ddp", "fsdp2"])
-    dp_replicate: int = -1  # -1: whatever the other dimensions leave
-    dp_shard: int = 1
+    # -1 = whatever the other dimensions leave. Defaults: ddp replicates over all ranks; fsdp2 shards
+    # over all ranks; set both for HSDP (e.g. dp_replicate=nodes, dp_shard=gpus per node).
+    dp_replicate: int = -1
+    dp_shard: int = -1
     tp: int = 1
     pp: int = 1
     mixed_precision: str = choice("auto", ["auto", "bf16", "fp32"])  # auto: bf16 on CUDA, fp32 on CPU

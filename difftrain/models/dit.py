@@ -354,3 +354,16 @@ class DiT(nn.Module):
         for block in self.blocks:
             x = block(x, mod, text, text_mask)  # [B, N, D]
         return self.final(x, c, x_t.shape[-2:])  # [B, C_out, H, W]
+
+    # ------------------------------------------------------------------ diffusers folders
+    def save_diffusers(self, state: dict[str, torch.Tensor], out_dir) -> str:
+        """Write ``state`` (our keys, e.g. EMA weights) as a diffusers folder; returns the diffusers class name."""
+        from difftrain.models.dit_export import export_dit_diffusers
+
+        return export_dit_diffusers(self, state, out_dir)
+
+    def load_diffusers(self, folder) -> dict[str, torch.Tensor]:
+        """Our state dict from a diffusers DiT / PixArt folder (safetensors only) whose config matches this model."""
+        from difftrain.models.dit_export import load_dit_diffusers
+
+        return load_dit_diffusers(self, folder)

@@ -5,6 +5,8 @@ The folder is what diffusers itself writes: we build the diffusers model (on the
 state dict with ``strict=True`` and call its ``save_pretrained``. Options no diffusers class can express are refused
 with an ``ExportError`` naming the option.
 
+``load_dit_diffusers`` (``DiT.load_diffusers``) is the inverse, for ``init_from`` a diffusers folder.
+
 Calling the exported model (continuous t in [0, 1], 1 = noise):
     DiT:    model(x, timestep=t * 1000, class_labels=labels).sample             (labels may be the null label)
     PixArt: model(x, encoder_hidden_states=text_states, timestep=t * 1000,
@@ -74,55 +76,85 @@ def diffusers_target(cfg: DiTConfig) -> tuple[str, dict]:
 
 
 # ---------------------------------------------------------------------------------------- key mapping
-def _linear(out: dict, dst: str, state: dict, src: str) -> None:
-    out[f"{dst}.weight"] = state[f"{src}.weight"]
-    out[f"{dst}.bias"] = state[f"{src}.bias"]
+# One table drives both directions: each row is (diffusers keys, our key). Several diffusers keys in one row are the
+# row blocks of our fused tensor, in order (q, k, v); several rows with the same our key are copies diffusers keeps.
+Row = tuple[tuple[str, ...], str]
 
 
-def _split(out: dict, dsts: list[str], state: dict, src: str) -> None:
-    """Fused projection (rows stacked in the order of ``dsts``) -> one diffusers linear per part."""
-    for dst, w, b in zip(dsts, state[f"{src}.weight"].chunk(len(dsts)), state[f"{src}.bias"].chunk(len(dsts))):
-        out[f"{dst}.weight"], out[f"{dst}.bias"] = w, b
+def _linear(rows: list[Row], dst: str, src: str) -> None:
+    rows += [((f"{dst}.weight",), f"{src}.weight"), ((f"{dst}.bias",), f"{src}.bias")]
 
 
-def _block_common(out: dict, d: str, state: dict, s: str) -> None:
-    _split(out, [f"{d}.attn1.to_q", f"{d}.attn1.to_k", f"{d}.attn1.to_v"], state, f"{s}.attn.qkv")
-    _linear(out, f"{d}.attn1.to_out.0", state, f"{s}.attn.proj")
-    _linear(out, f"{d}.ff.net.0.proj", state, f"{s}.mlp.fc1")
-    _linear(out, f"{d}.ff.net.2", state, f"{s}.mlp.fc2")
+def _split(rows: list[Row], dsts: list[str], src: str) -> None:
+    """Fused projection (rows stacked in the order of ``dsts``) <-> one diffusers linear per part."""
+    rows += [(tuple(f"{d}.weight" for d in dsts), f"{src}.weight"), (tuple(f"{d}.bias" for d in dsts), f"{src}.bias")]
 
 
-def convert_state_dict(cfg: DiTConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our state dict -> the diffusers one for ``diffusers_target(cfg)`` (tensors are views; clone before saving)."""
+def _block_common(rows: list[Row], d: str, s: str) -> None:
+    _split(rows, [f"{d}.attn1.to_q", f"{d}.attn1.to_k", f"{d}.attn1.to_v"], f"{s}.attn.qkv")
+    _linear(rows, f"{d}.attn1.to_out.0", f"{s}.attn.proj")
+    _linear(rows, f"{d}.ff.net.0.proj", f"{s}.mlp.fc1")
+    _linear(rows, f"{d}.ff.net.2", f"{s}.mlp.fc2")
+
+
+def key_map(cfg: DiTConfig) -> list[Row]:
+    """Rows (diffusers keys, our key) for ``diffusers_target(cfg)``."""
     name, _ = diffusers_target(cfg)
-    out: dict[str, torch.Tensor] = {}
-    _linear(out, "pos_embed.proj", state, "patch_embed")
+    rows: list[Row] = []
+    _linear(rows, "pos_embed.proj", "patch_embed")
     if name == "DiTTransformer2DModel":
         for i in range(cfg.depth):
             d, s = f"transformer_blocks.{i}", f"blocks.{i}"
             # diffusers keeps a copy of the t + label embedder in every block's norm1.emb
-            _linear(out, f"{d}.norm1.emb.timestep_embedder.linear_1", state, "t_embed.mlp.0")
-            _linear(out, f"{d}.norm1.emb.timestep_embedder.linear_2", state, "t_embed.mlp.2")
-            out[f"{d}.norm1.emb.class_embedder.embedding_table.weight"] = state["y_embed.weight"]
-            _linear(out, f"{d}.norm1.linear", state, f"{s}.adaLN.1")
-            _block_common(out, d, state, s)
-        _linear(out, "proj_out_1", state, "final_layer.adaLN.1")
-        _linear(out, "proj_out_2", state, "final_layer.linear")
+            _linear(rows, f"{d}.norm1.emb.timestep_embedder.linear_1", "t_embed.mlp.0")
+            _linear(rows, f"{d}.norm1.emb.timestep_embedder.linear_2", "t_embed.mlp.2")
+            rows.append(((f"{d}.norm1.emb.class_embedder.embedding_table.weight",), "y_embed.weight"))
+            _linear(rows, f"{d}.norm1.linear", f"{s}.adaLN.1")
+            _block_common(rows, d, s)
+        _linear(rows, "proj_out_1", "final_layer.adaLN.1")
+        _linear(rows, "proj_out_2", "final_layer.linear")
     else:
-        _linear(out, "adaln_single.emb.timestep_embedder.linear_1", state, "t_embed.mlp.0")
-        _linear(out, "adaln_single.emb.timestep_embedder.linear_2", state, "t_embed.mlp.2")
-        _linear(out, "adaln_single.linear", state, "t_block.1")
-        _linear(out, "caption_projection.linear_1", state, "text_embed.0")
-        _linear(out, "caption_projection.linear_2", state, "text_embed.2")
+        _linear(rows, "adaln_single.emb.timestep_embedder.linear_1", "t_embed.mlp.0")
+        _linear(rows, "adaln_single.emb.timestep_embedder.linear_2", "t_embed.mlp.2")
+        _linear(rows, "adaln_single.linear", "t_block.1")
+        _linear(rows, "caption_projection.linear_1", "text_embed.0")
+        _linear(rows, "caption_projection.linear_2", "text_embed.2")
         for i in range(cfg.depth):
             d, s = f"transformer_blocks.{i}", f"blocks.{i}"
-            out[f"{d}.scale_shift_table"] = state[f"{s}.scale_shift_table"]
-            _block_common(out, d, state, s)
-            _linear(out, f"{d}.attn2.to_q", state, f"{s}.cross_attn.q")
-            _split(out, [f"{d}.attn2.to_k", f"{d}.attn2.to_v"], state, f"{s}.cross_attn.kv")
-            _linear(out, f"{d}.attn2.to_out.0", state, f"{s}.cross_attn.proj")
-        out["scale_shift_table"] = state["final_layer.scale_shift_table"]
-        _linear(out, "proj_out", state, "final_layer.linear")
+            rows.append(((f"{d}.scale_shift_table",), f"{s}.scale_shift_table"))
+            _block_common(rows, d, s)
+            _linear(rows, f"{d}.attn2.to_q", f"{s}.cross_attn.q")
+            _split(rows, [f"{d}.attn2.to_k", f"{d}.attn2.to_v"], f"{s}.cross_attn.kv")
+            _linear(rows, f"{d}.attn2.to_out.0", f"{s}.cross_attn.proj")
+        rows.append((("scale_shift_table",), "final_layer.scale_shift_table"))
+        _linear(rows, "proj_out", "final_layer.linear")
+    return rows
+
+
+def convert_state_dict(cfg: DiTConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our state dict -> the diffusers one for ``diffusers_target(cfg)`` (tensors are views; clone before saving)."""
+    out: dict[str, torch.Tensor] = {}
+    for dsts, src in key_map(cfg):
+        out.update(zip(dsts, state[src].chunk(len(dsts))))
+    return out
+
+
+def state_from_diffusers(cfg: DiTConfig, dstate: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of ``convert_state_dict``: a diffusers state dict -> ours. Fused tensors are concatenated back;
+    the copies diffusers keeps (the t/label embedder in every block) must agree and become one tensor."""
+    rows = key_map(cfg)
+    needed = {k for dsts, _ in rows for k in dsts}
+    missing, unexpected = sorted(needed - dstate.keys()), sorted(dstate.keys() - needed)
+    if missing or unexpected:
+        raise ValueError(f"diffusers state does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    out: dict[str, torch.Tensor] = {}
+    first: dict[str, str] = {}  # our key -> the diffusers key it was first read from
+    for dsts, src in rows:
+        t = dstate[dsts[0]] if len(dsts) == 1 else torch.cat([dstate[k] for k in dsts])
+        if src not in out:
+            out[src], first[src] = t, dsts[0]
+        elif not torch.equal(out[src], t):
+            raise ValueError(f"diffusers keys '{first[src]}' and '{dsts[0]}' are copies of our '{src}' but differ")
     return out
 
 
@@ -142,3 +174,18 @@ def export_dit_diffusers(model: DiT, state: dict[str, torch.Tensor], out_dir: st
     target.load_state_dict(mapped, strict=True, assign=True)
     target.save_pretrained(str(out_dir), safe_serialization=True)
     return name
+
+
+def load_dit_diffusers(model: DiT, folder: str | Path) -> dict[str, torch.Tensor]:
+    """Our state dict (keys of ``model.state_dict()``) from a diffusers DiT / PixArt folder (safetensors only) whose
+    config matches ``model``; otherwise a ``ValueError`` naming the first mismatching config key."""
+    from difftrain.models.diffusers_folder import check_diffusers_config, read_diffusers_folder
+
+    cfg = model.config
+    name, kwargs = diffusers_target(cfg)
+    found, dstate = read_diffusers_folder(folder)
+    if name == "PixArtTransformer2DModel" and found.get("use_additional_conditions") is None:
+        found = dict(found, use_additional_conditions=found.get("sample_size", 128) == 128)  # as diffusers resolves it
+    # folders written before diffusers 0.28 name the generic class; diffusers itself remaps it by norm_type
+    check_diffusers_config(folder, found, name, kwargs, aliases=("Transformer2DModel",))
+    return state_from_diffusers(cfg, dstate)

@@ -228,6 +228,16 @@ class UNet(nn.Module):
         model.save_pretrained(str(out_dir), safe_serialization=True)
         return cls_name
 
+    def load_diffusers(self, folder: str | Path) -> dict[str, torch.Tensor]:
+        """Our state dict from a diffusers UNet folder (safetensors only) whose config matches this model;
+        otherwise a ``ValueError`` naming the first mismatching config key."""
+        from difftrain.models.diffusers_folder import check_diffusers_config, read_diffusers_folder
+
+        cls_name, kw = diffusers_kwargs(self.config)
+        found, dstate = read_diffusers_folder(folder)
+        check_diffusers_config(folder, found, cls_name, kw)
+        return self.state_from_diffusers(dstate)
+
     @staticmethod
     def state_from_diffusers(diffusers_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Our state-dict keys for a diffusers UNet state dict (``init_from`` a diffusers folder)."""

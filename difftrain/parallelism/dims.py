@@ -25,21 +25,26 @@ class ParallelDims:
 
     @classmethod
     def from_config(cls, pcfg: ParallelConfig, world_size: int) -> "ParallelDims":
-        rep = pcfg.dp_replicate
-        if rep == -1:
-            rest = pcfg.dp_shard * pcfg.tp * pcfg.pp
-            if rest <= 0 or world_size % rest:
-                raise ConfigError(
-                    f"config keys parallel.dp_shard*tp*pp = {rest} must divide the world size {world_size}")
-            rep = world_size // rest
-        dims = cls(rep, pcfg.dp_shard, pcfg.tp, pcfg.pp, world_size)
+        rep, shard = pcfg.dp_replicate, pcfg.dp_shard
+        if pcfg.engine == "ddp" and shard == -1:
+            shard = 1
+        if rep == -1 and shard == -1:  # fsdp2 default: shard over every data-parallel rank
+            rep = 1
+        if -1 in (rep, shard):
+            fixed = (shard if rep == -1 else rep) * pcfg.tp * pcfg.pp
+            key = "dp_replicate" if rep == -1 else "dp_shard"
+            if fixed <= 0 or world_size % fixed:
+                raise ConfigError(f"cannot infer parallel.{key}: the other dimensions ({fixed}) "
+                                  f"do not divide the world size {world_size}")
+            rep, shard = (world_size // fixed, shard) if rep == -1 else (rep, world_size // fixed)
+        dims = cls(rep, shard, pcfg.tp, pcfg.pp, world_size)
         dims.validate(pcfg.engine)
         return dims
 
     def validate(self, engine: str) -> None:
         for name in ("dp_replicate", "dp_shard", "tp", "pp"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"config key 'parallel.{name}' must be >= 1 (or -1 for dp_replicate)")
+                raise ConfigError(f"config key 'parallel.{name}' must be >= 1 (or -1: inferred)")
         prod = self.dp_replicate * self.dp_shard * self.tp * self.pp
         if prod != self.world_size:
             raise ConfigError(

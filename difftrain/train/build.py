@@ -44,7 +44,8 @@ def build_backbone(cfg: Config, arch: str, acfg, device: torch.device) -> nn.Mod
 
 def load_weights_only(model: nn.Module, path: str) -> None:
     """``init_from``: our export (config.json with _difftrain_arch + model.safetensors) or a diffusers
-    model folder. Weights only: never optimizer state, step or data position (that is resume)."""
+    model folder (``model.load_diffusers``). Weights only: never optimizer state, step or data position
+    (that is resume). Every key and shape must match the model; the resolution may differ."""
     from safetensors.torch import load_file
 
     p = Path(path)
@@ -52,16 +53,32 @@ def load_weights_only(model: nn.Module, path: str) -> None:
     if not cfg_file.is_file():
         raise ConfigError(f"config key 'init_from' = '{path}' has no config.json")
     meta = json.loads(cfg_file.read_text())
-    if "_difftrain_arch" in meta:
-        state = load_file(str(p / "model.safetensors"))
-    elif "_class_name" in meta:
-        state = model.from_diffusers_state(p)
-    else:
-        raise ConfigError(f"config key 'init_from' = '{path}' is neither a difftrain nor a diffusers model folder")
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        if "_difftrain_arch" in meta:
+            arch = meta["_difftrain_arch"]
+            if not isinstance(model, registry.arch_class(arch)):
+                raise ValueError(f"it holds a '{arch}' model, but the run builds a {type(model).__name__}")
+            if not (p / "model.safetensors").is_file():
+                raise ValueError("it has no model.safetensors")
+            state = load_file(str(p / "model.safetensors"))
+        elif "_class_name" in meta:
+            state = model.load_diffusers(p)
+        else:
+            raise ValueError("it is neither a difftrain nor a diffusers model folder")
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"config key 'init_from' = '{path}': {e}") from None
+    expected = model.state_dict()
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     if missing or unexpected:
         raise ConfigError(f"config key 'init_from' = '{path}' does not match the model "
                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for k, v in expected.items():
+        if state[k].shape != v.shape:
+            raise ConfigError(f"config key 'init_from' = '{path}': '{k}' has shape {tuple(state[k].shape)}, "
+                              f"but the model's is {tuple(v.shape)}")
+    model.load_state_dict(state, strict=True)
 
 
 def write_model_config(arch: str, acfg, run_dir: Path) -> None:

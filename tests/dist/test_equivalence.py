@@ -1,8 +1,12 @@
 """Tier 2: DDP and FSDP2 on 2 gloo ranks equal a single process on the same global batch
 (5 steps, DiT text-conditional with the real MiniLM, UNet class-conditional)."""
+import json
+
 import pytest
 from safetensors.torch import load_file
 
+from difftrain.models import registry
+from difftrain.train.build import load_run_weights, read_model_config
 from tests.conftest import torchrun
 
 COMMON = "run.steps=5 run.log_every=1 run.ckpt_every=0 run.progress=false data.batch_size=8 " \
@@ -19,16 +23,16 @@ MODELS = {
 def results(digits, tmp_path_factory):
     out = tmp_path_factory.mktemp("equiv")
 
-    def cases(engines):
+    def cases(launch, engines):
         args = []
         for m, margs in MODELS.items():
             for e in engines:
                 args += [f"{m}_{e}", f"{COMMON} {margs} data.train={digits['train']} "
-                                     f"parallel.engine={e} run.dir={out}/{m}_{e}"]
+                                     f"parallel.engine={e} run.dir={out}/{launch}_{m}_{e}"]
         return args
 
-    torchrun(1, ["tests/dist/train_job.py", str(out / "single"), *cases(["ddp"])])
-    torchrun(2, ["tests/dist/train_job.py", str(out / "two"), *cases(["ddp", "fsdp2"])])
+    torchrun(1, ["tests/dist/train_job.py", str(out / "single"), *cases("single", ["ddp"])])
+    torchrun(2, ["tests/dist/train_job.py", str(out / "two"), *cases("two", ["ddp", "fsdp2"])])
     return out
 
 
@@ -42,5 +46,26 @@ def test_two_ranks_equal_single_process(results, model, engine):
         diff = (ref[k] - got[k]).abs().max().item()
         assert diff <= 1e-5, f"{model}/{engine}: {k} differs by {diff}"
     # both runs really trained 5 steps and checkpointed them
-    for run in (f"{model}_ddp", f"{model}_{engine}"):
+    for run in (f"single_{model}_ddp", f"two_{model}_{engine}"):
         assert (results / run / "checkpoints" / "step_00000005" / "COMPLETE").is_file()
+
+
+def _ema(run_dir):
+    arch, acfg = read_model_config(run_dir)
+    m = registry.materialize(registry.build(arch, acfg), "cpu", seed=1)
+    load_run_weights(run_dir, m, which="ema")
+    return m.state_dict()
+
+
+@pytest.mark.parametrize("model", ["dit", "unet"])
+def test_fsdp2_ema_is_sharded_and_equals_single_process(results, model):
+    sizes = json.loads((results / "two" / f"{model}_fsdp2.ema_numel.json").read_text())
+    full = sizes[0]["full"]
+    assert sum(s["local"] for s in sizes) >= full
+    for s in sizes:  # each rank holds about half of the EMA (dim-0 shards, small padding)
+        assert s["local"] <= 0.5 * full * 1.05, sizes
+    single = json.loads((results / "single" / f"{model}_ddp.ema_numel.json").read_text())
+    assert single[0]["local"] == single[0]["full"] == full
+    ref, got = _ema(results / f"single_{model}_ddp"), _ema(results / f"two_{model}_fsdp2")
+    for k in ref:
+        assert (ref[k] - got[k]).abs().max().item() <= 1e-5, k

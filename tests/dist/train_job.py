@@ -1,12 +1,14 @@
 """Runs inside torchrun: several short training runs in the same processes (one launch, many
 cases), each given as NAME and dotted overrides; rank 0 writes each run's final full weights to
 OUT/NAME.safetensors. Usage: train_job.py OUT NAME1 'k=v k=v' NAME2 'k=v ...'"""
+import json
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from difftrain.config import load_config
@@ -23,7 +25,12 @@ def main():
         trainer.fit()
         sd = get_model_state_dict(trainer.engine.model,
                                   options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        ema = trainer.engine.ema.shadow.values()
+        local = sum((t.to_local() if isinstance(t, DTensor) else t).numel() for t in ema)
+        sizes = [None] * dist.get_world_size()
+        dist.all_gather_object(sizes, {"local": local, "full": sum(t.numel() for t in ema)})
         if dist.get_rank() == 0:
+            (out / f"{name}.ema_numel.json").write_text(json.dumps(sizes))
             save_file({k: v.contiguous() for k, v in sd.items()}, str(out / f"{name}.safetensors"))
         dist.barrier()
     dist.destroy_process_group()

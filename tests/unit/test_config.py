@@ -1,0 +1,58 @@
+import pytest
+
+from difftrain.config import ConfigError, ParallelConfig, config_hash, load_config, save_config
+from difftrain.parallelism.dims import ParallelDims
+
+
+def test_demo_config_loads_with_overrides():
+    cfg = load_config("configs/demo.yaml", ["optim.lr=3e-4", "run.dir=runs/x", "model.args.depth=2"])
+    assert cfg.optim.lr == 3e-4 and cfg.run.dir == "runs/x" and cfg.model.args == {"depth": 2}
+    assert cfg.model.cond == "text" and cfg.encoders.text == "minilm"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=1", "unknown config key 'optim.lrr'; valid keys in 'optim': lr, betas,"),
+    ("parallel.engine=zero", "config key 'parallel.engine' = 'zero' is not one of: ddp, fsdp2"),
+    ("optim.lr=fast", "config key 'optim.lr' must be float, got str 'fast'"),
+    ("run.steps=1.5", "config key 'run.steps' must be int, got float 1.5"),
+    ("nosection.x=1", "unknown config key 'nosection'; valid keys in '<root>': stage, init_from, run,"),
+    ("optim=3", "config section 'optim' must be a mapping"),
+])
+def test_config_errors_name_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/demo.yaml", [override])
+    assert str(e.value).startswith(message)
+    assert "\n" not in str(e.value)
+
+
+def test_resolved_config_and_hash_are_saved(tmp_path):
+    a = load_config("configs/demo.yaml")
+    b = load_config("configs/demo.yaml", ["optim.lr=1e-3"])
+    assert config_hash(a) != config_hash(b)
+    h = save_config(b, tmp_path)
+    assert h == config_hash(b)
+    again = load_config(tmp_path / "config.yaml")
+    assert config_hash(again) == h
+
+
+@pytest.mark.parametrize("engine, rep, shard, world, expect", [
+    ("ddp", -1, -1, 4, (4, 1)),
+    ("fsdp2", -1, -1, 4, (1, 4)),
+    ("fsdp2", 2, -1, 4, (2, 2)),
+    ("fsdp2", -1, 2, 8, (4, 2)),
+])
+def test_parallel_dims_inference(engine, rep, shard, world, expect):
+    d = ParallelDims.from_config(ParallelConfig(engine=engine, dp_replicate=rep, dp_shard=shard), world)
+    assert (d.dp_replicate, d.dp_shard) == expect and d.dp == world
+
+
+@pytest.mark.parametrize("kw, world, message", [
+    (dict(engine="ddp", dp_shard=2), 4, "config key 'parallel.dp_shard' must be 1 with parallel.engine=ddp"),
+    (dict(engine="fsdp2", dp_replicate=3, dp_shard=-1), 4, "cannot infer parallel.dp_shard"),
+    (dict(engine="fsdp2", dp_replicate=2, dp_shard=3), 4, "parallel.dp_replicate*dp_shard*tp*pp = 2*3*1*1 = 6"),
+    (dict(tp=2), 4, "config keys 'parallel.tp' and 'parallel.pp' must be 1 for now"),
+])
+def test_parallel_dims_errors(kw, world, message):
+    with pytest.raises(ConfigError) as e:
+        ParallelDims.from_config(ParallelConfig(**kw), world)
+    assert str(e.value).startswith(message)
