@@ -99,21 +99,17 @@ def read_model_config(run_dir: Path):
 def load_run_weights(run_dir: Path, model: nn.Module, which: str = "ema") -> int:
     """Load a run's newest complete checkpoint into a plain single-process ``model`` (any world size
     wrote it). ``which="ema"`` overlays the EMA parameters on the saved model state. Returns the step."""
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
-
-    from difftrain.train.checkpoint import SafeReader, latest_checkpoint, read_train_state
+    from difftrain.train.checkpoint import latest_checkpoint, load
 
     last = latest_checkpoint(Path(run_dir) / "checkpoints")
     if last is None:
         raise FileNotFoundError(f"'{run_dir}' has no complete checkpoint")
-    sd = {k: v.detach() for k, v in model.state_dict().items()}
-    tensors = {"model": sd}
+    tensors = {"model": {k: v.detach() for k, v in model.state_dict().items()}}
     if which == "ema":
         tensors["ema"] = {n: torch.empty_like(p) for n, p in model.named_parameters()}
-    dcp.load(tensors, storage_reader=SafeReader(last), no_dist=not dist.is_initialized())
+    state = load(last, tensors)
     if which == "ema":
         with torch.no_grad():
             for n, p in model.named_parameters():
                 p.copy_(tensors["ema"][n])
-    return read_train_state(last)["step"]
+    return state["step"]

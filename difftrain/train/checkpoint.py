@@ -156,7 +156,9 @@ def load(ckpt_dir: Path, tensors: dict) -> dict:
     """Load in place into ``tensors`` (any world size / sharding); returns the JSON train state."""
     if not (ckpt_dir / MARKER).is_file():
         raise CheckpointError(f"checkpoint '{ckpt_dir}' is incomplete (no {MARKER} marker)")
-    dcp.load(tensors, storage_reader=SafeReader(ckpt_dir))
+    reader = SafeReader(ckpt_dir)
+    reader.read_metadata()  # fails here, with one clear message, on foreign pickle content
+    dcp.load(tensors, storage_reader=reader, no_dist=not dist.is_initialized())
     return json.loads((ckpt_dir / STATE_FILE).read_text())
 
 

@@ -18,9 +18,9 @@ TEXT_DIM = 12
 
 def build(kind: str):
     if kind.startswith("dit"):
-        cond = dict(num_classes=10) if kind == "dit-class" else dict(text_dim=TEXT_DIM)
-        arch, cfg = "dit", DiTConfig(image_size=16, in_channels=1, num_classes=0, text_dim=0, patch_size=4,
-                                     hidden_size=32, depth=2, num_heads=2, **cond)
+        cond = dict(num_classes=10, text_dim=0) if kind == "dit-class" else dict(num_classes=0, text_dim=TEXT_DIM)
+        arch, cfg = "dit", DiTConfig(image_size=16, in_channels=1, patch_size=4, hidden_size=32, depth=2,
+                                     num_heads=2, **cond)
     else:
         mcfg = ModelConfig(name="UNet-T", image_size=16, in_channels=1, cond=kind.split("-")[1], num_classes=10)
         arch, cfg = registry.arch_config(mcfg, text_dim=TEXT_DIM)
@@ -34,7 +34,8 @@ def build(kind: str):
 
 def batch(kind: str, b: int = 2):
     g = torch.Generator().manual_seed(2)
-    x, t, target = torch.randn(b, 1, 16, 16, generator=g), torch.rand(b, generator=g), torch.randn(b, 1, 16, 16)
+    x, t, target = torch.randn(b, 1, 16, 16, generator=g), torch.rand(b, generator=g), torch.randn(b, 1, 16, 16,
+                                                                                                 generator=g)
     if kind.endswith("class"):
         return x, t, {"class_labels": torch.tensor([3, 10])[:b]}, target  # 10 = the null label
     mask = torch.ones(b, 5, dtype=torch.bool)
