@@ -6,8 +6,6 @@ engine and DCP's state-dict helpers see through, so checkpoints move between eng
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 from torch.distributed.fsdp import fully_shard
@@ -25,15 +23,27 @@ def trunk_blocks(model: nn.Module) -> list[nn.Module]:
     return list(blocks)
 
 
+def _checkpointed(forward):
+    def run(*args, **kwargs):  # any call signature and return type (UNet blocks take kwargs, return tuples)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
 def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each trunk block in backward. Replaces the instance's forward (names unchanged)."""
+    """Recompute each trunk block in backward. Replaces the instance's forward (names unchanged).
+
+    The replacement is a plain Python function, not ``functools.partial(checkpoint, ...)``: a compiled block
+    starts tracing at its ``forward``, and a partial would enter ``checkpoint`` (which disables Dynamo) directly,
+    so the block would silently run uncompiled. Through a Python frame Dynamo sees the ``checkpoint`` call and
+    compiles it as one recomputed region."""
     for block in trunk_blocks(model):
-        inner = block.forward
-        block.forward = functools.partial(checkpoint, inner, use_reentrant=False)
+        block.forward = _checkpointed(block.forward)
 
 
-def apply_compile(model: nn.Module, backend: str) -> None:
-    """Compile block by block (one graph per block type, reused; names unchanged)."""
+def apply_compile(model: nn.Module, backend) -> None:
+    """Compile block by block (one graph per block type, reused; names unchanged). ``backend``: a
+    ``torch.compile`` backend name ("inductor", "aot_eager", ...) or callable."""
     for block in trunk_blocks(model):
         block.compile(backend=backend, dynamic=False)
 

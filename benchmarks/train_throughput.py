@@ -1,0 +1,388 @@
+"""Training throughput on CPU: (1) our Trainer vs a bare PyTorch loop, (2) our DiT vs diffusers' DiT.
+
+    python benchmarks/train_throughput.py            # full, about 8 min on 2 idle cores
+    python benchmarks/train_throughput.py --quick    # smoke run, about 1 min (dits2 at batch 8)
+
+Two cases, batch 64, fp32, ``torch.set_num_threads(2)``:
+
+* ``demo``:  ``configs/demo.yaml`` as is: DiT-T/2, 16 px, 1 channel, text-conditional with the packaged
+  MiniLM, on the scikit-learn digits written by ``write_digits`` (16 px).
+* ``dits2``: DiT-S/2, 32 px, 3 channels, class-conditional (10 digit labels, null label 10), on the digits
+  written at 32 px; ``data.channels=3`` makes the loader convert them to RGB, so the model sees 3 channels.
+  Diffusion and optimizer settings are the demo's.
+
+**1. Trainer overhead.** One ``Trainer(cfg).fit()``: a gloo process group of 1, the DDP engine, the real
+``ShardLoader`` with 1 worker process, caption dropout and per-sample keyed RNG, grad clipping, AdamW, the LR
+schedule, EMA, metrics reduced and written to tensorboard every 10 steps (the tqdm bar is off:
+``run.progress=false``), checkpoints only at the end (``run.ckpt_every=0``), no sample grids. After ``warmup``
+steps an ``on_step_end`` callback interleaves a bare loop: every ``block`` trainer steps it runs ``block`` bare
+steps (A B A B ...). A trainer block's time is the wall time from the callback's return to its next entry,
+which is everything ``fit()`` does for those steps: the data wait (``LookAhead``), ``train_step`` (frozen
+encoders, keyed RNG, forward, loss, backward, DDP all-reduce, clip, AdamW, LR, EMA, metrics), the log step and
+the stop agreement. The final checkpoint comes after the last block and is not timed. The loader worker keeps
+running during a bare block only to finish the batch it had started (its queue is full), so at most one batch
+decode per block lands in the bare time.
+
+The bare loop is what a plain script does: a second copy of the model with the same init (same seed), no DDP,
+``torch.optim.AdamW`` with the same hyper-parameters (foreach), pre-loaded tensors (4 real batches; demo
+captions encoded once by the same MiniLM), ``x_t = (1-t) x0 + t eps`` with ``torch.rand``/``torch.randn``,
+``model(x_t, t, cond)``, MSE, backward, step, ``zero_grad``.
+``overhead_pct = 100 * (bare_rate / ours_rate - 1)``, from the median over blocks of t_trainer / t_bare.
+A breakdown times the trainer's extra per-step pieces on their own (medians) to say where overhead comes from.
+
+**2. Our DiT vs diffusers.** Our class-conditional DiT of the case's size (for ``demo`` class-conditional too,
+since ``DiTTransformer2DModel`` is) and ``DiTTransformer2DModel(**diffusers_target(cfg)[1])`` carrying the same
+weights (``convert_state_dict``; checked to give the same output). Train step = forward, MSE, backward,
+AdamW(foreach) step, ``zero_grad``; forward-only = ``torch.no_grad()`` forward. Repeats time ``k`` steps of
+each model in alternating order (AB BA AB ...); ``ours_vs_diffusers`` = median over repeats of
+t_diffusers / t_ours (= our steps/s over theirs; > 1 means ours is faster).
+
+Progress goes to stderr; stdout gets the tables and, last, one line of ``key=value`` figures.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_YAML = REPO / "configs" / "demo.yaml"
+
+
+@dataclass
+class Plan:
+    """Step counts for one case."""
+    batch: int
+    warmup: int  # trainer steps before the first timed block (the bare loop gets warmup_bare)
+    warmup_bare: int
+    block: int  # steps per timed block, trainer and bare alike
+    blocks: int
+    dit_warmup: int  # part 2: untimed steps per model
+    dit_repeats: int
+    dit_k: int  # train steps per model per repeat
+    fwd_k: int  # forward-only steps per model per repeat
+
+
+PLANS = {
+    "full": {"demo": Plan(64, 10, 5, 10, 7, 2, 6, 5, 10), "dits2": Plan(64, 2, 1, 1, 5, 1, 3, 1, 2)},
+    "quick": {"demo": Plan(64, 3, 2, 5, 2, 1, 2, 2, 3), "dits2": Plan(8, 1, 1, 1, 2, 1, 2, 1, 2)},
+}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def med(xs) -> float:
+    return statistics.median(xs)
+
+
+# ------------------------------------------------------------------------------------------------ configs
+def case_config(case: str, data: dict, run_dir: Path, plan: Plan):
+    from difftrain.config import load_config
+
+    steps = plan.warmup + plan.block * plan.blocks
+    common = [f"run.dir={run_dir}", f"run.steps={steps}", "run.log_every=10", "run.ckpt_every=0",
+              "run.sample_every=0", "run.progress=false", "run.device=cpu", f"data.batch_size={plan.batch}",
+              "data.num_workers=1", "parallel.engine=ddp"]
+    if case == "demo":
+        return load_config(DEMO_YAML, [f"data.train={data[16]}", *common])
+    return load_config(DEMO_YAML, [
+        f"data.train={data[32]}", "data.channels=3", "data.image_size=32",
+        "model.name=DiT-S/2", "model.image_size=32", "model.in_channels=3", "model.cond=class",
+        "model.num_classes=10", "encoders.text=", *common])
+
+
+# ------------------------------------------------------------------------------------------------ part 1
+class BareLoop:
+    """The plain-PyTorch baseline: same init, no DDP, AdamW, pre-loaded tensors, MSE."""
+
+    def __init__(self, cfg, trainer):
+        from difftrain.data.loader import ShardLoader
+        from difftrain.train.build import build_backbone
+
+        self.model = build_backbone(cfg, trainer.arch, trainer.acfg, trainer.device)  # same seed = same init
+        o = cfg.optim
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                     weight_decay=o.weight_decay, foreach=True)
+        loader = ShardLoader(cfg.data.train, cfg.data.batch_size, num_workers=0, seed=cfg.run.seed,
+                             channels=cfg.data.channels, image_size=cfg.data.image_size)
+        self.batches = []
+        for batch in loader:
+            cond = trainer.conditioner(batch["captions"], batch["labels"], None)  # encoded once, here
+            self.batches.append((batch["pixels"], cond))
+            if len(self.batches) == 4:
+                break
+        self.i = 0
+
+    def step(self) -> None:
+        x0, cond = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        t = torch.rand(x0.shape[0])
+        eps = torch.randn_like(x0)
+        tb = t[:, None, None, None]
+        x_t = (1 - tb) * x0 + tb * eps
+        loss = F.mse_loss(self.model(x_t, t, cond), eps - x0)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def run(self, n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            self.step()
+        return time.perf_counter() - t0
+
+
+class Interleave:
+    """``on_step_end`` callback: after warm-up, every ``block`` trainer steps run ``block`` bare steps."""
+
+    def __init__(self, case: str, plan: Plan, bare: BareLoop):
+        self.case, self.plan, self.bare = case, plan, bare
+        self.trainer_s: list[float] = []
+        self.bare_s: list[float] = []
+        self.mark = None
+
+    def on_step_end(self, trainer, step: int) -> None:
+        now = time.perf_counter()
+        p = self.plan
+        if step == p.warmup:
+            self.bare.run(p.warmup_bare)
+        elif step > p.warmup and (step - p.warmup) % p.block == 0:
+            self.trainer_s.append(now - self.mark)
+            self.bare_s.append(self.bare.run(p.block))
+            j = len(self.trainer_s)
+            log(f"[{self.case}] block {j}/{p.blocks}: trainer {self.trainer_s[-1] / p.block * 1e3:.0f} ms/step, "
+                f"bare {self.bare_s[-1] / p.block * 1e3:.0f} ms/step")
+        else:
+            return
+        self.mark = time.perf_counter()
+
+
+def time_med(fn, reps: int) -> float:
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return med(out)
+
+
+def breakdown(trainer, cfg, reps: int) -> dict[str, float]:
+    """Seconds per step of the trainer's pieces that a bare loop does not have, each timed on its own."""
+    from difftrain.data.loader import ShardLoader
+    from difftrain.diffusion.keyed import keyed_rand, keyed_randn
+    from difftrain.train.engine import clip_grad_norm_
+
+    B, seed = cfg.data.batch_size, cfg.run.seed
+    loader = iter(ShardLoader(cfg.data.train, B, num_workers=0, seed=seed, channels=cfg.data.channels,
+                              image_size=cfg.data.image_size))
+    next(loader)
+    out = {"data decode (worker CPU)": time_med(lambda: next(loader), reps)}
+    batch = next(loader)
+    idx, shape = batch["index"], batch["pixels"].shape[1:]
+
+    def rng():
+        keyed_rand(seed, 7, idx, "dropout")
+        keyed_randn(seed, 7, idx, shape, "noise")
+        keyed_rand(seed, 7, idx, "t", torch.float64)
+
+    out["keyed RNG (dropout, noise, t)"] = time_med(rng, reps)
+    if cfg.model.cond == "text":
+        out["MiniLM caption encode"] = time_med(lambda: trainer.conditioner(batch["captions"], None, None), reps)
+    eng = trainer.engine
+    for p in eng.params:
+        p.grad = torch.randn_like(p)
+    out["grad-norm clip"] = time_med(lambda: clip_grad_norm_(eng.params, cfg.optim.grad_clip), reps)
+    for p in eng.params:
+        p.grad = None
+    out["EMA update"] = time_med(lambda: eng.ema.update(1000), reps)
+    return out
+
+
+def trainer_overhead(case: str, plan: Plan, data: dict, tmp: Path) -> dict:
+    from difftrain.train.trainer import Trainer
+
+    cfg = case_config(case, data, tmp / f"run_{case}", plan)
+    trainer = Trainer(cfg)
+    bare = BareLoop(cfg, trainer)
+    inter = Interleave(case, plan, bare)
+    trainer.callbacks.append(inter)
+    log(f"[{case}] trainer vs bare: {plan.warmup} warm-up steps, then {plan.blocks} x ({plan.block} + {plan.block})")
+    trainer.fit()
+    ratios = [a / b for a, b in zip(inter.trainer_s, inter.bare_s)]
+    n = plan.block * len(inter.trainer_s)
+    res = {
+        "ours_sps": n / sum(inter.trainer_s),
+        "bare_sps": n / sum(inter.bare_s),
+        "ratio": med(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+        "ours_ms": med(inter.trainer_s) / plan.block * 1e3,
+        "bare_ms": med(inter.bare_s) / plan.block * 1e3,
+    }
+    log(f"[{case}] overhead breakdown")
+    res["breakdown"] = breakdown(trainer, cfg, reps=5)
+    del trainer, bare, inter
+    gc.collect()  # shuts the loader worker down
+    return res
+
+
+# ------------------------------------------------------------------------------------------------ part 2
+def dit_pair(case: str):
+    import diffusers
+
+    from difftrain.config import ModelConfig
+    from difftrain.models import registry
+    from difftrain.models.dit_export import convert_state_dict, diffusers_target
+
+    name, size, ch = ("DiT-T/2", 16, 1) if case == "demo" else ("DiT-S/2", 32, 3)
+    arch, acfg = registry.arch_config(ModelConfig(name=name, image_size=size, in_channels=ch, cond="class",
+                                                  num_classes=10))
+    ours = registry.materialize(registry.build(arch, acfg), "cpu", seed=0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # zero-init would make the equality check trivial
+        for p in ours.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    cls, kwargs = diffusers_target(acfg)
+    theirs = getattr(diffusers, cls)(**kwargs)
+    theirs.load_state_dict(convert_state_dict(acfg, ours.state_dict()), strict=True)
+    return ours.train(), theirs.train(), (size, ch), cls, kwargs
+
+
+def dit_comparison(case: str, plan: Plan) -> dict:
+    ours, theirs, (size, ch), cls, kwargs = dit_pair(case)
+    B = plan.batch
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, ch, size, size, generator=g)
+    t = torch.rand(B, generator=g)
+    y = torch.randint(0, 11, (B,), generator=g)
+    target = torch.randn(B, ch, size, size, generator=g)
+    fwd = {"ours": lambda: ours(x, t, {"class_labels": y}),
+           "diffusers": lambda: theirs(x, timestep=t * 1000, class_labels=y).sample}
+    with torch.no_grad():
+        diff = (fwd["ours"]()[:4] - fwd["diffusers"]()[:4]).abs().max().item()
+    log(f"[{case}] ours vs {cls}: max |output difference| = {diff:.2e}")
+    opts = {"ours": torch.optim.AdamW(ours.parameters(), lr=1e-4, foreach=True),
+            "diffusers": torch.optim.AdamW(theirs.parameters(), lr=1e-4, foreach=True)}
+
+    def train(name):
+        F.mse_loss(fwd[name](), target).backward()
+        opts[name].step()
+        opts[name].zero_grad(set_to_none=True)
+
+    def infer(name):
+        with torch.no_grad():
+            fwd[name]()
+
+    res = {"max_abs_diff": diff, "params_ours": sum(p.numel() for p in ours.parameters()),
+           "params_diffusers": sum(p.numel() for p in theirs.parameters())}
+    for label, fn, k in (("train", train, plan.dit_k), ("fwd", infer, plan.fwd_k)):
+        for name in ("ours", "diffusers"):
+            for _ in range(plan.dit_warmup):
+                fn(name)
+        times = {"ours": [], "diffusers": []}
+        for r in range(plan.dit_repeats):
+            for name in (("ours", "diffusers") if r % 2 == 0 else ("diffusers", "ours")):
+                t0 = time.perf_counter()
+                for _ in range(k):
+                    fn(name)
+                times[name].append((time.perf_counter() - t0) / k)
+            log(f"[{case}] {label} repeat {r + 1}/{plan.dit_repeats}: ours {times['ours'][-1] * 1e3:.0f} ms, "
+                f"diffusers {times['diffusers'][-1] * 1e3:.0f} ms")
+        ratios = [d / o for o, d in zip(times["ours"], times["diffusers"])]
+        res[label] = {"ours_ms": med(times["ours"]) * 1e3, "diffusers_ms": med(times["diffusers"]) * 1e3,
+                      "ratio": med(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
+    return res
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run (~1 min): few steps, dits2 at batch 8")
+    ap.add_argument("--cases", default="demo,dits2", help="comma-separated subset of demo,dits2")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    plans = PLANS["quick" if args.quick else "full"]
+    cases = [c for c in args.cases.split(",") if c]
+    for c in cases:
+        if c not in plans:
+            ap.error(f"unknown case {c!r}; valid: {', '.join(plans)}")
+
+    from difftrain.data.demo import write_digits
+    from difftrain.launch.env import shutdown
+
+    t_start = time.perf_counter()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="difftrain_bench_") as tmp:
+        tmp = Path(tmp)
+        data = {s: write_digits(tmp / f"digits{s}", image_size=s, progress=False)["train"] for s in (16, 32)}
+        try:
+            for c in cases:
+                results[c] = {"overhead": trainer_overhead(c, plans[c], data, tmp)}
+            for c in cases:
+                results[c]["dit"] = dit_comparison(c, plans[c])
+        finally:
+            shutdown()
+
+    # ------------------------------------------------------------------ report
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+          f"load average at start {load:.2f}, {'quick' if args.quick else 'full'} run")
+    print("\nTrainer vs bare loop (fp32, ms per step: median over blocks; overhead from the median block ratio)\n")
+    print("| case | batch | trainer ms | bare ms | trainer steps/s | bare steps/s | overhead % (min..max) |")
+    print("|---|---|---|---|---|---|---|")
+    for c in cases:
+        o = results[c]["overhead"]
+        print(f"| {c} | {plans[c].batch} | {o['ours_ms']:.0f} | {o['bare_ms']:.0f} | {o['ours_sps']:.2f} | "
+              f"{o['bare_sps']:.2f} | {100 * (o['ratio'] - 1):.1f} ({100 * (o['ratio_min'] - 1):.1f}.."
+              f"{100 * (o['ratio_max'] - 1):.1f}) |")
+    print("\nTrainer pieces a bare loop does not have (ms, each timed alone, median of 5)\n")
+    pieces = list(dict.fromkeys(k for c in cases for k in results[c]["overhead"]["breakdown"]))
+    print("| piece | " + " | ".join(cases) + " |")
+    print("|---|" + "---|" * len(cases))
+    for k in pieces:
+        cells = [results[c]["overhead"]["breakdown"].get(k) for c in cases]
+        print(f"| {k} | " + " | ".join("-" if v is None else f"{v * 1e3:.1f}" for v in cells) + " |")
+    print("| measured trainer - bare | " + " | ".join(
+        f"{results[c]['overhead']['ours_ms'] - results[c]['overhead']['bare_ms']:.1f}" for c in cases) + " |")
+    print("\nOur DiT vs diffusers DiTTransformer2DModel, class-conditional, same size and weights "
+          "(ms per step, medians; ratio = diffusers time / ours, > 1: ours faster)\n")
+    print("| case | batch | params ours / diffusers | train ours | train diffusers | train ratio (min..max) "
+          "| fwd ours | fwd diffusers | fwd ratio (min..max) | max abs diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for c in cases:
+        d = results[c]["dit"]
+        tr, fw = d["train"], d["fwd"]
+        print(f"| {c} | {plans[c].batch} | {d['params_ours'] / 1e6:.2f}M / {d['params_diffusers'] / 1e6:.2f}M | "
+              f"{tr['ours_ms']:.0f} | {tr['diffusers_ms']:.0f} | {tr['ratio']:.3f} ({tr['ratio_min']:.3f}.."
+              f"{tr['ratio_max']:.3f}) | {fw['ours_ms']:.0f} | {fw['diffusers_ms']:.0f} | {fw['ratio']:.3f} "
+              f"({fw['ratio_min']:.3f}..{fw['ratio_max']:.3f}) | {d['max_abs_diff']:.1e} |")
+    figures = {}
+    for c in cases:
+        o, d = results[c]["overhead"], results[c]["dit"]
+        figures[f"{c}_overhead_pct"] = f"{100 * (o['ratio'] - 1):.1f}"
+        figures[f"{c}_trainer_sps"] = f"{o['ours_sps']:.3f}"
+        figures[f"{c}_bare_sps"] = f"{o['bare_sps']:.3f}"
+        figures[f"{c}_ours_vs_diffusers"] = f"{d['train']['ratio']:.3f}"
+        figures[f"{c}_ours_vs_diffusers_fwd"] = f"{d['fwd']['ratio']:.3f}"
+    figures["load_avg_start"] = f"{load:.2f}"
+    figures["wall_s"] = f"{time.perf_counter() - t_start:.0f}"
+    print()
+    print(" ".join(f"{k}={v}" for k, v in figures.items()))
+
+
+if __name__ == "__main__":
+    main()
