@@ -107,6 +107,7 @@ class ParallelConfig:
 class EncodersConfig:
     text: str = ""  # "" none; "minilm" (the packaged MiniLM); or a local HF folder (CLIP/T5/BERT)
     text_max_length: int = 32
+    text_cache: int = 0  # LRU entries of per-caption states; > 0 pays off when captions repeat
     vae: str = ""  # "" = pixel space; else a local diffusers AutoencoderKL folder
 
 

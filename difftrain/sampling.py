@@ -84,6 +84,7 @@ class SampleGrid:
                               steps=rc.sample_steps, sampler=rc.sample_sampler, guidance=rc.sample_guidance,
                               seed=rc.seed, device=trainer.device, captions=captions, labels=labels)
         if trainer.rank == 0:
-            g = grid(images)
+            cycle = len(rc.sample_prompts) if mc.cond == "text" else mc.num_classes if mc.cond == "class" else 0
+            g = grid(images, nrow=cycle if 0 < cycle <= 16 else None)  # one column per prompt / class
             save_png(g, trainer.run_dir / "samples" / f"step_{step:08d}.png")
             trainer.metrics.add_image("samples/ema", g, step)

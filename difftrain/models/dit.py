@@ -147,7 +147,8 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # [B, H, N, hd]
+        # unbind (not permute + unpack): autograd then writes the three grads straight into qkv's layout
+        q, k, v = (u.transpose(1, 2) for u in self.qkv(x).view(B, N, 3, self.heads, D // self.heads).unbind(2))  # [B, H, N, hd]
         o = F.scaled_dot_product_attention(q, k, v)  # [B, H, N, hd]
         return self.proj(o.transpose(1, 2).reshape(B, N, D))  # [B, N, D]
 
@@ -164,7 +165,7 @@ class CrossAttention(nn.Module):
         B, N, D = x.shape
         L, hd = text.shape[1], D // self.heads
         q = self.q(x).view(B, N, self.heads, hd).transpose(1, 2)  # [B, H, N, hd]
-        k, v = self.kv(text).view(B, L, 2, self.heads, hd).permute(2, 0, 3, 1, 4)  # [B, H, L, hd]
+        k, v = (u.transpose(1, 2) for u in self.kv(text).view(B, L, 2, self.heads, hd).unbind(2))  # [B, H, L, hd]
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=text_mask[:, None, None, :])  # [B, H, N, hd]
         return self.proj(o.transpose(1, 2).reshape(B, N, D))  # [B, N, D]
 

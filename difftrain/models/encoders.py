@@ -7,6 +7,7 @@ downloaded: every load uses ``local_files_only=True``.
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -46,16 +47,19 @@ class TextEncoder(_Frozen):
     for classifier-free guidance is the encoding of the empty caption (:meth:`null_states`).
     """
 
-    def __init__(self, model: nn.Module, tokenizer, max_length: int = 32):
+    def __init__(self, model: nn.Module, tokenizer, max_length: int = 32, cache_size: int = 0):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.cache_size = cache_size
+        self._cache: OrderedDict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._null: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._freeze()
 
     @classmethod
-    def from_pretrained(cls, path_or_alias: str, max_length: int = 32, dtype: torch.dtype = torch.float32) -> "TextEncoder":
+    def from_pretrained(cls, path_or_alias: str, max_length: int = 32, dtype: torch.dtype = torch.float32,
+                        cache_size: int = 0) -> "TextEncoder":
         """Load ``"minilm"`` or a local HF folder: CLIP -> ``CLIPTextModel``, T5 -> ``T5EncoderModel``,
         anything else -> ``AutoModel``. A diffusers pipeline folder (``text_encoder/`` + ``tokenizer/``)
         works too."""
@@ -75,7 +79,7 @@ class TextEncoder(_Frozen):
             model_cls = tf.AutoModel
         model = model_cls.from_pretrained(str(model_dir), local_files_only=True, dtype=dtype)
         tokenizer = tf.AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
-        return cls(model, tokenizer, max_length=max_length)
+        return cls(model, tokenizer, max_length=max_length, cache_size=cache_size)
 
     @property
     def dim(self) -> int:
@@ -88,8 +92,30 @@ class TextEncoder(_Frozen):
 
     @torch.no_grad()
     def encode(self, captions: list[str], device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokenise and encode; the module must already live on ``device`` (default: its own)."""
+        """Tokenise and encode; the module must already live on ``device`` (default: its own).
+
+        With ``cache_size > 0`` the states of the most recent distinct captions are kept (LRU) and
+        each new caption is encoded on its own, so a caption's states are the same bits whatever
+        batch it arrives in (resume stays bitwise). Worth it when captions repeat (class-like
+        prompts, the demo); leave it off for web captions, which rarely do."""
         device = self.device if device is None else torch.device(device)
+        if self.cache_size <= 0:
+            return self._encode(captions, device)
+        out = []
+        for c in captions:
+            key = (c, str(device))
+            hit = self._cache.get(key)
+            if hit is None:
+                states, mask = self._encode([c], device)
+                hit = self._cache[key] = (states[0], mask[0])
+                if len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+            else:
+                self._cache.move_to_end(key)
+            out.append(hit)
+        return torch.stack([s for s, _ in out]), torch.stack([m for _, m in out])
+
+    def _encode(self, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         tok = self.tokenizer(list(captions), padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt")
         ids = tok["input_ids"].to(device)  # [B, L]
         mask = tok["attention_mask"].to(device).bool()  # [B, L]

@@ -21,7 +21,8 @@ def build_encoders(cfg: Config, device: torch.device):
 
     text = None
     if cfg.model.cond == "text":
-        text = TextEncoder.from_pretrained(cfg.encoders.text, max_length=cfg.encoders.text_max_length).to(device)
+        text = TextEncoder.from_pretrained(cfg.encoders.text, max_length=cfg.encoders.text_max_length,
+                                           cache_size=cfg.encoders.text_cache).to(device)
     vae = build_vae(cfg.encoders.vae, channels=cfg.data.channels).to(device)
     return text, vae
 

@@ -138,3 +138,19 @@ def test_pixel_space_is_identity():
     assert isinstance(space, PixelSpace) and space.latent_channels == 1 and space.downsample_factor == 1
     x = torch.randn(2, 1, 8, 8)
     assert space.encode(x) is x and space.decode(x) is x
+
+
+def test_caption_cache_is_exact_and_bounded():
+    from difftrain.models.encoders import TextEncoder
+
+    cached = TextEncoder.from_pretrained("minilm", max_length=8, cache_size=2)
+    caps = ["a handwritten digit 1", "a handwritten digit 2", "a handwritten digit 1", ""]
+    states, mask = cached.encode(caps)
+    assert len(cached._cache) == 2  # LRU bound
+    for i, c in enumerate(caps):
+        s1, m1 = cached.encode([c])  # served from the cache or encoded alone: same bits
+        ref_s, ref_m = cached._encode([c], cached.device)
+        assert torch.equal(states[i], ref_s[0]) and torch.equal(mask[i], ref_m[0])
+        assert torch.equal(s1[0], ref_s[0])
+    batched, _ = cached._encode(caps, cached.device)
+    assert torch.allclose(states, batched, atol=1e-5)  # and equal to batched encoding up to rounding
