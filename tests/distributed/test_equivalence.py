@@ -36,12 +36,14 @@ def results(digits, tmp_path_factory):
         return args
 
     unet = f"{COMMON} {MODELS['unet']} data.train={digits['train']}"
-    torchrun(1, ["tests/dist/train_job.py", str(out / "single"), *cases("single", ["ddp"]),
+    torchrun(1, ["tests/distributed/train_job.py", str(out / "single"), *cases("single", ["ddp"]),
                  "unet_bf16", f"{unet} parallel.mixed_precision=bf16 run.dir={out}/single_unet_bf16"])
-    torchrun(2, ["tests/dist/train_job.py", str(out / "two"), *cases("two", ["ddp", "fsdp2"]),
+    sampling = "run.sample_every=5 run.sample_num=4 run.sample_steps=3"  # EMA sample grid on every rank
+    torchrun(2, ["tests/distributed/train_job.py", str(out / "two"), *[f"{a} {sampling}" if i % 2 else a
+                                                                for i, a in enumerate(cases("two", ["ddp", "fsdp2"]))],
                  "unet_ddp_accum2", f"{unet} optim.grad_accum=2 run.dir={out}/two_unet_accum2",
                  "unet_fsdp2_accum2", f"{unet} optim.grad_accum=2 parallel.engine=fsdp2 run.dir={out}/two_unet_f_accum2"])
-    torchrun(4, ["tests/dist/train_job.py", str(out / "four"), "unet_hsdp",
+    torchrun(4, ["tests/distributed/train_job.py", str(out / "four"), "unet_hsdp",
                  f"{unet} parallel.engine=fsdp2 parallel.dp_replicate=2 parallel.dp_shard=2 "
                  f"run.dir={out}/four_unet_hsdp"])
     return out
@@ -68,6 +70,8 @@ def test_two_ranks_equal_single_process(results, model, engine):
     # both runs really trained 5 steps and checkpointed them
     for run in (f"single_{model}_ddp", f"two_{model}_{engine}"):
         assert (results / run / "checkpoints" / "step_00000005" / "COMPLETE").is_file()
+    # sampling with the (sharded, under FSDP2) EMA ran on both ranks without disturbing training
+    assert (results / f"two_{model}_{engine}" / "samples" / "step_00000005.png").is_file()
 
 
 def _ema(run_dir):
