@@ -53,11 +53,9 @@ class Trainer:
         self.dims = ParallelDims.from_config(cfg.parallel, self.world)
         self.meshes = Meshes(self.dims, self.dims.build_mesh(self.device.type))
         self.dp, self.dp_rank = self.dims.dp, self.meshes.dp_rank
-        per_rank, rem = divmod(cfg.data.batch_size, self.dp * cfg.optim.grad_accum)
-        if rem or per_rank == 0:
+        if cfg.data.batch_size % (self.dp * cfg.optim.grad_accum):
             raise ConfigError(f"config key 'data.batch_size' = {cfg.data.batch_size} must be a multiple of "
                               f"data-parallel size {self.dp} x optim.grad_accum {cfg.optim.grad_accum}")
-        self.micro = per_rank
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         if self.rank == 0:
