@@ -127,6 +127,10 @@ def image_transform(channels: int, image_size: int) -> Callable[[Any], torch.Ten
     def apply(img) -> torch.Tensor:
         if img.mode != mode:
             img = img.convert(mode)
-        return tf(img) * 2.0 - 1.0  # [C, H, W] in [-1, 1]
+        if img.size == (image_size, image_size):  # already the target size: skip resize and crop
+            x = v2.functional.to_dtype(v2.functional.pil_to_tensor(img), torch.float32, scale=True)
+        else:
+            x = tf(img)
+        return x * 2.0 - 1.0  # [C, H, W] in [-1, 1]
 
     return apply

@@ -224,3 +224,19 @@ def test_bad_samples_dropped_deterministically(tmp_path):
     ranks = [take(ShardLoader(spec, 8, r, 2, channels=1, image_size=16), 1)[0] for r in (0, 1)]
     assert [len(r["keys"]) for r in ranks] == [3, 3]
     assert_same(cat(ranks), whole[0])
+
+
+@pytest.mark.parametrize("channels, mode", [(1, "L"), (3, "RGB"), (3, "L")])
+def test_native_size_fast_path_equals_resize_path(channels, mode):
+    import numpy as np
+    import torch
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    from difftrain.data.decode import image_transform
+
+    img = Image.fromarray((np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8)).convert(mode)
+    general = v2.Compose([v2.ToImage(), v2.Resize(16, antialias=True), v2.CenterCrop(16),
+                          v2.ToDtype(torch.float32, scale=True)])
+    ref = general(img.convert("L" if channels == 1 else "RGB")) * 2.0 - 1.0
+    assert torch.equal(image_transform(channels, 16)(img), ref)
