@@ -68,6 +68,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from difftrain.data.images import to_unit  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO_YAML = REPO / "configs" / "demo.yaml"
 
@@ -142,7 +144,7 @@ class BareLoop:
             self.it = iter(loader)
             return
         for batch in loader:
-            self.batches.append((batch["pixels"], self.encode(batch)))
+            self.batches.append((to_unit(batch["pixels"]), self.encode(batch)))
             if len(self.batches) == 4:
                 break
         self.i = 0
@@ -154,7 +156,7 @@ class BareLoop:
     def next_batch(self):
         if self.feed == "loader":
             batch = next(self.it)
-            return batch["pixels"], self.encode(batch)
+            return to_unit(batch["pixels"]), self.encode(batch)
         self.i += 1
         return self.batches[(self.i - 1) % len(self.batches)]
 

@@ -1,6 +1,9 @@
 """``difftrain`` command line: data | train | sample | export (``python -m difftrain`` is the same).
 
-    difftrain data demo --out data/digits
+    difftrain data demo --out data/digits             # [--video: moving digits as mp4]
+    difftrain data shards photos/ --out data/photos   # image folder + captions -> img2dataset layout
+    difftrain data stat "data/photos/{00000..00003}.tar" data.image_size=256
+    torchrun --nproc_per_node=2 -m difftrain data encode configs/demo.yaml --out data/digits_latent
     torchrun --nproc_per_node=2 -m difftrain train configs/demo.yaml run.dir=runs/demo optim.lr=3e-4
     difftrain sample runs/demo --num 64 --steps 50 --prompt "a handwritten digit 7" --out out/
     difftrain export runs/demo --out export/demo
@@ -15,12 +18,25 @@ from pathlib import Path
 from difftrain.config import ConfigError
 
 
-def _cmd_data(args) -> None:
-    if args.what == "demo":
+def _cmd_demo(args) -> None:
+    if args.video:
+        from difftrain.data.moving_digits import write_moving_digits
+
+        info = write_moving_digits(args.out, size=args.image_size or 32, seed=args.seed)
+    else:
         from difftrain.data.demo import write_digits
 
-        info = write_digits(args.out, image_size=args.image_size, seed=args.seed)
-        print(json.dumps(info, indent=1))
+        info = write_digits(args.out, image_size=args.image_size or 16, seed=args.seed)
+    print(json.dumps(info, indent=1))
+
+
+def _lazy(module: str, fn: str):
+    def run(args):
+        import importlib
+
+        return getattr(importlib.import_module(module), fn)(args)
+
+    return run
 
 
 def _cmd_train(args) -> None:
@@ -65,15 +81,14 @@ def _cmd_sample(args) -> None:
     import numpy as np
     import torch
 
-    from difftrain.sampling import default_conditions, generate, grid, save_png
+    from difftrain.sampling import default_conditions, generate, grid, sample_shape, save_png
 
     cfg, model, acfg, step, diffusion, conditioner, vae, device = _load_run(args.run)
     captions, labels = default_conditions(cfg.model.cond, args.num, args.prompt or cfg.run.sample_prompts,
                                           cfg.model.num_classes)
     if args.label is not None:
         labels = torch.full((args.num,), args.label)
-    images = generate(model, diffusion, conditioner, vae, n=args.num,
-                      shape=(acfg.in_channels, acfg.image_size, acfg.image_size), steps=args.steps,
+    images = generate(model, diffusion, conditioner, vae, n=args.num, shape=sample_shape(acfg), steps=args.steps,
                       sampler=args.sampler, guidance=args.guidance, seed=args.seed, device=device,
                       captions=captions, labels=labels, progress=True)
     out = Path(args.out)
@@ -102,12 +117,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="difftrain", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    d = sub.add_parser("data", help="write data sets as webdataset shards")
-    d.add_argument("what", choices=["demo"])
-    d.add_argument("--out", required=True)
-    d.add_argument("--image-size", type=int, default=16)
-    d.add_argument("--seed", type=int, default=0)
-    d.set_defaults(fn=_cmd_data)
+    d = sub.add_parser("data", help="write, check and pre-encode webdataset shards")
+    dsub = d.add_subparsers(dest="what", required=True)
+    dd = dsub.add_parser("demo", help="the demo data: scikit-learn digits as img2dataset-layout shards")
+    dd.add_argument("--out", required=True)
+    dd.add_argument("--video", action="store_true", help="moving digits as mp4 (video2dataset layout)")
+    dd.add_argument("--image-size", type=int, help="pixels (default: 16, video 32)")
+    dd.add_argument("--seed", type=int, default=0)
+    dd.set_defaults(fn=_cmd_demo)
+    from difftrain.data.encode import add_encode_args
+    from difftrain.data.stat import add_stat_args
+    from difftrain.data.writers import add_shards_args
+
+    for name, module, add, fn, help_ in (
+            ("shards", "difftrain.data.writers", add_shards_args, "run_shards",
+             "an image folder with captions -> shards in the img2dataset layout"),
+            ("stat", "difftrain.data.stat", add_stat_args, "run_stat",
+             "stream a shard spec through the loader: skips per reason, samples/s"),
+            ("encode", "difftrain.data.encode", add_encode_args, "run_encode",
+             "pre-encode shards with the frozen VAE and text encoder (under torchrun)")):
+        sp = dsub.add_parser(name, help=help_)
+        add(sp)
+        sp.set_defaults(fn=_lazy(module, fn))
 
     t = sub.add_parser("train", help="train (single process, or under torchrun / srun / mpirun)")
     t.add_argument("config", help="YAML config")

@@ -51,6 +51,11 @@ class ModelConfig:
     in_channels: int = 3
     cond: str = choice("none", ["none", "class", "text"])
     num_classes: int = 0
+    # video: 0 = an image model; > 0 = a video model of the same name trained on clips of this many frames (in model
+    # space). Position embeddings follow the input's shape, so other clip lengths work at inference.
+    frames: int = 0
+    temporal_patch: int = 1  # video: frames per patch (patch = temporal_patch x p x p)
+    attention: str = choice("full", ["full", "factorized"])  # video: joint space-time, or space then time per block
     args: dict = field(default_factory=dict)  # architecture overrides, checked by the model's config
 
 
@@ -66,12 +71,28 @@ class DiffusionConfig:
 
 @dataclass
 class DataConfig:
-    train: str = ""  # webdataset shard spec, e.g. data/digits/train/{00000..00003}.tar
+    # shard spec (difftrain/data/spec.py): a brace pattern, a list of patterns, or a list of
+    # {shards, weight, name} mixed per sample by weight; pipe: URLs work
+    train: Any = ""
+    kind: str = choice("image", ["image", "video", "latent"])
     batch_size: int = 64  # global, over all data-parallel ranks and accumulation steps
     num_workers: int = 1
     channels: int = 3
-    image_size: int = 32  # pixels
+    image_size: int = 32  # pixels (square); see buckets
+    buckets: list = field(default_factory=list)  # [[h, w], ...] aspect-ratio buckets; empty: image_size^2
+    crop: str = choice("center", ["center", "random"])
+    flip: bool = False  # random horizontal flip
+    frames: int = 16  # video: frames per clip
+    frame_stride: int = 1  # video: take every n-th frame (when fps = 0)
+    fps: float = 0.0  # video: sample frames at this rate instead of a stride
     caption_dropout: float = 0.1  # probability of the null condition (classifier-free guidance)
+    require_caption: bool = True  # skip samples without a caption (missing_caption)
+    min_image_size: int = 8  # skip images whose shorter side is smaller (too_small)
+    filters: dict = field(default_factory=dict)  # json key -> "<op><number>", e.g. {punsafe: "<0.5"}
+    shuffle_buffer: int = 0  # samples per stream; 0 = shard order only
+    resampled: bool = False  # draw shards with replacement (no epochs) instead of per-epoch permutations
+    streams: int = 0  # streams per batch group (difftrain/data/loader.py); 0 = data-parallel world size
+    max_skip_rate: float = 0.5  # stop the run when more of the samples seen are broken
 
 
 @dataclass
@@ -144,7 +165,8 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
         except ValueError:
             pass
     ok = (
-        (typ is bool and isinstance(value, bool))
+        typ is Any
+        or (typ is bool and isinstance(value, bool))
         or (typ is int and isinstance(value, int) and not isinstance(value, bool))
         or (typ is float and isinstance(value, (int, float)) and not isinstance(value, bool))
         or (typ is str and isinstance(value, str))
@@ -228,6 +250,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config key 'model.num_classes' must be > 0 when model.cond=class")
     if cfg.model.cond == "text" and not cfg.encoders.text:
         raise ConfigError("config key 'encoders.text' must name a text encoder when model.cond=text")
+    if (cfg.data.kind == "video" and cfg.model.frames <= 0) or (cfg.data.kind == "image" and cfg.model.frames > 0):
+        raise ConfigError(f"config key 'model.frames' = {cfg.model.frames} does not fit data.kind = "
+                          f"{cfg.data.kind!r}: video data needs a video model (model.frames > 0) and vice versa")
     if not 0.0 <= cfg.data.caption_dropout < 1.0:
         raise ConfigError("config key 'data.caption_dropout' must be in [0, 1)")
 

@@ -1,8 +1,9 @@
-"""Generate images from a backbone: conditions -> guided denoiser -> stateless sampler -> decode.
+"""Generate images (or videos) from a backbone: conditions -> guided denoiser -> stateless sampler -> decode.
 
 One function used by the trainer's sample grids (with the EMA swapped in, on every rank) and by
 ``difftrain sample``. The starting noise is keyed by (seed, image index), so image i is the same
-whatever the batch it is drawn in.
+whatever the batch it is drawn in. A video model (``frames > 0`` in its architecture config) samples
+clips of ``sample_shape(acfg)`` = (T, C, H, W); its grid has one row per clip and one column per frame.
 """
 from __future__ import annotations
 
@@ -28,11 +29,20 @@ def default_conditions(kind: str, n: int, prompts: list[str], num_classes: int):
     return None, None
 
 
+def sample_shape(acfg) -> tuple[int, ...]:
+    """Model-space shape of one sample: (C, S, S) for an image model, (frames, C, S, S) for a video model."""
+    image = (acfg.in_channels, acfg.image_size, acfg.image_size)
+    frames = getattr(acfg, "frames", 0)
+    return (frames, *image) if frames > 0 else image
+
+
 @torch.no_grad()
-def generate(model, diffusion: Diffusion, conditioner, vae, *, n: int, shape: tuple[int, int, int],
+def generate(model, diffusion: Diffusion, conditioner, vae, *, n: int, shape: tuple[int, ...],
              steps: int, sampler: str, guidance: float, seed: int, device: torch.device,
              captions=None, labels=None, batch_size: int = 64, progress: bool = False) -> np.ndarray:
-    """Returns uint8 images [n, H, W, C]."""
+    """Returns uint8 images [n, H, W, C] for ``shape`` = (C, H, W), or videos [n, T, H, W, C] for (T, C, H, W)."""
+    if len(shape) not in (3, 4):
+        raise ValueError(f"sample shape must be (C, H, W) or (T, C, H, W), got {tuple(shape)}")
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler '{sampler}'; valid: {', '.join(SAMPLERS)}")
     ts = time_grid(steps, 1.0, 0.0).to(device)
@@ -46,14 +56,21 @@ def generate(model, diffusion: Diffusion, conditioner, vae, *, n: int, shape: tu
         fn = guided_denoiser(model, cond, uncond, guidance if cond else 1.0, to_x0=diffusion.x0_from_pred)
         x0 = SAMPLERS[sampler](lambda x, t: fn(x, t).float(), x_T, ts, path=diffusion.path, progress=progress)
         pixels = vae.decode(x0).float().clamp(-1, 1)
-        out.append(((pixels + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu())
+        channels_last = (0, 2, 3, 1) if pixels.ndim == 4 else (0, 1, 3, 4, 2)  # [.., C, H, W] -> [.., H, W, C]
+        out.append(((pixels + 1) * 127.5).round().to(torch.uint8).permute(*channels_last).cpu())
     return torch.cat(out).numpy()
 
 
 def grid(images: np.ndarray, nrow: int | None = None) -> np.ndarray:
-    """[N, H, W, C] uint8 -> one [H', W', C] uint8 image (2 px padding)."""
+    """[N, H, W, C] uint8 -> one [H', W', C] uint8 image (2 px padding), ``nrow`` images per row.
+    Videos [N, T, H, W, C]: one row per video, one column per frame (``nrow`` must be None or T)."""
     from torchvision.utils import make_grid
 
+    if images.ndim == 5:
+        N, T = images.shape[:2]
+        if nrow not in (None, T):
+            raise ValueError(f"a video grid has one column per frame (nrow={T}), got nrow={nrow}")
+        images, nrow = images.reshape(N * T, *images.shape[2:]), T
     nrow = nrow or max(1, int(math.ceil(math.sqrt(len(images)))))
     t = torch.from_numpy(images).permute(0, 3, 1, 2)
     return make_grid(t, nrow=nrow, padding=2, pad_value=255).permute(1, 2, 0).numpy()
@@ -69,7 +86,8 @@ def save_png(image_hwc: np.ndarray, path: str | Path) -> None:
 
 class SampleGrid:
     """Trainer callback: every ``run.sample_every`` steps, sample with the EMA weights on all ranks
-    (the EMA stays sharded under FSDP2) and write ``samples/step_N.png`` and a tensorboard grid."""
+    (the EMA stays sharded under FSDP2) and write ``samples/step_N.png`` and a tensorboard grid
+    (videos: one row per clip, one column per frame)."""
 
     def on_step_end(self, trainer, step: int) -> None:
         rc = trainer.cfg.run
@@ -80,11 +98,14 @@ class SampleGrid:
         a = trainer.acfg
         with trainer.engine.ema_swapped_in():
             images = generate(trainer.engine.model, trainer.diffusion, trainer.conditioner, trainer.vae,
-                              n=rc.sample_num, shape=(a.in_channels, a.image_size, a.image_size),
+                              n=rc.sample_num, shape=sample_shape(a),
                               steps=rc.sample_steps, sampler=rc.sample_sampler, guidance=rc.sample_guidance,
                               seed=rc.seed, device=trainer.device, captions=captions, labels=labels)
         if trainer.rank == 0:
             cycle = len(rc.sample_prompts) if mc.cond == "text" else mc.num_classes if mc.cond == "class" else 0
-            g = grid(images, nrow=cycle if 0 < cycle <= 16 else None)  # one column per prompt / class
+            if images.ndim == 5:
+                g = grid(images)  # one row per clip, one column per frame
+            else:
+                g = grid(images, nrow=cycle if 0 < cycle <= 16 else None)  # one column per prompt / class
             save_png(g, trainer.run_dir / "samples" / f"step_{step:08d}.png")
             trainer.metrics.add_image("samples/ema", g, step)

@@ -14,6 +14,7 @@ pickle inside is skipped whole and its bytes are never interpreted.
 | cls                       | ``int``                                                  |
 | npy                       | ``np.ndarray`` via ``np.load(allow_pickle=False)``        |
 | safetensors               | ``dict[str, torch.Tensor]``                              |
+| mp4, webm, avi, mov, mkv  | allowed; decoded by :mod:`difftrain.data.video`           |
 | anything else (pkl, ...)  | ``SkipSample`` (the loader counts it)                     |
 
 A member name such as ``seg.png`` (webdataset splits a file name at its *first* dot) is
@@ -30,7 +31,8 @@ import torch
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 TEXT_EXTS = ("txt",)
-SAFE_EXTS = frozenset(IMAGE_EXTS + TEXT_EXTS + ("json", "cls", "npy", "safetensors"))
+VIDEO_EXTS = ("mp4", "webm", "avi", "mov", "mkv")  # decoded by difftrain.data.video, not here
+SAFE_EXTS = frozenset(IMAGE_EXTS + TEXT_EXTS + VIDEO_EXTS + ("json", "cls", "npy", "safetensors"))
 MAX_PIXELS = 1 << 26  # 64 Mpx: beyond any training image; PIL's own bomb check is ~179 Mpx
 _PIL_FORMATS = ("PNG", "JPEG", "WEBP")  # never let PIL guess among all its plugins
 
@@ -43,14 +45,25 @@ class SkipSample(Exception):
         self.reason = reason
 
 
-def _image(data: bytes):
+def open_image(data: bytes, min_size: int = 0, where: str = "?"):
+    """Bytes -> fully loaded ``PIL.Image`` (PNG, JPEG, WEBP only); SkipSample ``too_large`` /
+    ``too_small`` (checked from the header, before decoding) or ``decode_error``."""
     from PIL import Image
 
-    img = Image.open(io.BytesIO(data), formats=_PIL_FORMATS)  # reads the header only
-    w, h = img.size
-    if w * h > MAX_PIXELS:
-        raise SkipSample(f"image of {w}x{h} px exceeds MAX_PIXELS={MAX_PIXELS}", reason="too_large")
-    img.load()  # decode now, so truncated files fail here
+    try:
+        img = Image.open(io.BytesIO(data), formats=_PIL_FORMATS)  # reads the header only
+        w, h = img.size
+        if w * h > MAX_PIXELS:
+            raise SkipSample(f"image of {w}x{h} px exceeds MAX_PIXELS={MAX_PIXELS} in {where}", "too_large")
+        if min(w, h) < min_size:
+            raise SkipSample(f"image of {w}x{h} px is below data.min_image_size={min_size} in {where}", "too_small")
+        img.load()  # decode now, so truncated files fail here
+    except SkipSample:
+        raise
+    except Image.DecompressionBombError as e:  # PIL's own guard, for sizes above ~2 x 89 Mpx
+        raise SkipSample(f"image too large in {where}: {e}", "too_large") from None
+    except Exception as e:  # PIL raises many types on bad bytes
+        raise SkipSample(f"undecodable image in {where}: {type(e).__name__}: {e}", "decode_error") from None
     return img
 
 
@@ -61,7 +74,8 @@ def _safetensors(data: bytes) -> dict[str, torch.Tensor]:
 
 
 _DECODERS: dict[str, Callable[[bytes], Any]] = {
-    **{ext: _image for ext in IMAGE_EXTS},
+    **{ext: open_image for ext in IMAGE_EXTS},
+    **{ext: bytes for ext in VIDEO_EXTS},  # left to difftrain.data.video
     "txt": lambda b: b.decode("utf-8"),
     "json": lambda b: json.loads(b.decode("utf-8")),
     "cls": lambda b: int(b.decode("utf-8").strip()),
@@ -107,30 +121,3 @@ def decode_sample(sample: dict, only: tuple[str, ...] | None = None) -> dict:
         elif only is None or name in only:
             out[name] = decode_member(name, value, key, shard)
     return out
-
-
-def image_transform(channels: int, image_size: int) -> Callable[[Any], torch.Tensor]:
-    """PIL image -> float tensor [C, H, W] in [-1, 1]: convert mode, resize the short side to
-    ``image_size`` (antialiased bilinear), center-crop to a square."""
-    from torchvision.transforms import v2
-
-    if channels not in (1, 3):
-        raise ValueError(f"config key 'data.channels' must be 1 or 3, got {channels}")
-    mode = "L" if channels == 1 else "RGB"
-    tf = v2.Compose([
-        v2.ToImage(),  # uint8 [C, h, w]
-        v2.Resize(image_size, antialias=True),
-        v2.CenterCrop(image_size),
-        v2.ToDtype(torch.float32, scale=True),  # [0, 1]
-    ])
-
-    def apply(img) -> torch.Tensor:
-        if img.mode != mode:
-            img = img.convert(mode)
-        if img.size == (image_size, image_size):  # already the target size: skip resize and crop
-            x = v2.functional.to_dtype(v2.functional.pil_to_tensor(img), torch.float32, scale=True)
-        else:
-            x = tf(img)
-        return x * 2.0 - 1.0  # [C, H, W] in [-1, 1]
-
-    return apply

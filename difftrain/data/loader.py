@@ -1,161 +1,167 @@
-"""A minimal, exact, resumable streaming loader over webdataset shards.
+"""The streaming loader: exact, resumable, sharded over (rank, worker), tolerant of bad data.
 
-**Global order (world-size independent).** Epoch ``e`` reads the shards in the order
-``random.Random(seed * 1000003 + e).shuffle(shards)`` and each shard's samples in stored order.
-Consecutive runs of ``batch_size`` (GLOBAL) samples form global batch ``g``; ``g`` counts across
-epochs, an epoch's incomplete last batch is dropped and epochs continue forever. Rank ``r`` of
-``W`` takes slots ``[r*B/W, (r+1)*B/W)`` of every global batch and decodes only those samples
-(the others' bytes are read but never decoded). Each sample also gets its global slot index
-``g*B + slot`` (``batch["index"]``), the key for per-sample randomness (``diffusion/keyed.py``).
+**Layout.** The run's ``V = K * P`` streams (streams.py) form ``K`` groups of ``P``. Global batch
+``g`` (``B`` samples, counted across epochs) is made by group ``g mod K``: each of its ``P`` streams
+gives the next ``B / P`` good samples, in stream order. Rank ``r`` of ``W`` owns streams
+``P r / W ... P (r+1) / W - 1`` of every group, so its slice of batch ``g`` has ``B / W`` rows. With
+``n`` worker processes per rank (``K`` a multiple of ``n``), worker ``w`` makes the batches
+``g ≡ g0 + w (mod n)`` and so owns its groups' streams alone: no two processes ever read the same
+shard. Defaults: ``K = max(1, data.num_workers)`` (the ``groups`` argument sets it), ``P = data.streams``
+or else ``W``.
 
-**Workers.** With ``num_workers = n > 0`` worker ``w`` produces the global batches
-``g ≡ g_start + w (mod n)``; the DataLoader collects from workers round-robin, so the stream is
-the same for any ``n`` (``n = 0`` runs in-process). Every worker reads every shard itself and
-skips the batches it does not own: n-fold read amplification, fine for small data.
-TODO(issue 3): assign shards (plus a sample-count index) to ranks/workers instead.
+The samples of batch ``g`` depend only on ``(K, P)``, the spec and the seed, not on ``W`` or ``n``:
+a run resumed on any ``W`` dividing ``P`` with any ``n`` dividing ``K`` continues exactly. Other
+world sizes re-lay the streams out (``streams.relayout``): the epoch continues with every remaining
+sample exactly once, in a different order (a warning says so).
 
-**Resume.** ``state_dict()`` is the position of the next batch handed to the consumer
-(prefetched batches are not counted); ``load_state_dict`` before iterating restarts exactly
-there. Skipping to the position reads the skipped samples' bytes without decoding them. A
-``batch_in_epoch`` past the epoch's end continues with the next epoch.
+**State.** ``state_dict(g)`` is the position before batch ``g`` (the trainer asks for the batch
+it has fetched but not trained on): the layout, ``g``, and this rank's stream states, which
+include shuffle-buffer and bucket-pool pointers. Each rank saves its own; ``load_state_dict``
+takes the list of every rank's dicts.
 
-**Bad samples** (a member outside the decoder whitelist, no image member, an undecodable image)
-are decided from their own bytes only, so the choice is the same on every world size. A bad
-sample is *dropped from its rank's slice*, never replaced: its slot stays empty, so a rank's
-batch can have fewer than ``B/W`` rows (possibly 0), and the union over ranks is still exactly
-the good samples of the global batch. Drops are counted in ``loader.skipped[reason]``. A trainer
-that wants exact world-size-independent losses should normalize by the global count of rows.
+**Aspect-ratio buckets.** With several ``data.buckets`` each stream keeps a pool per bucket and
+gives its ``B / P`` samples from the first bucket to fill, so every rank batch has one shape; this
+needs one stream per rank per group (``P = W``).
 
-**Keys** are grouped by webdataset's rule: a file name splits at the first dot of its base name
-(``dir/000000123.seg.png`` -> key ``dir/000000123``, member ``seg.png``). Keys therefore must not
-contain dots; a dotted key (``a.1.png``) has no plain ``png`` member and counts as
-``missing_image``. img2dataset / video2dataset keys are digits. A corrupt tar raises.
+**Bad data** is skipped and counted (``samples.py``, ``tario.py``): ``loader.skipped[reason]``;
+a warning names shard and key at the 1st, 2nd, 4th, 8th, ... skip of each reason in a worker.
+More than ``max_skip_rate`` of the samples seen broken (``filtered:*`` aside; after 200 samples)
+stops the run with :class:`DataError`.
 """
 from __future__ import annotations
 
+import collections
 import logging
-import random
 import signal
-from collections import Counter
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from difftrain.data.decode import IMAGE_EXTS, SkipSample, check_members, decode_sample, image_transform
+from difftrain.data import tario
+from difftrain.data.decode import SkipSample
+from difftrain.data.images import parse_buckets
+from difftrain.data.samples import SampleDecoder
+from difftrain.data.spec import parse_spec
+from difftrain.data.streams import ShardSequence, Stream, initial_state, relayout, unit
 
 log = logging.getLogger(__name__)
-STATE_KEYS = ("epoch", "batch_in_epoch", "g")
+MIN_SEEN = 200  # samples a rank sees before max_skip_rate applies
 
 
-def expand_spec(spec: str | list | tuple) -> list[str]:
-    """Brace pattern (``a/{00000..00003}.tar``) or list of patterns -> list of shard urls."""
-    from braceexpand import braceexpand
-
-    patterns = [spec] if isinstance(spec, str) else list(spec)
-    shards = [url for p in patterns for url in braceexpand(p)]
-    if not shards or any(not s for s in shards):
-        raise ValueError(f"config key 'data.train': empty shard spec {spec!r}")
-    return shards
+class DataError(RuntimeError):
+    """The data is mostly broken (or unreadable); the message says what was skipped and why."""
 
 
-def shard_order(shards: list[str], seed: int, epoch: int) -> list[str]:
-    """The order epoch ``epoch`` reads the shards in."""
-    order = list(shards)
-    random.Random(seed * 1000003 + epoch).shuffle(order)
-    return order
+def _is_fault(reason: str) -> bool:
+    return not reason.startswith("filtered:")
 
 
-class _Stream(IterableDataset):
-    """The per-rank batch stream from a start position; pickled into every worker."""
+class _Worker(IterableDataset):
+    """Pickled into each worker: makes this worker's share of the rank's batches."""
 
-    def __init__(self, shards, batch_size, rank, world, seed, channels, image_size, start):
-        self.shards, self.B, self.seed, self.start = shards, batch_size, seed, dict(start)
-        self.lo, self.hi = rank * batch_size // world, (rank + 1) * batch_size // world
-        self.channels, self.image_size = channels, image_size
-
-    def _raw_epoch(self, epoch: int) -> Iterator[dict]:
-        from webdataset.tariterators import tarfile_samples
-
-        urls = shard_order(self.shards, self.seed, epoch)
-        return tarfile_samples(dict(url=u) for u in urls)  # raw bytes, grouped by key
-
-    def positions(self, keep: Callable[[int], bool]) -> Iterator[tuple[dict, list]]:
-        """Yield ``(position, [(slot, raw_sample), ...] of this rank)`` for each global batch g
-        from the start position with ``keep(g)``; other batches are read and dropped."""
-        B, lo, hi = self.B, self.lo, self.hi
-        epoch, skip, g0 = (self.start[k] for k in STATE_KEYS)
-        while True:
-            own, n = [], 0
-            for n, raw in enumerate(self._raw_epoch(epoch), start=1):
-                b, slot = divmod(n - 1, B)
-                g = g0 + b - skip
-                if b < skip or not keep(g):
-                    continue
-                if lo <= slot < hi:
-                    own.append((slot, raw))
-                if slot == B - 1:
-                    yield {"epoch": epoch, "batch_in_epoch": b, "g": g}, own
-                    own = []
-            if n < B:
-                raise ValueError(f"config key 'data.batch_size' = {B} exceeds the {n} samples of "
-                                 f"one epoch over {len(self.shards)} shard(s)")
-            g0 += max(0, n // B - skip)
-            epoch, skip = epoch + 1, 0
+    def __init__(self, ld: "ShardLoader", g0: int, states: dict):
+        self.ld, self.g0, self.states = ld, g0, states
 
     def __iter__(self) -> Iterator[dict]:
+        ld = self.ld
         info = get_worker_info()
         w, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        g_start = self.start["g"]
-        to_tensor = image_transform(self.channels, self.image_size)
-        for pos, own in self.positions(lambda g: (g - g_start) % nw == w):
-            yield self._collate(pos, own, to_tensor)
+        seqs = [ShardSequence(s, i, ld.seed, ld.resampled) for i, s in enumerate(ld.sources)]
+        weights = [s.weight for s in ld.sources]
+        self.counts: collections.Counter = collections.Counter()
+        self.delta: collections.Counter = collections.Counter()
+        streams, pools = {}, {}
+        for s, saved in self.states.items():
+            if (s // ld.P) % nw == (self.g0 + w) % nw:  # the groups this worker makes
+                streams[s] = Stream(saved["stream"], seqs, weights, ld.seed, ld.shuffle_buffer, self._skip)
+                pools[s] = self._restore_pool(saved["pool"], seqs)
+        g = self.g0 + w
+        while True:
+            k = g % ld.K
+            rows, after = [], {}
+            for p in range(ld.lo, ld.hi):
+                s = k * ld.P + p
+                items = self._take(streams[s], pools[s])
+                for i, item in enumerate(items):
+                    item["index"] = g * ld.B + p * ld.m + i
+                rows += items
+                after[s] = {"stream": streams[s].state(),
+                            "pool": [[b, *it["ptr"]] for b, pool in sorted(pools[s].items()) for it in pool]}
+            batch = collate(rows)
+            batch.update(position={"g": g}, states=after, skipped=dict(self.delta), good=len(rows))
+            self.delta.clear()
+            yield batch
+            g += nw
 
-    def _collate(self, pos: dict, own: list, to_tensor) -> dict:
-        pixels, captions, labels, keys, index, skipped = [], [], [], [], [], Counter()
-        for slot, raw in own:
-            try:
-                item = _decode(raw, to_tensor)
-            except SkipSample as e:
-                skipped[e.reason] += 1
-                log.debug("skipping sample: %s", e)
-                continue
-            except Exception as e:  # a broken member: bad bytes are data, not a crash
-                skipped["decode_error"] += 1
-                log.debug("skipping sample %s of %s: %r", raw.get("__key__"), raw.get("__url__"), e)
-                continue
-            pixels.append(item["pixels"])
-            captions.append(item["caption"])
-            labels.append(item["label"])
-            keys.append(raw["__key__"])
-            index.append(pos["g"] * self.B + slot)
-        c, s = self.channels, self.image_size
-        return {
-            "pixels": torch.stack(pixels) if pixels else torch.empty(0, c, s, s),  # [b, C, H, W]
-            "captions": captions,
-            "labels": torch.tensor(labels, dtype=torch.long),  # [b]
-            "keys": keys,
-            "index": torch.tensor(index, dtype=torch.long),  # [b] global slot g*B + slot
-            "position": pos,
-            "skipped": dict(skipped),
-        }
+    def _rand(self, raw: dict):
+        seed, epoch, url, key = self.ld.seed, raw["__epoch__"], raw["__url__"], raw["__key__"]
+        return lambda name: unit(seed, "item", name, epoch, url, key)
+
+    def _decode(self, raw: dict) -> dict | None:
+        try:
+            item = self.ld.decoder(raw, self._rand(raw))
+        except SkipSample as e:
+            self._skip(e.reason, raw.get("__url__", "?"), raw.get("__key__", "?"), str(e))
+            return None
+        except Exception as e:  # bad bytes are data, not a crash
+            self._skip("decode_error", raw.get("__url__", "?"), raw.get("__key__", "?"), f"{type(e).__name__}: {e}")
+            return None
+        item.update(key=raw["__key__"], url=raw["__url__"], epoch=raw["__epoch__"], ptr=raw["__ptr__"])
+        return item
+
+    def _take(self, stream: Stream, pool: dict) -> list[dict]:
+        m = self.ld.m
+        if len(self.ld.buckets) == 1:
+            out = []
+            while len(out) < m:
+                item = self._decode(stream.next())
+                if item is not None:
+                    out.append(item)
+            return out
+        while True:
+            full = [b for b, items in sorted(pool.items()) if len(items) >= m]
+            if full:
+                out, pool[full[0]] = pool[full[0]][:m], pool[full[0]][m:]
+                return out
+            item = self._decode(stream.next())
+            if item is not None:
+                pool.setdefault(item["bucket"], []).append(item)
+
+    def _restore_pool(self, saved: list, seqs) -> dict:
+        pool: dict[int, list] = {}
+        raws = tario.fetch([(seqs[p[1]].at(p[2])[0], p[3], p[4]) for p in saved]) if saved else []
+        for p, raw in zip(saved, raws):
+            raw["__src__"], raw["__epoch__"], raw["__ptr__"] = p[1], seqs[p[1]].at(p[2])[1], list(p[1:])
+            item = self._decode(raw)  # decoded before, so it decodes again
+            if item is not None:
+                pool.setdefault(p[0], []).append(item)
+        return pool
+
+    def _skip(self, reason: str, url: str, key: str, message: str) -> None:
+        self.counts[reason] += 1
+        self.delta[reason] += 1
+        n = self.counts[reason]
+        if n & (n - 1) == 0:  # 1, 2, 4, 8, ...: rate-limited
+            log.warning("skipped (%s, %d so far in this worker): %s", reason, n, message)
 
 
-def _decode(raw: dict, to_tensor) -> dict:
-    """Raw sample -> {"pixels", "caption", "label"}; raises SkipSample / decode errors."""
-    check_members(raw, raw.get("__url__", "?"))  # before anything is decoded
-    image = next((ext for ext in IMAGE_EXTS if ext in raw), None)
-    if image is None:
-        raise SkipSample(f"no image member in sample {raw.get('__key__')} of {raw.get('__url__')}",
-                         reason="missing_image")
-    d = decode_sample(raw, only=(image, "txt", "json", "cls"))
-    meta = d.get("json") if isinstance(d.get("json"), dict) else {}
-    caption = d.get("txt", meta.get("caption", ""))
-    label = meta.get("label", d.get("cls", -1))
-    if not isinstance(label, int) or isinstance(label, bool):
-        label = -1
-    return {"pixels": to_tensor(d[image]), "caption": caption if isinstance(caption, str) else "",
-            "label": label}
+def collate(rows: list[dict]) -> dict:
+    """Items -> batch: tensors stacked, ints as long tensors, the rest as lists."""
+    out: dict = {}
+    names = {"key": "keys", "url": "urls", "epoch": "epochs", "caption": "captions", "label": "labels"}
+    for k in rows[0]:
+        if k in ("ptr", "bucket"):
+            continue
+        vals = [r[k] for r in rows]
+        name = names.get(k, k)
+        if isinstance(vals[0], torch.Tensor):
+            out[name] = torch.stack(vals)
+        elif isinstance(vals[0], int) and not isinstance(vals[0], bool):
+            out[name] = torch.tensor(vals, dtype=torch.long)
+        else:
+            out[name] = vals
+    return out
 
 
 def _ignore_sigterm(_worker_id: int) -> None:
@@ -167,16 +173,16 @@ def _ignore_sigterm(_worker_id: int) -> None:
 class ShardLoader:
     """This rank's slice of the global batch stream; iterate for batches forever.
 
-    A batch is ``{"pixels": float [b, C, H, W] in [-1, 1], "captions": list[str],
-    "labels": long [b] (json "label", else cls, else -1), "keys": list[str],
-    "index": long [b] (global slot index), "position": {"epoch", "batch_in_epoch", "g"}}``
-    with ``b <= batch_size / world`` (bad samples are dropped, see the module docstring).
-
-    Each ``iter(loader)`` starts fresh workers at ``state_dict()``; keep one iterator per run.
+    A batch is ``{"pixels": float [b, C, H, W] (video: [b, T, C, H, W]) in [-1, 1],
+    "captions": list[str], "labels": long [b] (json "label", else cls, else -1), "keys", "urls":
+    list[str], "epochs": long [b], "index": long [b] (global slot g*B + i, the key of per-sample
+    randomness), "position": {"g"}}`` with ``b = batch_size / world``.
     """
 
     def __init__(self, spec, batch_size: int, rank: int = 0, world: int = 1, num_workers: int = 0,
-                 seed: int = 0, channels: int = 3, image_size: int = 32, prefetch_factor: int = 2):
+                 seed: int = 0, decoder: SampleDecoder | None = None, shuffle_buffer: int = 0,
+                 resampled: bool = False, streams: int = 0, max_skip_rate: float = 0.5,
+                 prefetch_factor: int = 2, channels: int = 3, image_size: int = 32, groups: int = 0):
         if batch_size <= 0 or world <= 0 or batch_size % world:
             raise ValueError(f"config key 'data.batch_size' = {batch_size} must be a positive "
                              f"multiple of the data-parallel world size {world}")
@@ -184,46 +190,124 @@ class ShardLoader:
             raise ValueError(f"rank {rank} is outside the data-parallel world of {world}")
         if num_workers < 0:
             raise ValueError(f"config key 'data.num_workers' must be >= 0, got {num_workers}")
-        image_transform(channels, image_size)  # validates channels early
-        self.shards = expand_spec(spec)
-        self.batch_size, self.rank, self.world = batch_size, rank, world
-        self.num_workers, self.seed, self.prefetch_factor = num_workers, seed, prefetch_factor
-        self.channels, self.image_size = channels, image_size
+        if shuffle_buffer < 0:
+            raise ValueError(f"config key 'data.shuffle_buffer' must be >= 0, got {shuffle_buffer}")
+        if not 0.0 < max_skip_rate <= 1.0:
+            raise ValueError(f"config key 'data.max_skip_rate' must be in (0, 1], got {max_skip_rate}")
+        self.sources = parse_spec(spec)
+        self.decoder = decoder or SampleDecoder(channels=channels, buckets=[(image_size, image_size)])
+        self.buckets = self.decoder.buckets
+        self.B, self.rank, self.world, self.num_workers = batch_size, rank, world, num_workers
+        self.seed, self.shuffle_buffer, self.resampled = seed, shuffle_buffer, resampled
+        self.max_skip_rate, self.prefetch_factor = max_skip_rate, prefetch_factor
         self.skipped: dict[str, int] = {}
-        self._state = {"epoch": 0, "batch_in_epoch": 0, "g": 0}
+        self.good = 0
+        if groups and groups % max(1, num_workers):
+            raise ValueError(f"{groups} stream groups cannot be split over {num_workers} workers")
+        self._set_layout(groups or max(1, num_workers), streams or world)
+        self._g = 0
+        self._states = {s: self._fresh(s) for s in self._own()}
+        self._snaps: collections.OrderedDict[int, dict] = collections.OrderedDict()
 
     @classmethod
-    def from_config(cls, data_cfg, rank: int, world: int, seed: int) -> "ShardLoader":
+    def from_config(cls, d, rank: int, world: int, seed: int) -> "ShardLoader":
         """Build from a :class:`difftrain.config.DataConfig`."""
-        return cls(data_cfg.train, data_cfg.batch_size, rank, world, data_cfg.num_workers, seed,
-                   data_cfg.channels, data_cfg.image_size)
+        decoder = SampleDecoder(d.kind, d.channels, parse_buckets(d.buckets, d.image_size), d.crop, d.flip,
+                                d.min_image_size, d.require_caption, d.filters, d.frames, d.frame_stride, d.fps)
+        return cls(d.train, d.batch_size, rank, world, d.num_workers, seed, decoder, d.shuffle_buffer,
+                   d.resampled, d.streams, d.max_skip_rate)
 
-    def shard_order(self, epoch: int) -> list[str]:
-        return shard_order(self.shards, self.seed, epoch)
+    # ------------------------------------------------------------------------------ layout
+    def _set_layout(self, K: int, P: int) -> None:
+        W = self.world
+        if P % W or self.B % P:
+            raise ValueError(f"config key 'data.streams' = {P} must be a multiple of the data-parallel world "
+                             f"size {W} and divide data.batch_size = {self.B}")
+        if len(self.buckets) > 1 and P != W:
+            raise ValueError(f"config key 'data.buckets' needs one stream per rank: data.streams = {P} "
+                             f"must equal the data-parallel world size {W}")
+        self.K, self.P, self.m = K, P, self.B // P
+        self.lo, self.hi = self.rank * P // W, (self.rank + 1) * P // W
 
-    def state_dict(self) -> dict:
-        return dict(self._state)
+    def _own(self) -> list[int]:
+        return [k * self.P + p for k in range(self.K) for p in range(self.lo, self.hi)]
 
-    def load_state_dict(self, sd: dict) -> None:
-        missing = [k for k in STATE_KEYS if k not in sd]
-        if missing:
-            raise ValueError(f"data loader state lacks {missing}; got {sd!r}")
-        state = {k: int(sd[k]) for k in STATE_KEYS}
-        if any(v < 0 for v in state.values()) or state["batch_in_epoch"] > state["g"]:
-            raise ValueError(f"invalid data loader state {sd!r}")
-        self._state = state
+    def _fresh(self, s: int) -> dict:
+        return {"stream": initial_state(s, self.K * self.P, len(self.sources)), "pool": []}
 
+    def exact_resume(self, layout) -> bool:
+        K, P = layout
+        return K % max(1, self.num_workers) == 0 and P % self.world == 0 and self.B % P == 0 and (
+            len(self.buckets) == 1 or P == self.world)
+
+    # ------------------------------------------------------------------------------ state
+    def state_dict(self, g: int | None = None) -> dict:
+        """The position before global batch ``g`` (default: the next one this iterator yields)."""
+        if g is not None and g != self._g:
+            if g not in self._snaps:
+                raise ValueError(f"no loader state kept for batch {g} (next is {self._g})")
+            return self._snaps[g]
+        return {"layout": [self.K, self.P], "g": self._g, "streams": {str(s): v for s, v in self._states.items()},
+                "sources": [len(s.urls) for s in self.sources]}
+
+    def load_state_dict(self, sds: dict | list[dict]) -> None:
+        """Restore from the state dicts of every rank of the saving run (one dict: a single rank)."""
+        sds = [sds] if isinstance(sds, dict) else list(sds)
+        gs = {int(sd["g"]) for sd in sds}
+        layouts = {tuple(sd["layout"]) for sd in sds}
+        if len(gs) != 1 or len(layouts) != 1:
+            raise ValueError(f"data loader states disagree across ranks (g {sorted(gs)}, layouts {sorted(layouts)})")
+        nsrc = [len(s.urls) for s in self.sources]
+        if any(sd.get("sources", nsrc) != nsrc for sd in sds):
+            raise ValueError(f"data loader state was saved for sources with {sds[0].get('sources')} shards; "
+                             f"data.train now has {nsrc}: resume needs the same shard spec")
+        every = {int(s): v for sd in sds for s, v in sd["streams"].items()}
+        (K, P), = layouts
+        if len(every) != K * P:
+            raise ValueError(f"data loader state covers {len(every)} of {K * P} streams: need every rank's state")
+        self._g = gs.pop()
+        if self.exact_resume((K, P)):
+            self._set_layout(K, P)
+            self._states = {s: every[s] for s in self._own()}
+        else:
+            log.warning("data: resuming the layout of %d x %d streams on %d rank(s) x %d worker(s) is not exact: "
+                        "the epoch continues without repeats, in a different order", K, P, self.world,
+                        max(1, self.num_workers))
+            self._set_layout(max(1, self.num_workers), self.world)
+            old = [every[s]["stream"] for s in sorted(every)]
+            for st, s in zip(old, sorted(every)):  # bucket pools go back through the buffer
+                st["buf"] += [p[1:] for p in every[s]["pool"]]
+            new = relayout(old, self.K * self.P)
+            self._states = {s: {"stream": new[s], "pool": []} for s in self._own()}
+        self._snaps.clear()
+
+    # ------------------------------------------------------------------------------ iterate
     def __iter__(self) -> Iterator[dict]:
-        stream = _Stream(self.shards, self.batch_size, self.rank, self.world, self.seed,
-                         self.channels, self.image_size, self._state)
         nw = self.num_workers
-        loader = DataLoader(stream, batch_size=None, num_workers=nw, persistent_workers=nw > 0,
-                            prefetch_factor=self.prefetch_factor if nw > 0 else None,
+        loader = DataLoader(_Worker(self, self._g, dict(self._states)), batch_size=None, num_workers=nw,
+                            persistent_workers=nw > 0, prefetch_factor=self.prefetch_factor if nw > 0 else None,
                             worker_init_fn=_ignore_sigterm if nw > 0 else None)
         for batch in loader:
-            for reason, count in batch.pop("skipped").items():
-                self.skipped[reason] = self.skipped.get(reason, 0) + count
-            p = batch["position"] = {k: int(v) for k, v in batch["position"].items()}
-            self._state = {"epoch": p["epoch"], "batch_in_epoch": p["batch_in_epoch"] + 1,
-                           "g": p["g"] + 1}
+            g = batch["position"]["g"] = int(batch["position"]["g"])
+            self._snaps[g] = self.state_dict()
+            while len(self._snaps) > 4:
+                self._snaps.popitem(last=False)
+            self._states.update(batch.pop("states"))
+            self._g = g + 1
+            self._account(batch.pop("skipped"), int(batch.pop("good")))
             yield batch
+
+    def counts(self) -> dict[str, int]:
+        """Running totals on this rank: ``good`` and ``skipped/<reason>``."""
+        return {"good": self.good, **{f"skipped/{k}": v for k, v in self.skipped.items()}}
+
+    def _account(self, skipped: dict, good: int) -> None:
+        for reason, count in skipped.items():
+            self.skipped[reason] = self.skipped.get(reason, 0) + count
+        self.good += good
+        broken = sum(v for k, v in self.skipped.items() if _is_fault(k))
+        seen = broken + self.good
+        if seen >= MIN_SEEN and broken > self.max_skip_rate * seen:
+            top = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items(), key=lambda kv: -kv[1]))
+            raise DataError(f"data.max_skip_rate={self.max_skip_rate} exceeded on rank {self.rank}: {broken} of "
+                            f"{seen} samples were broken ({top}); check data.train")

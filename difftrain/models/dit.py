@@ -15,6 +15,7 @@ takes only tensors ``(x, mod, text, text_mask)`` so a pipeline partitioner can c
     out = model.final(x, c, grid=x_t.shape[-2:])
 
 Build on the meta device, then ``to_empty`` + ``init_weights()`` (``registry.materialize`` does both).
+The video form (``dit_video.VideoDiT``, ``model.frames > 0``) subclasses ``DiT`` through its ``make_*`` factories.
 """
 from __future__ import annotations
 
@@ -202,14 +203,16 @@ class DiTBlock(nn.Module):
         else:
             self.scale_shift_table = nn.Parameter(torch.empty(6, dim))
 
+    def mod_params(self, mod: torch.Tensor) -> torch.Tensor:
+        """(shift1, scale1, gate1, shift2, scale2, gate2) as [B, 6, D] from c [B, D] or t0 [B, 6D]."""
+        B, D = mod.shape[0], self.norm1.normalized_shape[0]
+        if self.modulation == "zero":
+            return self.adaLN(mod).view(B, 6, D)  # [B, 6, D]
+        return self.scale_shift_table[None] + mod.view(B, 6, D)  # [B, 6, D]
+
     def forward(self, x: torch.Tensor, mod: torch.Tensor, text: torch.Tensor | None = None,
                 text_mask: torch.Tensor | None = None) -> torch.Tensor:
-        B, _, D = x.shape
-        if self.modulation == "zero":
-            m = self.adaLN(mod).view(B, 6, D)  # [B, 6, D]
-        else:
-            m = self.scale_shift_table[None] + mod.view(B, 6, D)  # [B, 6, D]
-        shift1, scale1, gate1, shift2, scale2, gate2 = m.chunk(6, dim=1)  # each [B, 1, D]
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.mod_params(mod).chunk(6, dim=1)  # each [B, 1, D]
         x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1))  # [B, N, D]
         if self.cross_attn is not None:
             x = x + self.cross_attn(x, text, text_mask)  # [B, N, D]
@@ -252,7 +255,7 @@ class DiT(nn.Module):
         super().__init__()
         self.config = config
         D, mod = config.hidden_size, config.mod_type
-        self.patch_embed = nn.Conv2d(config.in_channels, D, config.patch_size, stride=config.patch_size)
+        self.patch_embed = self.make_patch_embed()
         self.t_embed = TimestepEmbedder(D, config.t_freq_shift)
         self.y_embed = nn.Embedding(config.num_classes + 1, D) if config.num_classes > 0 else None
         self.text_embed = None
@@ -260,13 +263,23 @@ class DiT(nn.Module):
             self.text_embed = nn.Sequential(nn.Linear(config.text_dim, D), nn.GELU(approximate="tanh"),
                                             nn.Linear(D, D))
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D)) if mod == "single" else None
-        self.blocks = nn.ModuleList(
-            DiTBlock(D, config.num_heads, config.mlp_ratio, mod, cross=config.text_dim > 0)
-            for _ in range(config.depth)
-        )
-        self.final_layer = FinalLayer(D, config.patch_size, config.out_ch, mod)
+        self.blocks = nn.ModuleList(self.make_block() for _ in range(config.depth))
+        self.final_layer = self.make_final_layer()
         if self.patch_embed.weight.device.type != "meta":
             self.init_weights()  # built directly on a real device: usable at once; on meta, materialize() does it
+
+    # module factories, in construction order (a subclass such as the video DiT swaps these three)
+    def make_patch_embed(self) -> nn.Module:
+        cfg = self.config
+        return nn.Conv2d(cfg.in_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
+
+    def make_block(self) -> nn.Module:
+        cfg = self.config
+        return DiTBlock(cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio, cfg.mod_type, cross=cfg.text_dim > 0)
+
+    def make_final_layer(self) -> nn.Module:
+        cfg = self.config
+        return FinalLayer(cfg.hidden_size, cfg.patch_size, cfg.out_ch, cfg.mod_type)
 
     # ------------------------------------------------------------------ initialisation
     @torch.no_grad()
@@ -324,6 +337,12 @@ class DiT(nn.Module):
             raise ValueError(f"DiT input {H}x{W} is not divisible by patch_size={p}")
         x = self.patch_embed(x_t).flatten(2).transpose(1, 2)  # [B, N, D], N = (H/p)(W/p)
         x = (x + self.pos_embed(H // p, W // p, x.device)[None]).to(x.dtype)  # [B, N, D]
+        return (x, *self.condition(t, cond))
+
+    def condition(self, t: torch.Tensor, cond: dict):
+        """-> (c [B, D], mod (c or t0 [B, 6D]), text [B, L, D] | None, text_mask [B, L] | None): one conditioning
+        vector per sample, whatever the number of tokens."""
+        cfg = self.config
         c = self.t_embed(t)  # [B, D]
         if self.y_embed is not None:
             if cond.get("class_labels") is None:
@@ -340,7 +359,7 @@ class DiT(nn.Module):
             text_mask = cond["text_mask"].bool()  # [B, L]
             # a caption with no real token attends to all positions (as diffusers' -10000 bias does) instead of NaN
             text_mask = text_mask | ~text_mask.any(dim=-1, keepdim=True)  # [B, L]
-        return x, c, mod, text, text_mask
+        return c, mod, text, text_mask
 
     def final(self, x: torch.Tensor, c: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Final layer + unpatchify: [B, N, D] -> [B, C_out, H, W] for an input of spatial size ``grid`` = (H, W)."""

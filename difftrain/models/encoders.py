@@ -139,6 +139,7 @@ class VAE(_Frozen):
 
     ``encode``: pixels in [-1, 1] -> latents ``(z - shift_factor) * scaling_factor``;
     ``decode``: the inverse scaling, then the decoder.
+    Video [B, T, C, H, W] is coded frame by frame (an image VAE: no temporal compression).
     """
 
     def __init__(self, vae: nn.Module):
@@ -170,20 +171,33 @@ class VAE(_Frozen):
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
-        """[B, C, H, W] in [-1, 1] -> [B, latent_channels, H/f, W/f]; posterior mean unless ``sample``."""
+        """[B, C, H, W] in [-1, 1] -> [B, latent_channels, H/f, W/f]; posterior mean unless ``sample``.
+        Video [B, T, C, H, W] -> [B, T, latent_channels, H/f, W/f]."""
+        if pixels.ndim == 5:
+            return _per_frame(lambda x: self.encode(x, sample, generator), pixels)
         dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
         z = dist.sample(generator=generator) if sample else dist.mean
         return ((z - self.shift_factor) * self.scaling_factor).float()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> pixels (roughly [-1, 1]; not clamped)."""
+        """Latents -> pixels (roughly [-1, 1]; not clamped); [B, T, c, h, w] latents decode frame by frame."""
+        if latents.ndim == 5:
+            return _per_frame(self.decode, latents)
         z = latents / self.scaling_factor + self.shift_factor
         return self.vae.decode(z.to(self.vae.dtype)).sample.float()
 
 
+def _per_frame(fn, video: torch.Tensor) -> torch.Tensor:
+    """Apply an image map [N, C, H, W] -> [N, C', H', W'] to every frame of [B, T, C, H, W] (as one B*T batch)."""
+    B, T = video.shape[:2]
+    out = fn(video.flatten(0, 1))  # [B*T, C', H', W']
+    return out.reshape(B, T, *out.shape[1:])  # [B, T, C', H', W']
+
+
 class PixelSpace(_Frozen):
-    """The identity latent space (no VAE configured): same interface as :class:`VAE`, factor 1."""
+    """The identity latent space (no VAE configured): same interface as :class:`VAE`, factor 1; any shape
+    (images [B, C, H, W] or video [B, T, C, H, W]) passes through."""
 
     def __init__(self, channels: int = 3):
         super().__init__()

@@ -4,6 +4,9 @@ Every architecture class has a ``config_class`` dataclass (accepting at least ``
 ``in_channels``, ``num_classes`` and ``text_dim``), is built as ``cls(config)``, exposes its trunk
 as ``self.blocks`` (an ``nn.ModuleList``), does all initialisation in ``init_weights()`` and is called
 ``model(x_t, t, cond)`` with continuous ``t`` in [0, 1] (1 = noise).
+
+Video models share the image names: ``model.frames > 0`` selects the architecture's video form
+(``VIDEO_FORMS``), e.g. ``model.name=DiT-T/2 model.frames=8 model.attention=factorized``.
 """
 from __future__ import annotations
 
@@ -19,8 +22,10 @@ from difftrain.config import ConfigError, ModelConfig
 
 ARCHS = {
     "dit": "difftrain.models.dit:DiT",
+    "dit_video": "difftrain.models.dit_video:VideoDiT",
     "unet": "difftrain.models.unet:UNet",
 }
+VIDEO_FORMS = {"dit": "dit_video"}  # image architecture -> its video form (model.frames > 0)
 
 # DiT sizes (Peebles & Xie 2023, Table 1) x patch 2/4/8, plus a tiny one for CPU demos and tests.
 _DIT_SIZES = {
@@ -51,20 +56,38 @@ def arch_config(mcfg: ModelConfig, text_dim: int = 0):
     if mcfg.name not in MODELS:
         raise ConfigError(f"config key 'model.name' = {mcfg.name!r} is not one of: {', '.join(MODELS)}")
     arch, kwargs = MODELS[mcfg.name]
-    cls = arch_class(arch)
-    ccls = cls.config_class
-    kwargs = dict(kwargs)
-    valid = {f.name for f in dataclasses.fields(ccls)}
-    for k, v in mcfg.args.items():
-        if k not in valid:
-            raise ConfigError(f"unknown config key 'model.args.{k}' for {arch}; valid: {', '.join(sorted(valid))}")
-        kwargs[k] = v
-    kwargs.update(
+    section = dict(  # set from the model section (and the text encoder), never from model.args
         image_size=mcfg.image_size,
         in_channels=mcfg.in_channels,
         num_classes=mcfg.num_classes if mcfg.cond == "class" else 0,
         text_dim=text_dim if mcfg.cond == "text" else 0,
     )
+    if mcfg.frames < 0:
+        raise ConfigError(f"config key 'model.frames' = {mcfg.frames} must be >= 0 (0 = image model)")
+    if mcfg.frames > 0:
+        if arch not in VIDEO_FORMS:
+            video = [n for n, (a, _) in MODELS.items() if a in VIDEO_FORMS]
+            raise ConfigError(f"config key 'model.frames' = {mcfg.frames}: model '{mcfg.name}' has no video form; "
+                              f"video models: {', '.join(video)}")
+        arch = VIDEO_FORMS[arch]
+        section.update(frames=mcfg.frames, temporal_patch=mcfg.temporal_patch, attention=mcfg.attention)
+    else:
+        for key, image_value in (("temporal_patch", 1), ("attention", "full")):
+            if getattr(mcfg, key) != image_value:
+                raise ConfigError(f"config key 'model.{key}' = {getattr(mcfg, key)!r} applies to video models only "
+                                  "(set model.frames > 0)")
+    ccls = arch_class(arch).config_class
+    kwargs = dict(kwargs)
+    valid = {f.name for f in dataclasses.fields(ccls)}
+    for k, v in mcfg.args.items():
+        if k in section:
+            raise ConfigError(f"config key 'model.args.{k}' is set from the model section "
+                              f"({'the text encoder' if k == 'text_dim' else f'model.{k}'}); remove it from model.args")
+        if k not in valid:
+            raise ConfigError(f"unknown config key 'model.args.{k}' for {arch}; "
+                              f"valid: {', '.join(sorted(valid - section.keys()))}")
+        kwargs[k] = v
+    kwargs.update(section)
     return arch, ccls(**kwargs)
 
 

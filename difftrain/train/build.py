@@ -57,7 +57,7 @@ def load_weights_only(model: nn.Module, path: str) -> None:
     try:
         if "_difftrain_arch" in meta:
             arch = meta["_difftrain_arch"]
-            if not isinstance(model, registry.arch_class(arch)):
+            if type(model) is not registry.arch_class(arch):  # exact: a video DiT is a DiT subclass
                 raise ValueError(f"it holds a '{arch}' model, but the run builds a {type(model).__name__}")
             if not (p / "model.safetensors").is_file():
                 raise ValueError("it has no model.safetensors")

@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 MARKER = "COMPLETE"
 STATE_FILE = "train_state.json"
+RANKS_DIR = "ranks"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -121,8 +122,10 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
 
 
 # ------------------------------------------------------------------------------ save / load
-def save(ckpt_root: Path, step: int, tensors: dict, train_state: dict, keep_last: int) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint directory."""
+def save(ckpt_root: Path, step: int, tensors: dict, train_state: dict, keep_last: int,
+         rank_state: dict | None = None) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint directory. ``rank_state`` (JSON-able,
+    e.g. this rank's data-loader streams) goes to ``ranks/RANK.json``, read back by :func:`read_rank_states`."""
     d = step_dir(ckpt_root, step)
     rank = dist.get_rank()
     if rank == 0:
@@ -131,6 +134,9 @@ def save(ckpt_root: Path, step: int, tensors: dict, train_state: dict, keep_last
         d.mkdir(parents=True)
     dist.barrier()
     dcp.save(tensors, storage_writer=_FaultyWriter(d, fault("kill_in_save", step)))
+    if rank_state is not None:
+        (d / RANKS_DIR).mkdir(exist_ok=True)
+        (d / RANKS_DIR / f"{rank:05d}.json").write_text(json.dumps(rank_state))
     dist.barrier()
     if rank == 0:
         (d / STATE_FILE).write_text(json.dumps(train_state, indent=1))
@@ -164,3 +170,8 @@ def load(ckpt_dir: Path, tensors: dict) -> dict:
 
 def read_train_state(ckpt_dir: Path) -> dict:
     return json.loads((ckpt_dir / STATE_FILE).read_text())
+
+
+def read_rank_states(ckpt_dir: Path) -> list[dict]:
+    """Every saving rank's ``rank_state``, in rank order (plain JSON: nothing is unpickled)."""
+    return [json.loads(f.read_text()) for f in sorted((ckpt_dir / RANKS_DIR).glob("*.json"))]

@@ -52,8 +52,10 @@ class Metrics:
     def add_data_time(self, seconds: float) -> None:
         self.times["data"] += seconds
 
-    def log(self, step: int, lr: float, batch_size: int) -> dict:
-        """Collective over the dp ranks: one all-reduce and one host sync per interval."""
+    def log(self, step: int, lr: float, batch_size: int, data_counts: dict | None = None) -> dict:
+        """Collective over the dp ranks: one all-reduce and one host sync per interval (plus, with
+        ``data_counts`` (this rank's running totals: good samples, skips per reason), one
+        all_gather_object to sum them: ``data/good``, ``data/skipped/<reason>``)."""
         packed = torch.cat([self.bin_sum, self.bin_cnt])
         dist.all_reduce(packed, group=self.group)
         bins, cnt = packed[:T_BINS].tolist(), packed[T_BINS:].tolist()
@@ -69,6 +71,12 @@ class Metrics:
         }
         out.update({f"loss_by_t/{i / T_BINS:.1f}-{(i + 1) / T_BINS:.1f}": s / c
                     for i, (s, c) in enumerate(zip(bins, cnt)) if c > 0})
+        if data_counts is not None:
+            every = [None] * dist.get_world_size(self.group)
+            dist.all_gather_object(every, data_counts, group=self.group)
+            for counts in every:
+                for k, v in counts.items():
+                    out[f"data/{k}"] = out.get(f"data/{k}", 0) + v
         if self.writer is not None:
             for k, v in out.items():
                 self.writer.add_scalar(k, v, step)

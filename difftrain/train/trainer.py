@@ -70,12 +70,15 @@ class Trainer:
         module = build_backbone(cfg, self.arch, self.acfg, self.device)
         self.engine = TorchEngine(module, self.meshes, cfg.parallel, cfg.optim, self.device, cfg.run.steps)
         self.diffusion = build_diffusion(cfg.diffusion)
-        self.conditioner = Conditioner(cfg, text, self.device)
+        null_text = None
+        if cfg.data.kind == "latent":  # pre-encoded shards: check their encoders match this run's
+            from difftrain.data.latents import load_latent_data
+
+            null_text = load_latent_data(cfg, text, vae).null_text
+        self.conditioner = Conditioner(cfg, text, self.device, null_text=null_text)
         self.vae = vae
         self.stage = STAGES[cfg.stage](cfg, module, self.diffusion, self.conditioner, vae, self.device)
-        self.loader = ShardLoader(cfg.data.train, cfg.data.batch_size, rank=self.dp_rank, world=self.dp,
-                                  num_workers=cfg.data.num_workers, seed=cfg.run.seed,
-                                  channels=cfg.data.channels, image_size=cfg.data.image_size)
+        self.loader = ShardLoader.from_config(cfg.data, rank=self.dp_rank, world=self.dp, seed=cfg.run.seed)
         self.callbacks = list(callbacks or [])
         self.step = 0
         self._data = None
@@ -94,10 +97,11 @@ class Trainer:
 
     def save(self) -> Path:
         # The look-ahead batch is fetched but not trained on: resume must start with it.
-        data_pos = dict(self._data.peek()["position"]) if self._data is not None else self.loader.state_dict()
-        state = {"step": self.step, "data": data_pos, "world_size": self.world,
+        data = self.loader.state_dict(self._data.peek()["position"]["g"] if self._data is not None else None)
+        state = {"step": self.step, "data_g": data["g"], "world_size": self.world,
                  "config_hash": getattr(self, "config_hash", None)}
-        return ckpt.save(self.ckpt_root, self.step, self._tensors(), state, self.cfg.run.keep_last)
+        return ckpt.save(self.ckpt_root, self.step, self._tensors(), state, self.cfg.run.keep_last,
+                         rank_state={"data": data})
 
     def maybe_resume(self) -> bool:
         last = ckpt.latest_checkpoint(self.ckpt_root)
@@ -108,7 +112,10 @@ class Trainer:
         self.step = state["step"]
         self.engine.load_state_dict(tensors, self.step)
         torch.set_rng_state(tensors["rng"]["cpu"])
-        self.loader.load_state_dict(state["data"])
+        try:
+            self.loader.load_state_dict([r["data"] for r in ckpt.read_rank_states(last)])
+        except ValueError as e:
+            raise ConfigError(f"checkpoint {last}: {e}") from None
         if self.rank == 0:
             print(f"resumed from {last} (step {self.step}, saved by {state['world_size']} ranks)", flush=True)
         return True
@@ -162,7 +169,8 @@ class Trainer:
                     os.kill(os.getpid(), signal.SIGKILL)
                 is_log = self.step % cfg.run.log_every == 0 or self.step == cfg.run.steps
                 if is_log:
-                    last_log = self.metrics.log(self.step, lr=self.engine.lr(), batch_size=cfg.data.batch_size)
+                    last_log = self.metrics.log(self.step, lr=self.engine.lr(), batch_size=cfg.data.batch_size,
+                                                data_counts=self.loader.counts())
                 for cb in self.callbacks:
                     cb.on_step_end(self, self.step)
                 stop = is_log and self._agree_to_stop()

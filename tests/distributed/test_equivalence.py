@@ -15,7 +15,7 @@ from tests.conftest import torchrun
 
 COMMON = "run.steps=5 run.log_every=1 run.ckpt_every=0 run.progress=false data.batch_size=8 " \
          "data.num_workers=0 data.channels=1 data.image_size=16 model.image_size=16 model.in_channels=1 " \
-         "optim.lr=1e-3 optim.eps=1e-6 optim.warmup_steps=2 data.caption_dropout=0.3"
+         "optim.lr=1e-3 optim.eps=1e-6 optim.warmup_steps=2 data.caption_dropout=0.3 data.streams=4"
 MODELS = {
     "dit": "model.name=DiT-T/2 model.cond=text encoders.text=minilm encoders.text_max_length=8 "
            "model.args.depth=2 model.args.hidden_size=64 model.args.num_heads=4",

@@ -43,8 +43,9 @@ def test_loss_falls_and_tensorboard_has_scalars(demo_run):
     acc = EventAccumulator(str(demo_run / "run" / "tb"))
     acc.Reload()
     tags = acc.Tags()["scalars"]
-    for tag in ("loss", "grad_norm", "lr", "samples_per_s", "time/data", "time/fwd_bwd", "time/optim"):
+    for tag in ("loss", "grad_norm", "lr", "samples_per_s", "time/data", "time/fwd_bwd", "time/optim", "data/good"):
         assert tag in tags, tags
+    assert acc.Scalars("data/good")[-1].value == 32 * (STEPS + 1)  # the look-ahead batch is counted too
     assert any(t.startswith("loss_by_t/") for t in tags)
     assert "samples/ema" in acc.Tags()["images"]
     losses = [e.value for e in acc.Scalars("loss")]
@@ -95,3 +96,17 @@ def test_config_error_is_one_line_before_any_process_group(tmp_path):
         "difftrain: error: unknown config key 'optim.lrr'; valid keys in 'optim': lr, betas, weight_decay, eps, "
         "warmup_steps, schedule, min_lr_ratio, grad_clip, grad_accum, ema_decay"]
     assert not any(tmp_path.iterdir())
+
+
+def test_video_demo_trains_under_torchrun(tmp_path):
+    """data demo --video -> configs/demo_video.yaml (factorized video DiT, PyAV decoding) on 2 gloo ranks."""
+    pytest.importorskip("av")
+    p = run_cmd([sys.executable, "-m", "difftrain", "data", "demo", "--video", "--out", str(tmp_path / "clips")])
+    spec = json.loads(p.stdout)["train"]
+    assert spec == str(tmp_path / "clips" / "train" / "{00000..00003}.tar")  # what configs/demo_video.yaml names
+    run = tmp_path / "run"
+    torchrun(2, ["-m", "difftrain", "train", "configs/demo_video.yaml", f"run.dir={run}", f"data.train={spec}",
+                 "run.steps=4", "run.log_every=2", "run.ckpt_every=0", "run.sample_every=4", "run.sample_num=2",
+                 "run.sample_steps=2", "data.batch_size=8"])
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000004"
+    assert (run / "samples" / "step_00000004.png").is_file()

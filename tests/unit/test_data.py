@@ -12,11 +12,11 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from difftrain.data.decode import SkipSample, decode_member, decode_sample, image_transform
+from difftrain.data.decode import SkipSample, decode_member, decode_sample
 from difftrain.data.demo import write_digits
-from difftrain.data.loader import ShardLoader, expand_spec
+from difftrain.data.loader import ShardLoader
+from difftrain.data.spec import parse_spec
 
-B = 64  # train split: 270 samples in 9 shards of <= 32 -> 4 global batches per epoch
 
 
 @pytest.fixture(scope="module")
@@ -28,20 +28,6 @@ def digits(tmp_path_factory):
 def take(loader, n):
     it = iter(loader)
     return [next(it) for _ in range(n)]
-
-
-def assert_same(a, b):
-    assert a["keys"] == b["keys"] and a["captions"] == b["captions"]
-    assert a["position"] == b["position"]
-    assert torch.equal(a["labels"], b["labels"]) and torch.equal(a["index"], b["index"])
-    assert torch.equal(a["pixels"], b["pixels"])
-
-
-def cat(parts):
-    return {"keys": sum((p["keys"] for p in parts), []),
-            "captions": sum((p["captions"] for p in parts), []),
-            "position": parts[0]["position"],
-            **{k: torch.cat([p[k] for p in parts]) for k in ("labels", "index", "pixels")}}
 
 
 def png_bytes(size=16, mode="L"):
@@ -65,7 +51,7 @@ def good(i):
 # ---------------------------------------------------------------------------------------- demo
 def test_write_digits_layout(digits):
     assert digits["num_train"] == 270 and digits["num_val"] == 1527
-    train, val = expand_spec(digits["train"]), expand_spec(digits["val"])
+    train, val = (list(parse_spec(digits[k])[0].urls) for k in ("train", "val"))
     assert len(train) == 9 and len(val) == 48 and train[0].endswith("train/00000.tar")
     keys = []
     for shard in train + val:
@@ -108,8 +94,9 @@ def test_decoder_refuses_pickle_and_never_unpickles(tmp_path):
         decode_sample(dict(evil, __url__="x.tar"))
 
     spec = write_tar(tmp_path / "evil.tar", [good(0), good(1), good(2), evil] + [good(i) for i in range(4, 8)])
-    batch = take(ShardLoader(spec, 8, channels=1, image_size=16), 1)[0]
-    assert "000000003" not in batch["keys"] and len(batch["keys"]) == 7
+    loader = ShardLoader(spec, 7, channels=1, image_size=16)
+    batch = take(loader, 1)[0]
+    assert "000000003" not in batch["keys"] and len(batch["keys"]) == 7 and loader.skipped == {"unsafe_member": 1}
     assert not marker.exists()
 
 
@@ -141,102 +128,18 @@ def test_decompression_bomb_guard(monkeypatch):
     assert err.value.reason == "too_large"
 
 
-def test_image_transform():
-    img = Image.new("RGB", (40, 20), (255, 0, 0))
-    x = image_transform(3, 16)(img)
-    assert x.shape == (3, 16, 16) and x.dtype == torch.float32
-    assert x[0].min() == 1.0 and x[1].max() == -1.0
-    assert image_transform(1, 8)(img).shape == (1, 8, 8)
-    with pytest.raises(ValueError, match="data.channels"):
-        image_transform(4, 8)
-
-
-# ------------------------------------------------------------------------------------- loader
-def test_batches_and_errors(digits):
-    b = take(ShardLoader(digits["train"], B, channels=1, image_size=16), 1)[0]
-    assert b["pixels"].shape == (B, 1, 16, 16) and b["pixels"].min() >= -1 and b["pixels"].max() <= 1
-    assert b["position"] == {"epoch": 0, "batch_in_epoch": 0, "g": 0}
-    assert b["index"].tolist() == list(range(B)) and b["labels"].dtype == torch.long
-    assert all(c == f"a handwritten digit {l}" for c, l in zip(b["captions"], b["labels"].tolist()))
-    from difftrain.config import DataConfig
-
-    cfg = DataConfig(train=digits["train"], batch_size=B, num_workers=0, channels=1, image_size=16)
-    assert_same(take(ShardLoader.from_config(cfg, rank=0, world=1, seed=0), 1)[0], b)
-    with pytest.raises(ValueError, match="data.batch_size"):
-        ShardLoader(digits["train"], 10, rank=0, world=4)
-    with pytest.raises(ValueError, match="data.batch_size"):
-        take(ShardLoader(digits["train"], 1024), 1)
-
-
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_world_size_independent(digits, num_workers):
-    kw = dict(num_workers=num_workers, seed=1, channels=1, image_size=16)
-    whole = take(ShardLoader(digits["train"], B, 0, 1, **kw), 5)  # crosses an epoch
-    ranks = [take(ShardLoader(digits["train"], B, r, 2, **kw), 5) for r in (0, 1)]
-    for g in range(5):
-        assert len(ranks[0][g]["keys"]) == B // 2
-        assert_same(cat([ranks[0][g], ranks[1][g]]), whole[g])
-
-
-def test_resume_exact_across_epoch_and_world(digits):
-    kw = dict(seed=2, channels=1, image_size=16)
-    ref = take(ShardLoader(digits["train"], B, **kw), 7)
-    assert [b["position"]["epoch"] for b in ref] == [0, 0, 0, 0, 1, 1, 1]
-
-    first = ShardLoader(digits["train"], B, num_workers=2, **kw)  # prefetches ahead
-    take(first, 3)
-    sd = first.state_dict()
-    assert sd == {"epoch": 0, "batch_in_epoch": 3, "g": 3}
-    sd = json.loads(json.dumps(sd))
-    again = ShardLoader(digits["train"], B, **kw)
-    again.load_state_dict(sd)
-    for got, want in zip(take(again, 3), ref[3:6]):  # batches 4..6, over the epoch boundary
-        assert_same(got, want)
-
-    ranks = []  # resume a world-1 state on world 2, past the end of epoch 0
-    for r in (0, 1):
-        loader = ShardLoader(digits["train"], B, r, 2, **kw)
-        loader.load_state_dict({"epoch": 0, "batch_in_epoch": 4, "g": 4})
-        ranks.append(take(loader, 3))
-    for g in range(3):
-        assert_same(cat([ranks[0][g], ranks[1][g]]), ref[4 + g])
-
-
-def test_epoch_reshuffles_shards(digits):
-    loader = ShardLoader(digits["train"], B, seed=0, channels=1, image_size=16)
-    orders = [loader.shard_order(e) for e in range(3)]
-    assert orders[0] != orders[1] and sorted(orders[0]) == sorted(orders[1]) == loader.shards
-    batches = take(loader, 5)
-    for e, b in ((0, batches[0]), (1, batches[4])):
-        with tarfile.open(orders[e][0]) as tar:
-            assert b["keys"][0] == tar.getnames()[0].split(".")[0]
-
-
-def test_bad_samples_dropped_deterministically(tmp_path):
-    dotted = {"__key__": "a.1", "png": png_bytes(), "txt": b"dotted"}  # -> key "a", member "1.png"
-    broken = dict(good(5), png=b"\x89PNG not really")
-    samples = [good(0), good(1), dotted, good(3), good(4), broken, good(6), good(7)]
-    spec = write_tar(tmp_path / "bad.tar", samples)
-    loader = ShardLoader(spec, 8, channels=1, image_size=16)
-    whole = take(loader, 2)
-    assert loader.skipped == {"missing_image": 2, "decode_error": 2}
-    assert whole[0]["index"].tolist() == [0, 1, 3, 4, 6, 7]
-    ranks = [take(ShardLoader(spec, 8, r, 2, channels=1, image_size=16), 1)[0] for r in (0, 1)]
-    assert [len(r["keys"]) for r in ranks] == [3, 3]
-    assert_same(cat(ranks), whole[0])
-
-
-@pytest.mark.parametrize("channels, mode", [(1, "L"), (3, "RGB"), (3, "L")])
-def test_native_size_fast_path_equals_resize_path(channels, mode):
-    import numpy as np
-    import torch
-    from PIL import Image
+def test_image_transform_and_native_size_path():
     from torchvision.transforms import v2
 
-    from difftrain.data.decode import image_transform
+    from difftrain.data.images import ImageTransform, to_unit
 
-    img = Image.fromarray((np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8)).convert(mode)
-    general = v2.Compose([v2.ToImage(), v2.Resize(16, antialias=True), v2.CenterCrop(16),
-                          v2.ToDtype(torch.float32, scale=True)])
-    ref = general(img.convert("L" if channels == 1 else "RGB")) * 2.0 - 1.0
-    assert torch.equal(image_transform(channels, 16)(img), ref)
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    x = to_unit(ImageTransform(3)(img, (16, 16), None))
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32
+    assert x[0].min() == 1.0 and x[1].max() == -1.0
+    assert ImageTransform(1)(img, (8, 8), None).shape == (1, 8, 8)
+    with pytest.raises(ValueError, match="data.channels"):
+        ImageTransform(4)
+    rnd = Image.fromarray((np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8))
+    ref = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])(rnd) * 2.0 - 1.0
+    assert torch.equal(to_unit(ImageTransform(3)(rnd, (16, 16), None)), ref)  # native size: no resampling
