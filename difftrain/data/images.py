@@ -99,4 +99,4 @@ class ImageTransform:
             x = x[:, top:top + th, left:left + tw]
         if self.flip and rand("flip") < 0.5:
             x = x.flip(-1)
-        return x.contiguous()
+        return x  # a view when cropped: collate's stack copies it once

@@ -102,8 +102,8 @@ def _members(f, base: int) -> Iterator[tuple[int, str, Callable[[], bytes]]]:
             raise _Broken(f"no end-of-archive marker after byte {pos}" if not hdr else f"header cut short at byte {pos}")
         if hdr == b"\0" * 512:
             return
-        chk = _octal(hdr[148:156])
-        if chk != sum(hdr[:148]) + 256 + sum(hdr[156:]):  # the checksum field counts as 8 spaces
+        chk = hdr[148:156]
+        if _octal(chk) != sum(hdr) - sum(chk) + 256:  # the checksum field counts as 8 spaces
             raise _Broken(f"bad tar header checksum at byte {pos}")
         size = _octal(hdr[124:136])
         kind = hdr[156:157]
