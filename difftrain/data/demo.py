@@ -30,28 +30,33 @@ def _png(pixels: np.ndarray, image_size: int) -> bytes:
     return buf.getvalue()
 
 
-def _write_split(out: Path, name: str, images, labels, keys, image_size, shard_size, bar) -> str:
+def write_shards(folder: Path, samples, shard_size: int, bar) -> str:
+    """Write webdataset sample dicts into ``folder/00000.tar, 00001.tar, ...`` (``shard_size`` each,
+    fixed mtime so the tars are reproducible); returns the brace spec of the shards."""
     import webdataset as wds
 
-    folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
-    num_shards = max(1, -(-len(images) // shard_size))
-    for s in range(num_shards):
-        lo, hi = s * shard_size, min((s + 1) * shard_size, len(images))
-        with wds.TarWriter(str(folder / f"{s:05d}.tar"), encoder=False, mtime=0.0) as sink:
-            for img, label, key in zip(images[lo:hi], labels[lo:hi], keys[lo:hi]):
-                caption = f"a handwritten digit {int(label)}"
-                meta = {"label": int(label), "caption": caption, "width": image_size,
-                        "height": image_size, "key": key, "status": "success"}
-                sink.write({
-                    "__key__": key,
-                    "png": _png(img, image_size),
-                    "txt": caption.encode("utf-8"),
-                    "json": json.dumps(meta).encode("utf-8"),
-                })
-                bar.update(1)
-    last = num_shards - 1
-    return f"{out}/{name}/{{00000..{last:05d}}}.tar"
+    sink, last = None, 0
+    for n, sample in enumerate(samples):
+        if n % shard_size == 0:
+            if sink is not None:
+                sink.close()
+            last = n // shard_size
+            sink = wds.TarWriter(str(folder / f"{last:05d}.tar"), encoder=False, mtime=0.0)
+        sink.write(sample)
+        bar.update(1)
+    if sink is not None:
+        sink.close()
+    return f"{folder}/{{00000..{last:05d}}}.tar"
+
+
+def _digit_samples(images, labels, keys, image_size):
+    for img, label, key in zip(images, labels, keys):
+        caption = f"a handwritten digit {int(label)}"
+        meta = {"label": int(label), "caption": caption, "width": image_size,
+                "height": image_size, "key": key, "status": "success"}
+        yield {"__key__": key, "png": _png(img, image_size), "txt": caption.encode("utf-8"),
+               "json": json.dumps(meta).encode("utf-8")}
 
 
 def write_digits(out_dir, image_size: int = 16, shard_size: int = 256, val_fraction: float = 0.1,
@@ -75,8 +80,8 @@ def write_digits(out_dir, image_size: int = 16, shard_size: int = 256, val_fract
     num_val = int(round(len(order) * val_fraction))
     out = Path(out_dir)
     with tqdm(total=len(order), desc="digits", unit="img", disable=not progress) as bar:
-        val = _write_split(out, "val", images[:num_val], labels[:num_val], keys[:num_val],
-                           image_size, shard_size, bar) if num_val else ""
-        train = _write_split(out, "train", images[num_val:], labels[num_val:], keys[num_val:],
-                             image_size, shard_size, bar)
+        val = write_shards(out / "val", _digit_samples(images[:num_val], labels[:num_val], keys[:num_val], image_size),
+                           shard_size, bar) if num_val else ""
+        train = write_shards(out / "train", _digit_samples(images[num_val:], labels[num_val:], keys[num_val:],
+                                                           image_size), shard_size, bar)
     return {"train": train, "val": val, "num_train": len(order) - num_val, "num_val": num_val}

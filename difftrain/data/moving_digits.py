@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from difftrain.data.demo import write_shards
+
 DIRECTIONS = {  # name -> unit (dx, dy) in image coordinates (y grows downwards)
     "right": (1.0, 0.0), "left": (-1.0, 0.0), "down": (0.0, 1.0), "up": (0.0, -1.0),
     "down-right": (0.5 ** 0.5, 0.5 ** 0.5), "down-left": (-(0.5 ** 0.5), 0.5 ** 0.5),
@@ -109,36 +111,21 @@ def _clip(digit: np.ndarray, rng: np.random.Generator, frames: int, size: int) -
     return clip, name
 
 
-def _write_split(out: Path, name: str, keys: list[str], digits, frames: int, size: int, fps: int,
-                 seed: int, shard_size: int, bar) -> str:
-    import webdataset as wds
-
-    folder = out / name
-    folder.mkdir(parents=True, exist_ok=True)
-    num_shards = max(1, -(-len(keys) // shard_size))
+def _clip_samples(name: str, keys: list[str], digits, frames: int, size: int, fps: int, seed: int):
     d = max(8, size // 2)
-    for s in range(num_shards):
-        with wds.TarWriter(str(folder / f"{s:05d}.tar"), encoder=False, mtime=0.0) as sink:
-            for key in keys[s * shard_size:(s + 1) * shard_size]:
-                rng = np.random.default_rng([seed, int(key)])
-                i = int(rng.integers(len(digits.target)))
-                label = int(digits.target[i])
-                pixels = np.round(digits.images[i] * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
-                clip, direction = _clip(_digit_image(pixels, d), rng, frames, size)
-                caption = f"the digit {label} moving {direction}"
-                meta = {"key": key, "caption": caption, "status": "success",
-                        "url": f"synthetic://moving_digits/{name}/{key}.mp4",
-                        "duration": frames / fps, "fps": fps, "frames": frames, "width": size,
-                        "height": size, "label": label, "direction": direction}
-                sink.write({
-                    "__key__": key,
-                    "mp4": encode_video(clip, fps),
-                    "txt": caption.encode("utf-8"),
-                    "json": json.dumps(meta).encode("utf-8"),
-                })
-                bar.update(1)
-    last = num_shards - 1
-    return f"{out}/{name}/{{00000..{last:05d}}}.tar"
+    for key in keys:
+        rng = np.random.default_rng([seed, int(key)])
+        i = int(rng.integers(len(digits.target)))
+        label = int(digits.target[i])
+        pixels = np.round(digits.images[i] * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+        clip, direction = _clip(_digit_image(pixels, d), rng, frames, size)
+        caption = f"the digit {label} moving {direction}"
+        meta = {"key": key, "caption": caption, "status": "success",
+                "url": f"synthetic://moving_digits/{name}/{key}.mp4",
+                "duration": frames / fps, "fps": fps, "frames": frames, "width": size,
+                "height": size, "label": label, "direction": direction}
+        yield {"__key__": key, "mp4": encode_video(clip, fps), "txt": caption.encode("utf-8"),
+               "json": json.dumps(meta).encode("utf-8")}
 
 
 def write_moving_digits(out_dir, n_train: int = 256, n_val: int = 32, shard_size: int = 64,
@@ -163,8 +150,8 @@ def write_moving_digits(out_dir, n_train: int = 256, n_val: int = 32, shard_size
     digits = load_digits()
     keys = [f"{i:09d}" for i in range(n_val + n_train)]
     out = Path(out_dir)
-    args = (digits, frames, size, fps, seed, shard_size)
+    args = (digits, frames, size, fps, seed)
     with tqdm(total=len(keys), desc="moving digits", unit="clip", disable=not progress) as bar:
-        val = _write_split(out, "val", keys[:n_val], *args, bar) if n_val else ""
-        train = _write_split(out, "train", keys[n_val:], *args, bar)
+        val = write_shards(out / "val", _clip_samples("val", keys[:n_val], *args), shard_size, bar) if n_val else ""
+        train = write_shards(out / "train", _clip_samples("train", keys[n_val:], *args), shard_size, bar)
     return {"train": train, "val": val, "num_train": n_train, "num_val": n_val, "codec": video_codec()}

@@ -21,7 +21,6 @@ yields the complete samples before the break and then raises :class:`ShardError`
 """
 from __future__ import annotations
 
-import os
 from typing import Callable, Iterator
 
 END = -1  # next-offset of the last sample: the shard is finished
@@ -206,8 +205,3 @@ def fetch(pointers: list[tuple[str, int, int]]) -> list[dict]:
     if missing:
         raise ShardError(f"cannot read back buffered sample(s) {missing[:3]}", "shard_unreadable")
     return out  # type: ignore[return-value]
-
-
-def exists(url: str) -> bool:
-    path = local_path(url)
-    return path is None or os.path.isfile(path)

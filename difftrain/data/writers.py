@@ -43,11 +43,11 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from tqdm import tqdm
 
-from difftrain.data.decode import MAX_PIXELS
+from difftrain.data.decode import IMAGE_EXTS, MAX_PIXELS
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+IMAGE_SUFFIXES = tuple("." + e for e in IMAGE_EXTS)
 FORMATS = ("keep", "jpg", "png", "webp")
 _PIL_FORMATS = ("PNG", "JPEG", "WEBP")  # what the loader's whitelist decodes; nothing else is read
 _EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}

@@ -12,7 +12,6 @@ import zlib
 import numpy as np
 import pytest
 import torch
-import webdataset as wds
 from PIL import Image
 
 from difftrain.config import DataConfig
@@ -23,7 +22,7 @@ from difftrain.data.loader import DataError, ShardLoader
 from difftrain.data.samples import SampleDecoder
 from difftrain.data.spec import parse_spec
 from difftrain.data.streams import ShardSequence
-from tests.unit.test_data import _Touch
+from tests.unit.test_data import _Touch, take, write_tar
 
 B = 16  # train split: 270 samples in 9 shards of <= 32
 
@@ -38,11 +37,6 @@ def loader(spec, batch=B, rank=0, world=1, **kw):
     kw.setdefault("channels", 1)
     kw.setdefault("image_size", 16)
     return ShardLoader(spec, batch, rank, world, **kw)
-
-
-def take(ld, n):
-    it = iter(ld)
-    return [next(it) for _ in range(n)]
 
 
 def ids(batch):
@@ -71,13 +65,6 @@ def png(size=(16, 16), mode="L", fmt="PNG", color=128):
 def good(i, **extra):
     return {"__key__": f"{i:09d}", "png": png(), "txt": f"digit {i}".encode(),
             "json": json.dumps({"label": i % 10, "punsafe": 0.1}).encode(), **extra}
-
-
-def write_tar(path, samples):
-    with wds.TarWriter(str(path), encoder=False) as sink:
-        for s in samples:
-            sink.write(s)
-    return str(path)
 
 
 # ------------------------------------------------------------------------------------ layout

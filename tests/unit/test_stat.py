@@ -9,12 +9,12 @@ import re
 import sys
 
 import pytest
-import webdataset as wds
 from PIL import Image
 
 from difftrain.config import ConfigError
 from difftrain.data.stat import add_stat_args, run_stat
 from tests.conftest import run_cmd
+from tests.unit.test_data import write_tar
 
 LAST_LINE = re.compile(r"good=(\d+) skipped=(\d+) samples_per_s=(\d+\.\d)")
 
@@ -28,12 +28,6 @@ def png(color: int = 128) -> bytes:
 def good(i: int, punsafe: float = 0.1) -> dict:
     return {"__key__": f"{i:09d}", "png": png(i), "txt": f"sample {i}".encode(),
             "json": json.dumps({"punsafe": punsafe}).encode()}
-
-
-def write_tar(path, samples) -> None:
-    with wds.TarWriter(str(path), encoder=False) as sink:
-        for s in samples:
-            sink.write(s)
 
 
 @pytest.fixture(scope="module")
