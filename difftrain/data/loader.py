@@ -42,6 +42,7 @@ from difftrain.data import tario
 from difftrain.data.decode import SkipSample
 from difftrain.data.images import parse_buckets
 from difftrain.data.samples import SampleDecoder
+from difftrain.data.shm_batches import MainBuffers, WorkerBuffers, available, new_shared
 from difftrain.data.spec import parse_spec
 from difftrain.data.streams import ShardSequence, Stream, initial_state, relayout, unit
 
@@ -60,8 +61,8 @@ def _is_fault(reason: str) -> bool:
 class _Worker(IterableDataset):
     """Pickled into each worker: makes this worker's share of the rank's batches."""
 
-    def __init__(self, ld: "ShardLoader", g0: int, states: dict):
-        self.ld, self.g0, self.states = ld, g0, states
+    def __init__(self, ld: "ShardLoader", g0: int, states: dict, flags: torch.Tensor | None = None):
+        self.ld, self.g0, self.states, self.flags = ld, g0, states, flags
 
     def __iter__(self) -> Iterator[dict]:
         ld = self.ld
@@ -77,6 +78,7 @@ class _Worker(IterableDataset):
                 streams[s] = Stream(saved["stream"], seqs, weights, ld.seed, ld.shuffle_buffer, self._skip)
                 pools[s] = self._restore_pool(saved["pool"], seqs)
         g = self.g0 + w
+        buffers = WorkerBuffers(self.flags, w) if self.flags is not None and info is not None else None
         while True:
             k = g % ld.K
             rows, after = [], {}
@@ -88,7 +90,7 @@ class _Worker(IterableDataset):
                 rows += items
                 after[s] = {"stream": streams[s].state(),
                             "pool": [[b, *it["ptr"]] for b, pool in sorted(pools[s].items()) for it in pool]}
-            batch = collate(rows)
+            batch = collate(rows, buffers)
             batch.update(position={"g": g}, states=after, skipped=dict(self.delta), good=len(rows))
             self.delta.clear()
             yield batch
@@ -146,9 +148,11 @@ class _Worker(IterableDataset):
             log.warning("skipped (%s, %d so far in this worker): %s", reason, n, message)
 
 
-def collate(rows: list[dict]) -> dict:
-    """Items -> batch: tensors stacked, ints as long tensors, the rest as lists."""
-    out: dict = {}
+def collate(rows: list[dict], buffers: WorkerBuffers | None = None) -> dict:
+    """Items -> batch: tensors stacked, the rest as lists; the names of int lists in ``"longs"``, which
+    :func:`as_longs` turns into long tensors in the main process (each small tensor a worker sends costs its
+    own shared-memory segment and file descriptor: ~0.7 ms, more than the list)."""
+    out: dict = {"longs": []}
     names = {"key": "keys", "url": "urls", "epoch": "epochs", "caption": "captions", "label": "labels"}
     for k in rows[0]:
         if k in ("ptr", "bucket"):
@@ -156,12 +160,36 @@ def collate(rows: list[dict]) -> dict:
         vals = [r[k] for r in rows]
         name = names.get(k, k)
         if isinstance(vals[0], torch.Tensor):
-            out[name] = torch.stack(vals)
+            out[name] = _stack(vals, buffers)
         elif isinstance(vals[0], int) and not isinstance(vals[0], bool):
-            out[name] = torch.tensor(vals, dtype=torch.long)
+            out[name] = vals
+            out["longs"].append(name)
         else:
             out[name] = vals
     return out
+
+
+def as_longs(batch: dict) -> dict:
+    """The int lists :func:`collate` named, as long tensors (in place)."""
+    for name in batch.pop("longs", ()):
+        batch[name] = torch.tensor(batch[name], dtype=torch.long)
+    return batch
+
+
+def _stack(vals: list[torch.Tensor], buffers: WorkerBuffers | None = None):
+    """``torch.stack``. Images laid out channels-innermost (PIL's, kept by ``ImageTransform``) are stacked
+    channels-last, [B, C, H, W] with ``torch.channels_last`` strides, so no sample is transposed on the CPU
+    (the model's first layer takes either layout). In a worker process the batch is made straight in shared
+    memory, as DataLoader's own collate does, and in a reused buffer when ``buffers`` has a free one
+    (``shm_batches``): sending it to the main process then moves no bytes and faults in no new pages."""
+    hwc = vals[0].ndim == 3 and vals[0].shape[0] > 1 and vals[0].stride(0) == 1
+    if hwc:
+        vals = [v.permute(1, 2, 0) for v in vals]
+    if buffers is not None:
+        return buffers.stack(vals, (0, 3, 1, 2) if hwc else None)
+    out = new_shared(vals[0], len(vals)) if get_worker_info() is not None else None
+    out = torch.stack(vals, out=out)
+    return out.permute(0, 3, 1, 2) if hwc else out
 
 
 def _as_is(batch: dict) -> dict:
@@ -289,11 +317,16 @@ class ShardLoader:
     # ------------------------------------------------------------------------------ iterate
     def __iter__(self) -> Iterator[dict]:
         nw = self.num_workers
-        loader = DataLoader(_Worker(self, self._g, dict(self._states)), batch_size=None, collate_fn=_as_is,
+        # reused batch buffers: the prefetched batches, the one being made, and up to 3 the consumer holds
+        bufs = MainBuffers(nw, self.prefetch_factor + 4) if nw > 0 and available() else None
+        worker = _Worker(self, self._g, dict(self._states), bufs.flags if bufs is not None else None)
+        loader = DataLoader(worker, batch_size=None, collate_fn=_as_is,
                             num_workers=nw, persistent_workers=nw > 0,
                             prefetch_factor=self.prefetch_factor if nw > 0 else None,
                             worker_init_fn=_ignore_sigterm if nw > 0 else None)
         for batch in loader:
+            if bufs is not None:
+                batch = {k: bufs.resolve(v) for k, v in batch.items()}
             g = batch["position"]["g"] = int(batch["position"]["g"])
             self._snaps[g] = self.state_dict()
             while len(self._snaps) > 4:
@@ -301,7 +334,9 @@ class ShardLoader:
             self._states.update(batch.pop("states"))
             self._g = g + 1
             self._account(batch.pop("skipped"), int(batch.pop("good")))
-            yield batch
+            yield as_longs(batch)
+            if bufs is not None:
+                bufs.release()  # the batches the consumer has dropped
 
     def counts(self) -> dict[str, int]:
         """Running totals on this rank: ``good`` and ``skipped/<reason>``."""

@@ -93,6 +93,24 @@ def test_world_size_independent_for_a_fixed_layout(digits, num_workers):
         assert_same(cat([ranks[0][g], ranks[1][g]]), whole[g])
 
 
+def test_worker_batch_buffers_are_reused_and_never_overwrite_batches_in_use(digits):
+    ref = take(loader(digits["train"], channels=3, num_workers=0), 24)
+    assert ref[0]["pixels"].is_contiguous(memory_format=torch.channels_last)  # stacked without transposing
+    held = take(loader(digits["train"], channels=3, num_workers=1), 24)  # all kept: no buffer is ever free
+    for a, b in zip(held, ref):
+        assert_same(a, b)
+    it, ptrs, kept = iter(loader(digits["train"], channels=3, num_workers=1)), set(), None
+    for i in range(24):
+        batch = next(it)
+        assert_same(batch, ref[i])
+        ptrs.add(batch["pixels"].data_ptr())
+        if i == 3:  # a view outlives its batch: that buffer stays busy
+            kept, want = batch["pixels"][2:5], batch["pixels"][2:5].clone()
+        del batch
+    assert torch.equal(kept, want)
+    assert len(ptrs) <= 6  # prefetch_factor + 4 buffers, reused
+
+
 def test_every_sample_once_per_epoch_2_ranks_x_2_workers(digits):
     seen = collections.Counter()
     its = [iter(loader(digits["train"], rank=r, world=2, num_workers=2, seed=3, shuffle_buffer=8)) for r in (0, 1)]
