@@ -15,6 +15,7 @@ setup(
     packages=find_packages(include=["difftrain", "difftrain.*"]),
     python_requires=">=3.10",
     install_requires=_requirements(),
-    extras_require={"test": ["pytest==9.0.3", "pyarrow==26.0.1"], "parquet": ["pyarrow==26.0.1"]},
+    extras_require={"test": ["pytest==9.0.3", "pyarrow==26.0.1", "open_clip_torch==3.3.0"],
+                    "parquet": ["pyarrow==26.0.1"], "clip": ["open_clip_torch==3.3.0"]},
     entry_points={"console_scripts": ["difftrain=difftrain.cli:main"]},
 )

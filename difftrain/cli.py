@@ -1,4 +1,4 @@
-"""``difftrain`` command line: data | train | sample | export (``python -m difftrain`` is the same).
+"""``difftrain`` command line: data | train | sample | eval | export (``python -m difftrain`` is the same).
 
     difftrain data demo --out data/digits             # [--video: moving digits as mp4]
     difftrain data shards photos/ --out data/photos   # image folder + captions -> img2dataset layout
@@ -6,6 +6,7 @@
     torchrun --nproc_per_node=2 -m difftrain data encode configs/demo.yaml --out data/digits_latent
     torchrun --nproc_per_node=2 -m difftrain train configs/demo.yaml run.dir=runs/demo optim.lr=3e-4
     difftrain sample runs/demo --num 64 --steps 50 --prompt "a handwritten digit 7" --out out/
+    difftrain eval runs/demo --ref "data/digits/val/{00000..00000}.tar" --extractor digits --steps 4,8,16
     difftrain export runs/demo --out export/demo
 """
 from __future__ import annotations
@@ -44,37 +45,17 @@ def _cmd_train(args) -> None:
 
     cfg = load_config(args.config, args.overrides)  # config errors surface before any process group
     from difftrain.launch.env import shutdown
+    from difftrain.eval.validate import Validation
     from difftrain.sampling import SampleGrid
     from difftrain.train.trainer import Trainer
 
     try:
-        trainer = Trainer(cfg, callbacks=[SampleGrid()])
+        trainer = Trainer(cfg, callbacks=[SampleGrid(), Validation()])
         out = trainer.fit()
         if trainer.rank == 0 and out:
             print("final " + " ".join(f"{k}={v:.5g}" for k, v in out.items() if "/" not in k), flush=True)
     finally:
         shutdown()
-
-
-def _load_run(run_dir: str):
-    import torch
-
-    from difftrain.config import load_config
-    from difftrain.diffusion.diffusion import build_diffusion
-    from difftrain.train.build import build_encoders, load_run_weights, read_model_config
-    from difftrain.train.stages.pretrain import Conditioner
-    from difftrain.models import registry
-
-    run = Path(run_dir)
-    if not (run / "config.yaml").is_file():
-        raise ConfigError(f"'{run}' is not a run dir (no config.yaml)")
-    cfg = load_config(run / "config.yaml")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    arch, acfg = read_model_config(run)
-    model = registry.materialize(registry.build(arch, acfg), device, seed=0)
-    step = load_run_weights(run, model, which="ema")
-    text, vae = build_encoders(cfg, device)
-    return cfg, model.eval(), acfg, step, build_diffusion(cfg.diffusion), Conditioner(cfg, text, device), vae, device
 
 
 def _cmd_sample(args) -> None:
@@ -83,14 +64,17 @@ def _cmd_sample(args) -> None:
 
     from difftrain.sampling import default_conditions, generate, grid, sample_shape, save_png
 
-    cfg, model, acfg, step, diffusion, conditioner, vae, device = _load_run(args.run)
-    captions, labels = default_conditions(cfg.model.cond, args.num, args.prompt or cfg.run.sample_prompts,
-                                          cfg.model.num_classes)
+    from difftrain.eval.generator import load_generator, sampler_name
+
+    g = load_generator(args.run)
+    captions, labels = default_conditions(g.cond, args.num, args.prompt or g.cfg.run.sample_prompts,
+                                          g.cfg.model.num_classes)
     if args.label is not None:
         labels = torch.full((args.num,), args.label)
-    images = generate(model, diffusion, conditioner, vae, n=args.num, shape=sample_shape(acfg), steps=args.steps,
-                      sampler=args.sampler, guidance=args.guidance, seed=args.seed, device=device,
-                      captions=captions, labels=labels, progress=True)
+    images = generate(g.model, g.diffusion, g.conditioner, g.vae, n=args.num, shape=sample_shape(g.acfg),
+                      steps=args.steps, sampler=sampler_name(args.sampler), guidance=args.guidance, seed=args.seed,
+                      device=g.device, captions=captions, labels=labels, progress=True)
+    step = g.step
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     np.savez(out / "samples.npz", images=images)
@@ -101,16 +85,23 @@ def _cmd_sample(args) -> None:
 def _cmd_export(args) -> None:
     import dataclasses
 
+    import torch
+
     from difftrain.config import to_dict
 
-    cfg, model, acfg, step, *_ = _load_run(args.run)
-    state = {k: v.detach() for k, v in model.state_dict().items()}
-    cls_name = model.save_diffusers(state, args.out)
-    meta = {"step": step, "diffusers_class": cls_name, "timestep_scale": 1000.0,
-            "diffusion": to_dict(cfg.diffusion), "encoders": to_dict(cfg.encoders),
-            "model": dataclasses.asdict(acfg)}
+    from difftrain.eval.generator import load_run
+    from difftrain.train.build import read_model_config
+
+    g = load_run(args.run, torch.device("cpu"))
+    state = {k: v.detach() for k, v in g.model.state_dict().items()}
+    cls_name = g.model.save_diffusers(state, args.out)
+    meta = {"step": g.step, "diffusers_class": cls_name, "timestep_scale": 1000.0, "arch": read_model_config(args.run)[0],
+            "diffusion": to_dict(g.cfg.diffusion), "encoders": to_dict(g.cfg.encoders),
+            "sampling": {"guidance": g.cfg.run.sample_guidance, "steps": g.cfg.run.sample_steps,
+                         "sampler": g.cfg.run.sample_sampler},
+            "model": dataclasses.asdict(g.acfg)}
     (Path(args.out) / "difftrain.json").write_text(json.dumps(meta, indent=1))
-    print(f"exported EMA weights of step {step} as diffusers {cls_name} to {args.out}")
+    print(f"exported EMA weights of step {g.step} as diffusers {cls_name} to {args.out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True)
     s.set_defaults(fn=_cmd_sample)
+
+    from difftrain.eval.evaluate import add_eval_args
+
+    v = sub.add_parser("eval", help="FID / KID / precision-recall (and class accuracy) of samples; NFE sweeps")
+    add_eval_args(v)
+    v.set_defaults(fn=_lazy("difftrain.eval.evaluate", "run_eval"))
 
     e = sub.add_parser("export", help="export EMA weights as a diffusers model folder")
     e.add_argument("run")

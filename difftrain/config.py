@@ -133,6 +133,20 @@ class EncodersConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Validation during training (``difftrain.eval.validate``); ``difftrain eval`` takes flags instead."""
+    every: int = 0  # steps between validations; 0 = off
+    ref: str = ""  # held-out shard spec or image folder: reference images and the held-out loss
+    num: int = 500  # generated samples (and reference images) per validation
+    extractor: str = "inception"  # digits | inception[:FILE] | clip:PATH (see difftrain.eval.extractors)
+    steps: int = 25
+    sampler: str = choice("dpmpp_2m", ["euler", "heun", "ddim", "dpmpp_2m"])
+    guidance: float = -1.0  # CFG scale; < 0: run.sample_guidance
+    loss_samples: int = 256  # held-out samples for the loss binned by t; 0 = off
+    seed: int = 0
+
+
+@dataclass
 class Config:
     stage: str = choice("pretrain", ["pretrain"])
     init_from: str = ""  # weights only (our export or a diffusers folder); never a resume
@@ -143,6 +157,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     encoders: EncodersConfig = field(default_factory=EncodersConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,6 +268,10 @@ def validate(cfg: Config) -> None:
     if (cfg.data.kind == "video" and cfg.model.frames <= 0) or (cfg.data.kind == "image" and cfg.model.frames > 0):
         raise ConfigError(f"config key 'model.frames' = {cfg.model.frames} does not fit data.kind = "
                           f"{cfg.data.kind!r}: video data needs a video model (model.frames > 0) and vice versa")
+    if cfg.eval.every < 0 or cfg.eval.num < 2 or cfg.eval.loss_samples < 0:
+        raise ConfigError("config keys 'eval.every' and 'eval.loss_samples' must be >= 0 and 'eval.num' >= 2")
+    if cfg.eval.every and not cfg.eval.ref:
+        raise ConfigError("config key 'eval.ref' must name held-out shards (or an image folder) when eval.every > 0")
     if not 0.0 <= cfg.data.caption_dropout < 1.0:
         raise ConfigError("config key 'data.caption_dropout' must be in [0, 1)")
 

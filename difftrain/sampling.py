@@ -39,8 +39,9 @@ def sample_shape(acfg) -> tuple[int, ...]:
 @torch.no_grad()
 def generate(model, diffusion: Diffusion, conditioner, vae, *, n: int, shape: tuple[int, ...],
              steps: int, sampler: str, guidance: float, seed: int, device: torch.device,
-             captions=None, labels=None, batch_size: int = 64, progress: bool = False) -> np.ndarray:
-    """Returns uint8 images [n, H, W, C] for ``shape`` = (C, H, W), or videos [n, T, H, W, C] for (T, C, H, W)."""
+             captions=None, labels=None, batch_size: int = 64, progress: bool = False, start: int = 0) -> np.ndarray:
+    """Returns uint8 images [n, H, W, C] for ``shape`` = (C, H, W), or videos [n, T, H, W, C] for (T, C, H, W):
+    images ``start ... start + n - 1`` of the seed (``captions`` / ``labels`` are this slice's)."""
     if len(shape) not in (3, 4):
         raise ValueError(f"sample shape must be (C, H, W) or (T, C, H, W), got {tuple(shape)}")
     if sampler not in SAMPLERS:
@@ -52,7 +53,7 @@ def generate(model, diffusion: Diffusion, conditioner, vae, *, n: int, shape: tu
         cond = conditioner(captions[lo:hi] if captions is not None else None,
                            labels[lo:hi] if labels is not None else None)
         uncond = conditioner.null(hi - lo) if cond else {}
-        x_T = keyed_randn(seed, 0, range(lo, hi), shape, "sample").to(device)
+        x_T = keyed_randn(seed, 0, range(start + lo, start + hi), shape, "sample").to(device)
         fn = guided_denoiser(model, cond, uncond, guidance if cond else 1.0, to_x0=diffusion.x0_from_pred)
         x0 = SAMPLERS[sampler](lambda x, t: fn(x, t).float(), x_T, ts, path=diffusion.path, progress=progress)
         pixels = vae.decode(x0).float().clamp(-1, 1)

@@ -21,12 +21,33 @@ import numpy as np
 from tqdm import tqdm
 
 
+def digit_arrays(val_fraction: float = 0.1, seed: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
+    """The digits in the demo's order: ``(uint8 [N, 8, 8] in 0..255, labels [N], num_val)``.
+
+    The order is a permutation drawn from ``seed``; the first ``num_val`` are the held-out split.
+    """
+    from sklearn.datasets import load_digits
+
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    digits = load_digits()
+    order = np.random.default_rng(seed).permutation(len(digits.target))
+    images = np.round(digits.images[order] * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+    return images, digits.target[order], int(round(len(order) * val_fraction))
+
+
+def upsample(pixels: np.ndarray, image_size: int) -> np.ndarray:
+    """uint8 [8, 8] -> uint8 [image_size, image_size] (PIL bicubic): the pixels the demo writes."""
+    from PIL import Image
+
+    return np.array(Image.fromarray(pixels).resize((image_size, image_size), Image.BICUBIC))
+
+
 def _png(pixels: np.ndarray, image_size: int) -> bytes:
     from PIL import Image
 
-    img = Image.fromarray(pixels).resize((image_size, image_size), Image.BICUBIC)
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    Image.fromarray(upsample(pixels, image_size)).save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -66,22 +87,14 @@ def write_digits(out_dir, image_size: int = 16, shard_size: int = 256, val_fract
     Returns ``{"train": "OUT/train/{00000..0000N}.tar", "val": ..., "num_train": int,
     "num_val": int}``; the specs are brace patterns that :class:`ShardLoader` accepts.
     """
-    from sklearn.datasets import load_digits
-
     if shard_size <= 0:
         raise ValueError(f"shard_size must be > 0, got {shard_size}")
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    digits = load_digits()
-    order = np.random.default_rng(seed).permutation(len(digits.target))
-    images = np.round(digits.images[order] * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
-    labels = digits.target[order]
-    keys = [f"{i:09d}" for i in range(len(order))]
-    num_val = int(round(len(order) * val_fraction))
+    images, labels, num_val = digit_arrays(val_fraction, seed)
+    keys = [f"{i:09d}" for i in range(len(labels))]
     out = Path(out_dir)
-    with tqdm(total=len(order), desc="digits", unit="img", disable=not progress) as bar:
+    with tqdm(total=len(labels), desc="digits", unit="img", disable=not progress) as bar:
         val = write_shards(out / "val", _digit_samples(images[:num_val], labels[:num_val], keys[:num_val], image_size),
                            shard_size, bar) if num_val else ""
         train = write_shards(out / "train", _digit_samples(images[num_val:], labels[num_val:], keys[num_val:],
                                                            image_size), shard_size, bar)
-    return {"train": train, "val": val, "num_train": len(order) - num_val, "num_val": num_val}
+    return {"train": train, "val": val, "num_train": len(labels) - num_val, "num_val": num_val}

@@ -87,6 +87,14 @@ class Metrics:
         self._reset()
         return out
 
+    def add_scalars(self, values: dict, step: int) -> None:
+        """Rank 0: scalars computed elsewhere (validation) to tensorboard, and a line under the progress bar."""
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, step)
+            text = f"step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in values.items() if "/loss_by_t" not in k)
+            (self.bar.write if self.bar is not None else print)(text)
+
     def add_image(self, tag: str, grid_hwc, step: int) -> None:
         if self.writer is not None:
             self.writer.add_image(tag, grid_hwc, step, dataformats="HWC")

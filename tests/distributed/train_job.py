@@ -12,6 +12,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from difftrain.config import load_config
+from difftrain.eval.validate import Validation
 from difftrain.sampling import SampleGrid
 from difftrain.train.trainer import Trainer
 
@@ -22,7 +23,7 @@ def main():
     cases = sys.argv[2:]
     for name, overrides in zip(cases[::2], cases[1::2]):
         cfg = load_config(None, overrides.split())
-        trainer = Trainer(cfg, callbacks=[SampleGrid()])
+        trainer = Trainer(cfg, callbacks=[SampleGrid(), Validation()])
         trainer.fit()
         sd = get_model_state_dict(trainer.engine.model,
                                   options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -11,21 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO, run_cmd, torchrun
-
-STEPS = 60
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
-    p = run_cmd([sys.executable, "-m", "difftrain", "data", "demo", "--out", str(root / "digits")])
-    spec = json.loads(p.stdout)["train"]
-    assert spec == str(root / "digits" / "train" / "{00000..00006}.tar")  # what configs/demo.yaml names
-    torchrun(2, ["-m", "difftrain", "train", "configs/demo.yaml", f"run.dir={root / 'run'}", f"data.train={spec}",
-                 f"run.steps={STEPS}", "run.log_every=10", "run.ckpt_every=30", f"run.sample_every={STEPS}",
-                 "run.sample_num=4", "run.sample_steps=4", "optim.lr=1e-3", "optim.warmup_steps=10",
-                 "data.batch_size=32"])
-    return root
+from tests.e2e.conftest import STEPS
 
 
 def test_train_writes_run_dir(demo_run):

@@ -17,6 +17,8 @@ def test_demo_config_loads_with_overrides():
     ("run.steps=1.5", "config key 'run.steps' must be int, got float 1.5"),
     ("nosection.x=1", "unknown config key 'nosection'; valid keys in '<root>': stage, init_from, run,"),
     ("optim=3", "config section 'optim' must be a mapping"),
+    ("eval.ref=", "config key 'eval.ref' must name held-out shards"),
+    ("eval.sampler=ddpm", "config key 'eval.sampler' = 'ddpm' is not one of: euler, heun, ddim, dpmpp_2m"),
 ])
 def test_config_errors_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:

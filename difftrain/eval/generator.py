@@ -1,0 +1,114 @@
+"""What produces samples: a run's EMA weights or an export, with its diffusion, conditioner and decoder.
+
+``load_generator(path)`` takes a run dir (``config.yaml`` + checkpoints: the newest complete checkpoint's
+EMA weights) or a folder written by ``difftrain export`` (diffusers layout + ``difftrain.json``), so
+students, teachers and exported models are evaluated by one path.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from difftrain.config import Config, ConfigError, DiffusionConfig, EncodersConfig
+from difftrain.diffusion.samplers import SAMPLERS, time_grid
+
+ALIASES = {"dpmpp2m": "dpmpp_2m", "dpm++2m": "dpmpp_2m"}
+
+
+@dataclasses.dataclass
+class Generator:
+    name: str
+    model: nn.Module
+    acfg: object  # the architecture config
+    step: int
+    diffusion: object
+    conditioner: object
+    vae: nn.Module
+    cfg: Config
+    device: torch.device
+
+    @property
+    def cond(self) -> str:
+        return self.cfg.model.cond
+
+
+def sampler_name(name: str) -> str:
+    name = ALIASES.get(name.strip().lower(), name.strip().lower())
+    if name not in SAMPLERS:
+        raise ConfigError(f"unknown sampler '{name}'; valid: {', '.join(SAMPLERS)} (dpmpp2m = dpmpp_2m)")
+    return name
+
+
+def count_nfe(sampler: str, steps: int, path) -> int:
+    """Denoiser evaluations per sample: the sampler run once on a 1-pixel input, counting calls."""
+    calls = [0]
+
+    def fn(x, t):
+        calls[0] += 1
+        return torch.zeros_like(x)
+
+    SAMPLERS[sampler](fn, torch.ones(1, 1, 1, 1, dtype=torch.float64), time_grid(steps, 1.0, 0.0), path=path)
+    return calls[0]
+
+
+def load_run(run_dir: str | Path, device: torch.device) -> Generator:
+    from difftrain.config import load_config
+    from difftrain.train.build import load_run_weights, read_model_config
+
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file():
+        raise ConfigError(f"'{run}' is not a run dir (no config.yaml)")
+    cfg = load_config(run / "config.yaml")
+    arch, acfg = read_model_config(run)
+    from difftrain.models import registry
+
+    model = registry.materialize(registry.build(arch, acfg), device, seed=0)
+    step = load_run_weights(run, model, which="ema")
+    return _assemble(run.name, cfg, model.eval(), acfg, step, device)
+
+
+def load_export(folder: str | Path, device: torch.device) -> Generator:
+    from difftrain.models import registry
+
+    folder = Path(folder)
+    meta = json.loads((folder / "difftrain.json").read_text())
+    if "arch" not in meta:
+        raise ConfigError(f"'{folder}/difftrain.json' has no 'arch': re-export it with this version of difftrain")
+    cls = registry.arch_class(meta["arch"])
+    acfg = cls.config_class(**meta["model"])
+    model = registry.materialize(registry.build(meta["arch"], acfg), device, seed=0)
+    model.load_state_dict(model.load_diffusers(folder), strict=True)
+    cfg = Config(diffusion=DiffusionConfig(**meta["diffusion"]), encoders=EncodersConfig(**meta["encoders"]))
+    cfg.model.cond = "text" if acfg.text_dim > 0 else "class" if acfg.num_classes > 0 else "none"
+    cfg.model.num_classes = acfg.num_classes
+    cfg.data.channels = acfg.in_channels if not cfg.encoders.vae else 3
+    sampling = meta.get("sampling", {})  # the run's defaults (CFG scale, steps, sampler)
+    cfg.run.sample_guidance = float(sampling.get("guidance", cfg.run.sample_guidance))
+    cfg.run.sample_steps = int(sampling.get("steps", cfg.run.sample_steps))
+    cfg.run.sample_sampler = sampling.get("sampler", cfg.run.sample_sampler)
+    return _assemble(folder.name, cfg, model.eval(), acfg, int(meta.get("step", 0)), device)
+
+
+def _assemble(name, cfg, model, acfg, step, device) -> Generator:
+    from difftrain.diffusion.diffusion import build_diffusion
+    from difftrain.train.build import build_encoders
+    from difftrain.train.stages.pretrain import Conditioner
+
+    text, vae = build_encoders(cfg, device)
+    return Generator(name, model, acfg, step, build_diffusion(cfg.diffusion), Conditioner(cfg, text, device), vae,
+                     cfg, device)
+
+
+def load_generator(path: str | Path, device: torch.device | None = None) -> Generator:
+    """A run dir or an export folder -> :class:`Generator` on ``device`` (default: CUDA if present)."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    p = Path(path)
+    if (p / "config.yaml").is_file():
+        return load_run(p, device)
+    if (p / "difftrain.json").is_file():
+        return load_export(p, device)
+    raise ConfigError(f"'{p}' is neither a run dir (config.yaml) nor a difftrain export (difftrain.json)")
