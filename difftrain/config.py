@@ -62,11 +62,18 @@ class ModelConfig:
 @dataclass
 class DiffusionConfig:
     path: str = choice("vp_cosine", ["vp_cosine", "vp_linear", "rf"])
-    density: str = choice("uniform", ["uniform", "logit_normal"])
+    density: str = choice("uniform", ["uniform", "logit_normal", "u_shaped", "cosine", "laplace", "edm"])
     density_args: dict = field(default_factory=dict)
+    # loss weighting (difftrain/diffusion/weightings.py); docs/DIFFUSION.md
+    weighting: str = choice("none", ["none", "min_snr", "sd3", "truncated_snr"])
+    weighting_args: dict = field(default_factory=dict)
     target: str = choice("v", ["eps", "v", "x", "velocity"])
     t_min: float = 1e-4
     t_max: float = 1.0 - 1e-4
+    # noise assignment (difftrain/diffusion/assign.py): none, linear (Immiscible diffusion, Hungarian), knn
+    assign: str = choice("none", ["none", "linear", "knn"])
+    assign_scope: str = choice("rank", ["rank", "global"])  # linear: per-rank batch or gathered over dp ranks
+    assign_k: int = 4  # knn: candidate noises per sample
 
 
 @dataclass

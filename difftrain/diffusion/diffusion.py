@@ -1,4 +1,4 @@
-"""The ``Diffusion`` bundle: path + training density + prediction target + t clamp.
+"""The ``Diffusion`` bundle: path + training density + prediction target + loss weighting + t clamp.
 
 A stage uses it as
 
@@ -9,16 +9,22 @@ A stage uses it as
 
 and sampling uses ``diff.x0_from_pred`` to turn model outputs into the data predictions the
 samplers consume (see ``denoiser`` and ``guidance.guided_denoiser(..., to_x0=...)``).
+
+``loss`` multiplies in ``loss_weight(t)`` — the density's importance weight times the weighting —
+and the explicit ``weight``; with no importance weight and ``weighting=none`` it is the plain loss,
+bit for bit. Path, density and weighting meet only through t and λ = path.logsnr(t), so any
+combination is valid (docs/DIFFUSION.md).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from difftrain.diffusion import targets as T
 from difftrain.diffusion.densities import DENSITIES, Density
 from difftrain.diffusion.paths import PATHS, Path
+from difftrain.diffusion.weightings import WEIGHTINGS, NoWeighting, Weighting
 
 
 @dataclass
@@ -28,8 +34,11 @@ class Diffusion:
     target_kind: str = "v"
     t_min: float = 1e-4
     t_max: float = 1.0 - 1e-4
+    weighting: Weighting = field(default_factory=NoWeighting)
 
     def __post_init__(self):
+        if self.weighting is None:
+            self.weighting = NoWeighting()
         if self.target_kind not in T.TARGETS:
             raise ValueError(f"unknown prediction target '{self.target_kind}'; valid: {', '.join(T.TARGETS)}")
         if not 0.0 <= self.t_min < self.t_max <= 1.0:
@@ -48,14 +57,26 @@ class Diffusion:
     def target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return T.target(self.target_kind, x0, eps, t, self.path)
 
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample factor [B] from the density's importance weight and the weighting, or None."""
+        w = self.density.weight(t, self.path)
+        if not isinstance(self.weighting, NoWeighting):
+            ww = self.weighting.weight(t, self.path, self.target_kind)
+            w = ww if w is None else w * ww
+        return w
+
     def loss(self, pred, x0, eps, t, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-sample loss [B]: mean over non-batch dims of (pred − target)², times ``weight`` [B].
+        """Per-sample loss [B]: mean over non-batch dims of (pred − target)², times ``loss_weight(t)``
+        and the explicit ``weight`` [B] (each when not None).
 
         Computed in at least float32 whatever the prediction's dtype (bf16 autocast).
         """
         dtype = torch.promote_types(pred.dtype, torch.float32)
         err = pred.to(dtype) - self.target(x0, eps, t).to(dtype)
         per_sample = err.square().flatten(1).mean(dim=1)
+        lw = self.loss_weight(t)
+        if lw is not None:
+            per_sample = per_sample * lw.to(dtype)
         if weight is not None:
             per_sample = per_sample * weight.to(dtype)
         return per_sample
@@ -84,7 +105,18 @@ def build_diffusion(cfg) -> Diffusion:
         density = DENSITIES[cfg.density](**cfg.density_args)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config key 'diffusion.density_args' is invalid for density {cfg.density!r}: {e}") from None
+    weighting_name = getattr(cfg, "weighting", "none")
+    if weighting_name not in WEIGHTINGS:
+        raise ConfigError(
+            f"config key 'diffusion.weighting' = {weighting_name!r} is not one of: {', '.join(WEIGHTINGS)}"
+        )
     try:
-        return Diffusion(PATHS[cfg.path](), density, cfg.target, cfg.t_min, cfg.t_max)
+        weighting = WEIGHTINGS[weighting_name](**getattr(cfg, "weighting_args", {}))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(
+            f"config key 'diffusion.weighting_args' is invalid for weighting {weighting_name!r}: {e}"
+        ) from None
+    try:
+        return Diffusion(PATHS[cfg.path](), density, cfg.target, cfg.t_min, cfg.t_max, weighting)
     except ValueError as e:
         raise ConfigError(f"config section 'diffusion': {e}") from None

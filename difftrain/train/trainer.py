@@ -77,7 +77,8 @@ class Trainer:
             null_text = load_latent_data(cfg, text, vae).null_text
         self.conditioner = Conditioner(cfg, text, self.device, null_text=null_text)
         self.vae = vae
-        self.stage = STAGES[cfg.stage](cfg, module, self.diffusion, self.conditioner, vae, self.device)
+        self.stage = STAGES[cfg.stage](cfg, module, self.diffusion, self.conditioner, vae, self.device,
+                                       dp_group=self.meshes.dp.get_group())
         self.loader = ShardLoader.from_config(cfg.data, rank=self.dp_rank, world=self.dp, seed=cfg.run.seed)
         self.callbacks = list(callbacks or [])
         self.step = 0

@@ -17,6 +17,7 @@ from torch import nn
 
 from difftrain.config import Config, ConfigError
 from difftrain.data.images import to_unit
+from difftrain.diffusion.assign import build_assigner
 from difftrain.diffusion.diffusion import Diffusion
 from difftrain.diffusion.keyed import keyed_rand, keyed_randn
 from difftrain.train.stages.base import Stage
@@ -93,7 +94,9 @@ class PretrainStage(Stage):
     name = "pretrain"
 
     def __init__(self, cfg: Config, backbone: nn.Module, diffusion: Diffusion, conditioner: Conditioner,
-                 vae: nn.Module, device: torch.device):
+                 vae: nn.Module, device: torch.device, dp_group=None):
+        """``dp_group``: the data-parallel process group, used by ``diffusion.assign_scope=global``; None = the
+        default group when torch.distributed is initialised, else no distribution."""
         self.cfg = cfg
         self.backbone = backbone
         self.diffusion = diffusion
@@ -102,6 +105,7 @@ class PretrainStage(Stage):
         self.device = device
         self.seed = cfg.run.seed
         self.posterior_seed = _stream_seed(cfg.run.seed, "posterior")
+        self.assigner = build_assigner(cfg.diffusion, seed=cfg.run.seed, group=dp_group)
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         return {"backbone": self.backbone}
@@ -144,6 +148,7 @@ class PretrainStage(Stage):
     def prepare(self, batch: dict, step: int) -> dict:
         x0, idx = batch["x0"], batch["index"]
         eps = keyed_randn(self.seed, step, idx, x0.shape[1:], "noise").to(x0)
+        eps = self.assigner(x0, eps, step=step, index=idx)  # noise assignment: only the noise rows move
         t = self.diffusion.t_from_uniform(keyed_rand(self.seed, step, idx, "t", torch.float64)).to(x0)
         x_t = self.diffusion.add_noise(x0, eps, t)
         return {"x0": x0, "eps": eps, "t": t, "x_t": x_t, "cond": batch["cond"], "weight": None}
