@@ -9,6 +9,8 @@ Every ``eval.every`` steps, with the EMA weights swapped in, on every rank:
   ``eval/recall`` and, with a classifier extractor and labelled data, ``eval/class_acc`` against the
   reference set (the first ``eval.num`` held-out images, featurised once and cached), plus an image grid
   ``eval/samples``.
+* **Straightness** (Liu et al. 2022) of the sampling ODE along the first (up to 64) samples' trajectories per
+  rank: ``eval/straightness``, which reflow should drive toward 0 (``straightness.py``).
 * **Held-out loss binned by t.** The first ``eval.loss_samples`` held-out images, noised at the midpoint of
   each of the training metrics' t bins with fixed keyed noise, no condition dropout: ``eval/loss`` and
   ``eval/loss_by_t/<bin>``. The same samples, noise and t every time, so the curve moves only with the model.
@@ -37,6 +39,7 @@ class Validation:
         with trainer.engine.ema_swapped_in():
             local, images = self._sample(trainer)
             losses = self._loss(trainer) if ec.loss_samples else {}
+            losses["eval/straightness"] = self._straightness(trainer)
         parts = {}
         for k, v in local.items():  # equal shapes on every rank
             every = [torch.empty_like(v) for _ in range(dist.get_world_size(group))]
@@ -98,6 +101,24 @@ class Validation:
                           seed=ec.seed, device=trainer.device, captions=captions, labels=labels, start=self.lo)
         feats = sample_features_of(self.extractor, images, captions)
         return {k: v.to(trainer.device) for k, v in feats.items()}, images
+
+    def _straightness(self, trainer, most: int = 64) -> float:
+        """Mean straightness (Liu et al. 2022) of the sampling ODE over this rank's first ``most`` samples'
+        trajectories (``eval.steps`` Euler steps), averaged over the data-parallel ranks."""
+        from difftrain.eval.straightness import model_straightness
+        from difftrain.sampling import sample_shape
+
+        cfg, ec = trainer.cfg, trainer.cfg.eval
+        m = min(most, self.per)
+        captions, labels, _ = self.cond
+        s = model_straightness(trainer.engine.model, trainer.diffusion, trainer.conditioner, n=m,
+                               shape=sample_shape(trainer.acfg), steps=ec.steps,
+                               guidance=cfg.run.sample_guidance if ec.guidance < 0 else ec.guidance, seed=ec.seed,
+                               device=trainer.device, captions=captions[:m] if captions is not None else None,
+                               labels=labels[:m] if labels is not None else None, start=self.lo)
+        total = torch.stack([s.double().sum(), torch.tensor(float(m), dtype=torch.float64, device=s.device)])
+        dist.all_reduce(total, group=trainer.metrics.group)
+        return float(total[0] / total[1])
 
     @torch.no_grad()
     def _loss(self, trainer) -> dict:

@@ -33,7 +33,8 @@ def test_validation_logs_scores_loss_by_t_and_grid(demo_run):
     acc = EventAccumulator(str(demo_run / "run" / "tb"))
     acc.Reload()
     tags = acc.Tags()["scalars"]
-    for tag in ("eval/fid", "eval/kid", "eval/precision", "eval/recall", "eval/class_acc", "eval/loss"):
+    for tag in ("eval/fid", "eval/kid", "eval/precision", "eval/recall", "eval/class_acc", "eval/loss",
+                "eval/straightness"):
         assert [e.step for e in acc.Scalars(tag)] == [30, 60], tag
     by_t = [t for t in tags if t.startswith("eval/loss_by_t/")]
     assert len(by_t) == 10
@@ -41,6 +42,7 @@ def test_validation_logs_scores_loss_by_t_and_grid(demo_run):
     assert low != high
     assert 0.0 <= acc.Scalars("eval/class_acc")[-1].value <= 1.0
     assert "eval/samples" in acc.Tags()["images"]
+    assert acc.Scalars("eval/straightness")[-1].value > 0
 
 
 def test_sweep_table_plot_and_same_results_on_two_ranks(demo_run, sweep):
