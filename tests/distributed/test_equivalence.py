@@ -22,6 +22,11 @@ MODELS = {
     "unet": "model.name=UNet-T model.cond=class model.num_classes=10",
 }
 
+# immiscible noise across the dp ranks, a Laplace density and min-SNR weighting; and the KNN assigner
+IMMISCIBLE = ("diffusion.assign=linear diffusion.assign_scope=global diffusion.density=laplace "
+              "diffusion.weighting=min_snr")
+KNN = "diffusion.assign=knn diffusion.assign_k=3"
+
 
 @pytest.fixture(scope="module")
 def results(digits, tmp_path_factory):
@@ -37,12 +42,16 @@ def results(digits, tmp_path_factory):
 
     unet = f"{COMMON} {MODELS['unet']} data.train={digits['train']}"
     torchrun(1, ["tests/distributed/train_job.py", str(out / "single"), *cases("single", ["ddp"]),
-                 "unet_bf16", f"{unet} parallel.mixed_precision=bf16 run.dir={out}/single_unet_bf16"])
+                 "unet_bf16", f"{unet} parallel.mixed_precision=bf16 run.dir={out}/single_unet_bf16",
+                 "unet_imm", f"{unet} {IMMISCIBLE} run.dir={out}/single_unet_imm",
+                 "unet_knn", f"{unet} {KNN} run.dir={out}/single_unet_knn"])
     sampling = "run.sample_every=5 run.sample_num=4 run.sample_steps=3"  # EMA sample grid on every rank
     torchrun(2, ["tests/distributed/train_job.py", str(out / "two"), *[f"{a} {sampling}" if i % 2 else a
                                                                 for i, a in enumerate(cases("two", ["ddp", "fsdp2"]))],
                  "unet_ddp_accum2", f"{unet} optim.grad_accum=2 run.dir={out}/two_unet_accum2",
-                 "unet_fsdp2_accum2", f"{unet} optim.grad_accum=2 parallel.engine=fsdp2 run.dir={out}/two_unet_f_accum2"])
+                 "unet_fsdp2_accum2", f"{unet} optim.grad_accum=2 parallel.engine=fsdp2 run.dir={out}/two_unet_f_accum2",
+                 "unet_imm", f"{unet} {IMMISCIBLE} parallel.engine=fsdp2 run.dir={out}/two_unet_imm",
+                 "unet_knn", f"{unet} {KNN} run.dir={out}/two_unet_knn"])
     torchrun(4, ["tests/distributed/train_job.py", str(out / "four"), "unet_hsdp",
                  f"{unet} parallel.engine=fsdp2 parallel.dp_replicate=2 parallel.dp_shard=2 "
                  f"run.dir={out}/four_unet_hsdp"])
@@ -111,3 +120,14 @@ def test_bf16_autocast_trains_close_to_fp32(results):
     # Adam moves each weight by at most ~lr per step: 5 steps at 1e-3 bound the gap by 1e-2,
     # while bf16 rounding does show (the runs are not identical).
     assert 0 < max(diffs) <= 1e-2
+
+
+@pytest.mark.parametrize("case", ["unet_imm", "unet_knn"])
+def test_noise_assignment_on_two_ranks_equals_single_process(results, case):
+    """Global immiscible assignment under FSDP2 (with Laplace + min-SNR) and KNN under DDP: 2 ranks = 1 process."""
+    ref = load_file(str(results / "single" / f"{case}.safetensors"))
+    got = load_file(str(results / "two" / f"{case}.safetensors"))
+    for k in ref:
+        assert (ref[k] - got[k]).abs().max().item() <= 1e-5, k
+    plain = load_file(str(results / "single" / "unet_ddp.safetensors"))
+    assert max((ref[k] - plain[k]).abs().max().item() for k in ref) > 1e-4  # the options changed training
