@@ -2,6 +2,9 @@ import pytest
 
 from difftrain.config import ConfigError, ParallelConfig, config_hash, load_config, save_config
 from difftrain.parallelism.dims import ParallelDims
+from tests.conftest import REPO
+
+REPO_CONFIGS = REPO / "configs"
 
 
 def test_demo_config_loads_with_overrides():
@@ -58,3 +61,11 @@ def test_parallel_dims_errors(kw, world, message):
     with pytest.raises(ConfigError) as e:
         ParallelDims.from_config(ParallelConfig(**kw), world)
     assert str(e.value).startswith(message)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO_CONFIGS).glob("*.yaml")))
+def test_every_shipped_config_loads_and_builds_its_diffusion(name):
+    from difftrain.diffusion.diffusion import build_diffusion
+
+    cfg = load_config(REPO_CONFIGS / name)
+    build_diffusion(cfg.diffusion)
