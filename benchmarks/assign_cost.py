@@ -14,9 +14,11 @@ For per-rank batches B = 64, 256, 1024 and two sample sizes, pixel (1 x 16 x 16:
   text-conditional with 12 x 384 text states, fp32: forward, MSE, backward, AdamW), the denominator of
   ``% of step``.
 
-Median of repeats, assignment and steps interleaved. Not measured here: the cross-rank (``global``) variant's
-all-gather (needs 2 ranks; its solve is the single-process one at the gathered batch size, i.e. the B = 2 x
-per-rank row), and GPU timings. Ends with one line of ``key=value`` figures.
+Median of repeats, assignment and steps interleaved. Then the cross-rank (``global``) variant on 2 gloo processes
+(one thread each, spawned here): ``linear_assign(..., group=WORLD)`` at the same per-rank batches, i.e. the
+all-gathers of sizes, samples and noise, rank 0's solve at the gathered batch 2B and the broadcast of the
+permutation; as % of the demo step at the per-rank batch measured above. Not measured here: GPU timings.
+Ends with one line of ``key=value`` figures.
 """
 from __future__ import annotations
 
@@ -61,6 +63,47 @@ def demo_step(batch: int):
     return step
 
 
+def _global_worker(rank: int, world: int, port: int, batches: list[int], queue) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from difftrain.diffusion.assign import linear_assign
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    for b in batches:
+        for name, shape in SIZES.items():
+            g = torch.Generator().manual_seed(1000 * rank + b)
+            x0, eps = torch.rand(b, *shape, generator=g) * 2 - 1, torch.randn(b, *shape, generator=g)
+            linear_assign(x0, eps, group=dist.group.WORLD)  # warm-up
+            dist.barrier()
+            ms = timed(lambda: linear_assign(x0, eps, group=dist.group.WORLD), 5)
+            if rank == 0:
+                queue.put((b, name, ms))
+    dist.destroy_process_group()
+
+
+def global_scope(batches: list[int], step_ms: dict, figures: dict) -> None:
+    import torch.multiprocessing as mp
+
+    from difftrain.launch.env import _free_port
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    mp.start_processes(_global_worker, args=(2, _free_port(), batches, queue), nprocs=2, start_method="spawn")
+    print("\n2 ranks, `assign_scope=global` (gather 2B, solve on rank 0, broadcast):\n")
+    print("| per-rank batch | size | global linear ms | demo step ms (per-rank batch) | % of step |")
+    print("|---|---|---|---|---|")
+    while not queue.empty():
+        b, name, ms = queue.get()
+        print(f"| {b} | {name} {'x'.join(map(str, SIZES[name]))} | {ms:.1f} | {step_ms[b]:.0f} | "
+              f"{100 * ms / step_ms[b]:.2f} |", flush=True)
+        figures[f"global_ms_{name}_{b}"] = ms
+        figures[f"global_pct_{name}_{b}"] = 100 * ms / step_ms[b]
+
+
 def main() -> None:
     from difftrain.diffusion.assign import knn_candidates, knn_select, linear_assign
 
@@ -88,6 +131,7 @@ def main() -> None:
                   f"{100 * la / step_ms:.2f} | {100 * knn / step_ms:.2f} |", flush=True)
             figures.update({f"la_ms_{name}_{b}": la, f"knn_ms_{name}_{b}": knn, f"step_ms_{b}": step_ms,
                             f"la_pct_{name}_{b}": 100 * la / step_ms, f"knn_pct_{name}_{b}": 100 * knn / step_ms})
+    global_scope(batches, {b: figures[f"step_ms_{b}"] for b in batches}, figures)
     figures["wall_s"] = time.perf_counter() - t0
     print("\n" + " ".join(f"{k}={v:.3g}" for k, v in figures.items()), file=sys.stdout, flush=True)
 

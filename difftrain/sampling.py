@@ -54,7 +54,7 @@ def generate(model, diffusion: Diffusion, conditioner, vae, *, n: int, shape: tu
                            labels[lo:hi] if labels is not None else None)
         uncond = conditioner.null(hi - lo) if cond else {}
         x_T = keyed_randn(seed, 0, range(start + lo, start + hi), shape, "sample").to(device)
-        fn = guided_denoiser(model, cond, uncond, guidance if cond else 1.0, to_x0=diffusion.x0_from_pred)
+        fn = guided_denoiser(model, cond, uncond, guidance if cond else 1.0, to_x0=diffusion.sample_x0)
         x0 = SAMPLERS[sampler](lambda x, t: fn(x, t).float(), x_T, ts, path=diffusion.path, progress=progress)
         pixels = vae.decode(x0).float().clamp(-1, 1)
         channels_last = (0, 2, 3, 1) if pixels.ndim == 4 else (0, 1, 3, 4, 2)  # [.., C, H, W] -> [.., H, W, C]

@@ -7,7 +7,7 @@ A stage uses it as
     pred = model(x_t, t, cond)
     loss = diff.loss(pred, x0, eps, t, weight)     # [B]; reduce (and log binned by t) outside
 
-and sampling uses ``diff.x0_from_pred`` to turn model outputs into the data predictions the
+and sampling uses ``diff.sample_x0`` (``x0_from_pred``, clipped for pixel-space eps models) to turn model outputs into the data predictions the
 samplers consume (see ``denoiser`` and ``guidance.guided_denoiser(..., to_x0=...)``).
 
 ``loss`` multiplies in ``loss_weight(t)`` — the density's importance weight times the weighting —
@@ -35,6 +35,7 @@ class Diffusion:
     t_min: float = 1e-4
     t_max: float = 1.0 - 1e-4
     weighting: Weighting = field(default_factory=NoWeighting)
+    x0_clip: float = 0.0  # sampling: clamp x̂0 to [-x0_clip, x0_clip]; 0 = off (see ``sample_x0``)
 
     def __post_init__(self):
         if self.weighting is None:
@@ -85,16 +86,30 @@ class Diffusion:
         """x̂0 from a model prediction of this bundle's target kind (exact inverse of ``target``)."""
         return T.to_x0(self.target_kind, pred, x_t, t, self.path)
 
+    def sample_x0(self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x̂0 for the samplers: ``x0_from_pred``, clamped to ±``x0_clip`` when set.
+
+        An eps prediction says nothing about x0 where α = 0 (t = 1 on VP-cosine and RF: zero terminal SNR,
+        Lin et al. 2024, sec. 3.2), so x̂0 = (x − σ·ε̂)/α blows up at the sampler's first step and amplifies
+        ε̂'s error by σ/α near it. ``build_diffusion(..., pixel_space=True)`` therefore clips eps models' x̂0 to
+        the data range [-1, 1], the "clipped x̂0" of DDPM's sampler (Ho et al. 2020, appendix / Saharia et al.
+        2022, sec. 2.3 "static thresholding"). Latent-space eps models get no clip: train them with v or
+        velocity targets.
+        """
+        x0 = self.x0_from_pred(pred, x_t, t)
+        return x0.clamp(-self.x0_clip, self.x0_clip) if self.x0_clip > 0 else x0
+
     def to_x0_eps(self, pred, x_t, t):
         return T.to_x0_eps(self.target_kind, pred, x_t, t, self.path)
 
     def denoiser(self, model_fn, cond=None):
         """``model_fn(x_t, t, cond) -> pred`` as a sampler's ``denoise_fn(x, t) -> x̂0``."""
-        return lambda x, t: self.x0_from_pred(model_fn(x, t, cond), x, t)
+        return lambda x, t: self.sample_x0(model_fn(x, t, cond), x, t)
 
 
-def build_diffusion(cfg) -> Diffusion:
-    """From a ``difftrain.config.DiffusionConfig``. Errors name the offending config key."""
+def build_diffusion(cfg, pixel_space: bool = False) -> Diffusion:
+    """From a ``difftrain.config.DiffusionConfig``. Errors name the offending config key. ``pixel_space``
+    (no VAE: data in [-1, 1]) turns on the sampling clip of x̂0 for eps models (``Diffusion.sample_x0``)."""
     from difftrain.config import ConfigError
 
     if cfg.path not in PATHS:
@@ -117,6 +132,7 @@ def build_diffusion(cfg) -> Diffusion:
             f"config key 'diffusion.weighting_args' is invalid for weighting {weighting_name!r}: {e}"
         ) from None
     try:
-        return Diffusion(PATHS[cfg.path](), density, cfg.target, cfg.t_min, cfg.t_max, weighting)
+        return Diffusion(PATHS[cfg.path](), density, cfg.target, cfg.t_min, cfg.t_max, weighting,
+                         x0_clip=1.0 if pixel_space and cfg.target == "eps" else 0.0)
     except ValueError as e:
         raise ConfigError(f"config section 'diffusion': {e}") from None

@@ -99,7 +99,7 @@ def _assemble(name, cfg, model, acfg, step, device) -> Generator:
     from difftrain.train.stages.pretrain import Conditioner
 
     text, vae = build_encoders(cfg, device)
-    return Generator(name, model, acfg, step, build_diffusion(cfg.diffusion), Conditioner(cfg, text, device), vae,
+    return Generator(name, model, acfg, step, build_diffusion(cfg.diffusion, pixel_space=not cfg.encoders.vae), Conditioner(cfg, text, device), vae,
                      cfg, device)
 
 

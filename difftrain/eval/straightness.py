@@ -45,6 +45,6 @@ def model_straightness(model, diffusion, conditioner, *, n: int, shape: tuple[in
 
     cond = conditioner(captions, labels)
     uncond = conditioner.null(n) if cond else {}
-    fn = guided_denoiser(model, cond, uncond, guidance if cond else 1.0, to_x0=diffusion.x0_from_pred)
+    fn = guided_denoiser(model, cond, uncond, guidance if cond else 1.0, to_x0=diffusion.sample_x0)
     x_T = keyed_randn(seed, 0, range(start, start + n), shape, "sample").to(device)
     return straightness(lambda x, t: fn(x, t).float(), x_T, time_grid(steps, 1.0, 0.0).to(device), path=diffusion.path)

@@ -69,7 +69,7 @@ class Trainer:
             write_model_config(self.arch, self.acfg, self.run_dir)
         module = build_backbone(cfg, self.arch, self.acfg, self.device)
         self.engine = TorchEngine(module, self.meshes, cfg.parallel, cfg.optim, self.device, cfg.run.steps)
-        self.diffusion = build_diffusion(cfg.diffusion)
+        self.diffusion = build_diffusion(cfg.diffusion, pixel_space=not cfg.encoders.vae)
         null_text = None
         if cfg.data.kind == "latent":  # pre-encoded shards: check their encoders match this run's
             from difftrain.data.latents import load_latent_data

@@ -17,6 +17,7 @@ from difftrain.data.latents import load_latent_data, output_name, shard_name, si
 from difftrain.data.loader import ShardLoader
 from difftrain.data.samples import SampleDecoder
 from difftrain.diffusion.diffusion import build_diffusion
+from difftrain.diffusion.keyed import keyed_randn
 from difftrain.train.build import build_backbone, build_encoders, model_config
 from difftrain.train.stages.pretrain import Conditioner, PretrainStage
 from tests.conftest import REPO, run_cmd
@@ -133,9 +134,12 @@ class _NoVAE(torch.nn.Module):
         raise AssertionError("the VAE must not run on pre-encoded batches")
 
 
-def test_latent_losses_equal_online(digits, encoders, latent32):
+@pytest.mark.parametrize("assign", ["none", "linear", "knn"])
+def test_latent_losses_equal_online(digits, encoders, latent32, assign):
+    """Pre-encoded latents train exactly as online encoding, with immiscible noise assignment too (it sees the
+    same x0 on both paths, and permutes only the noise)."""
     text, vae = encoders
-    extra = ("data.caption_dropout=0.5", "model.args.depth=2")
+    extra = ("data.caption_dropout=0.5", "model.args.depth=2", f"diffusion.assign={assign}")
     cfg = config(source(digits), *extra)
     lcfg = config(f"{latent32}/{SHARDS}", "data.kind=latent", *extra)
     data = load_latent_data(lcfg)  # no encoders: the null condition comes from null.safetensors
@@ -155,6 +159,10 @@ def test_latent_losses_equal_online(digits, encoders, latent32):
             with torch.no_grad():
                 losses.append(stage.loss(stage.forward(model, prep), prep)[1])
         assert torch.equal(losses[0], losses[1])
+        if assign == "linear":  # the noise rows were permuted, the data were not
+            plain = keyed_randn(lcfg.run.seed, step, b["index"], prep["x0"].shape[1:], "noise")
+            assert not torch.equal(prep["eps"], plain)
+            assert torch.equal(prep["eps"].flatten(1).sort(0).values, plain.flatten(1).sort(0).values)
         null = online.conditioner.null(1)["text_states"][0]
         dropped += int((prep["cond"]["text_states"] == null).all(-1).all(-1).sum())
     assert dropped > 0  # caption dropout happened, and gave the same null condition on both paths

@@ -123,3 +123,31 @@ def test_rf_euler_equals_ddim():
     a = SAMPLERS["euler"](den, x, time_grid(7), path=path)
     b = SAMPLERS["ddim"](den, x, time_grid(7), path=path)
     assert torch.allclose(a, b, atol=1e-12) and not math.isnan(float(a.sum()))
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_eps_model_from_pure_noise_needs_the_pixel_clip(name):
+    """An eps prediction at t = 1 (α = 0) gives no x̂0: unclipped, any error blows up the first step; the pixel-space
+    clip of ``Diffusion.sample_x0`` keeps every sampler finite and in range from the exact eps model of data
+    in [-1, 1] (here ±0.5 per dimension, with a 1e-3 error), and is a no-op for other targets."""
+    from difftrain.config import DiffusionConfig
+    from difftrain.diffusion.diffusion import build_diffusion
+
+    x_T = torch.randn(64, 8, generator=torch.Generator().manual_seed(2))
+
+    def eps_model(x, t, cond=None):  # E[ε | x_t] for x0 uniform on {-0.5, 0.5}^8, plus a trained model's small error
+        path = VPCosine()
+        a, s = path.alpha(t)[:, None], path.sigma(t)[:, None]
+        w = torch.tanh(a * 0.5 * x / s.clamp_min(1e-12) ** 2)  # E[x0 | x_t] / 0.5 per dimension
+        return (x - a * 0.5 * w) / s.clamp_min(1e-12) + 1e-3 * torch.sin(3 * x)
+
+    grid = time_grid(10).float()
+    for pixel, finite in ((True, True), (False, False)):
+        diff = build_diffusion(DiffusionConfig(path="vp_cosine", target="eps"), pixel_space=pixel)
+        out = SAMPLERS[name](diff.denoiser(eps_model), x_T, grid, path=diff.path)
+        assert bool(torch.isfinite(out).all() and out.abs().max() < 1e3) == finite, (pixel, out.abs().max())
+        if finite:
+            assert float(out.abs().max()) <= 1.0
+            # lands near the data's support (the exact denoiser, 10 steps)
+            assert float((out.abs() - 0.5).abs().mean()) < 0.1
+    assert build_diffusion(DiffusionConfig(path="vp_cosine", target="v"), pixel_space=True).x0_clip == 0.0

@@ -1,0 +1,127 @@
+"""Run a backbone's pipeline stages with ``torch.distributed.pipelining`` (public API only).
+
+``build_pipeline(model, bounds, schedule, n_microbatches, loss_fn, pp_group, device)`` cuts ``model`` into the
+stages this pp rank owns (``stages.make_stage``), wraps each in a ``PipelineStage`` and returns a
+:class:`Pipeline` whose ``step`` runs one training iteration of the chosen schedule:
+
+* ``gpipe`` (Huang et al. 2019) and ``1f1b`` (Narayanan et al. 2021, PipeDream-Flush): one stage per rank;
+* ``interleaved_1f1b`` (Narayanan et al. 2021, sec. 2.2) : ``v`` stages per rank, round-robin (rank r owns stages
+  r, r + pp, ...);
+* ``zero_bubble`` (Qi et al. 2024, ZB-V): two stages per rank in a V (rank r owns r and 2·pp − 1 − r), backward
+  split into input- and weight-gradient passes.
+
+Micro-batches are split by the caller (``Pipeline.step(inputs, targets)`` takes lists): every pp rank of a
+data-parallel slice reads the same batch and draws the same keyed noise, so only the first stage's inputs and the
+last stage's targets matter on a rank and nothing else is sent. The loss of a micro-batch is its mean; the
+schedule averages gradients over micro-batches (``scale_grads``), so equal micro-batches give the full batch's
+mean-loss gradients.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from difftrain.parallelism.pipeline.stages import make_stage, num_blocks
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
+
+
+def stage_ids(schedule: str, pp_rank: int, pp: int, n_stages: int) -> list[int]:
+    """The stage indices a pp rank owns, in the order the schedule expects them."""
+    if schedule in ("gpipe", "1f1b"):
+        if n_stages != pp:
+            raise ValueError(f"schedule {schedule!r} runs one stage per rank: {n_stages} stages on {pp} ranks")
+        return [pp_rank]
+    if schedule == "interleaved_1f1b":
+        if n_stages % pp or n_stages < 2 * pp:
+            raise ValueError(f"schedule 'interleaved_1f1b' needs a multiple (>= 2) of {pp} stages, got {n_stages}")
+        return list(range(pp_rank, n_stages, pp))
+    if schedule == "zero_bubble":
+        if n_stages != 2 * pp:
+            raise ValueError(f"schedule 'zero_bubble' (ZB-V) runs two stages per rank: {2 * pp} stages, got {n_stages}")
+        return [pp_rank, 2 * pp - 1 - pp_rank]
+    raise ValueError(f"unknown pipeline schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+
+
+def _schedule_class(schedule: str):
+    from torch.distributed.pipelining import (Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B,
+                                              ScheduleZBVZeroBubble)
+
+    return {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B,
+            "zero_bubble": ScheduleZBVZeroBubble}[schedule]
+
+
+@dataclass
+class Pipeline:
+    modules: list[nn.Module]  # this rank's stage modules (parameter names are the whole model's)
+    ids: list[int]  # their stage indices
+    n_stages: int
+    schedule: object
+    n_microbatches: int
+
+    @property
+    def has_first(self) -> bool:
+        return 0 in self.ids
+
+    @property
+    def has_last(self) -> bool:
+        return self.n_stages - 1 in self.ids
+
+    def parameters(self):
+        for m in self.modules:
+            yield from m.parameters()
+
+    def named_parameters(self):
+        for m in self.modules:
+            yield from m.named_parameters()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for m in self.modules:
+            out.update(m.state_dict())
+        return out
+
+    def step(self, inputs: list[tuple] | None, targets: list | None) -> list[torch.Tensor]:
+        """One iteration over ``n_microbatches`` micro-batches: ``inputs[i]`` = the first stage's positional
+        tensors of micro-batch i (ignored unless this rank owns stage 0), ``targets[i]`` = what ``loss_fn`` gets
+        as its second argument (ignored unless this rank owns the last stage). Gradients accumulate into this
+        rank's stage parameters. Returns the micro-batches' losses on the rank owning the last stage, else []."""
+        losses: list[torch.Tensor] = []
+        kw = dict(return_outputs=False)
+        if self.has_first:
+            kw["arg_mbs"] = [tuple(x) for x in inputs]
+            kw["kwarg_mbs"] = [{} for _ in inputs]
+        if self.has_last:
+            kw.update(target_mbs=list(targets), losses=losses)
+        self.schedule.step(**kw)
+        return losses
+
+
+def build_pipeline(model: nn.Module, bounds: list[tuple[int, int]], schedule: str, n_microbatches: int,
+                   loss_fn: Callable, pp_group, device: torch.device) -> Pipeline:
+    """Cut ``model`` (whole, materialised) at ``bounds`` (one ``(lo, hi)`` block range per stage, covering the
+    trunk) and keep the stages this rank owns in ``pp_group``."""
+    import copy
+
+    import torch.distributed as dist
+    from torch.distributed.pipelining import PipelineStage
+
+    n = num_blocks(model)
+    if bounds[0][0] != 0 or bounds[-1][1] != n or any(a[1] != b[0] for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"pipeline bounds {bounds} must cover blocks 0..{n} contiguously")
+    pp, rank = dist.get_world_size(pp_group), dist.get_rank(pp_group)
+    ids = stage_ids(schedule, rank, pp, len(bounds))
+    modules, stages = [], []
+    for i, sid in enumerate(ids):
+        # the last stage owned keeps the original object; others cut a copy (the model is modified in place)
+        owner = model if i == len(ids) - 1 else copy.deepcopy(model)
+        mod = make_stage(owner, *bounds[sid]).to(device)
+        modules.append(mod)
+        stages.append(PipelineStage(mod, sid, len(bounds), device, group=pp_group))
+    cls = _schedule_class(schedule)
+    sched = (cls(stages[0], n_microbatches, loss_fn=loss_fn) if schedule in ("gpipe", "1f1b")
+             else cls(stages, n_microbatches, loss_fn=loss_fn))
+    return Pipeline(modules, ids, len(bounds), sched, n_microbatches)
