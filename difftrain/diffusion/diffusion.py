@@ -7,8 +7,8 @@ A stage uses it as
     pred = model(x_t, t, cond)
     loss = diff.loss(pred, x0, eps, t, weight)     # [B]; reduce (and log binned by t) outside
 
-and sampling uses ``diff.sample_x0`` (``x0_from_pred``, clipped for pixel-space eps models) to turn model outputs into the data predictions the
-samplers consume (see ``denoiser`` and ``guidance.guided_denoiser(..., to_x0=...)``).
+and sampling uses ``diff.sample_x0`` (``x0_from_pred``, clipped for pixel-space eps models) to turn model
+outputs into the data predictions the samplers consume (see ``denoiser`` and ``guidance.guided_denoiser(..., to_x0=...)``).
 
 ``loss`` multiplies in ``loss_weight(t)`` — the density's importance weight times the weighting —
 and the explicit ``weight``; with no importance weight and ``weighting=none`` it is the plain loss,

@@ -99,8 +99,8 @@ def _assemble(name, cfg, model, acfg, step, device) -> Generator:
     from difftrain.train.stages.pretrain import Conditioner
 
     text, vae = build_encoders(cfg, device)
-    return Generator(name, model, acfg, step, build_diffusion(cfg.diffusion, pixel_space=not cfg.encoders.vae), Conditioner(cfg, text, device), vae,
-                     cfg, device)
+    diffusion = build_diffusion(cfg.diffusion, pixel_space=not cfg.encoders.vae)
+    return Generator(name, model, acfg, step, diffusion, Conditioner(cfg, text, device), vae, cfg, device)
 
 
 def load_generator(path: str | Path, device: torch.device | None = None) -> Generator:

@@ -70,19 +70,9 @@ class Pipeline:
     def has_last(self) -> bool:
         return self.n_stages - 1 in self.ids
 
-    def parameters(self):
-        for m in self.modules:
-            yield from m.parameters()
-
     def named_parameters(self):
         for m in self.modules:
             yield from m.named_parameters()
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for m in self.modules:
-            out.update(m.state_dict())
-        return out
 
     def step(self, inputs: list[tuple] | None, targets: list | None) -> list[torch.Tensor]:
         """One iteration over ``n_microbatches`` micro-batches: ``inputs[i]`` = the first stage's positional

@@ -155,8 +155,8 @@ def _contiguous(wire: tuple) -> tuple:
 
 def make_stage(model: nn.Module, lo: int, hi: int) -> _Stage:
     """The pipeline stage owning trunk blocks ``lo .. hi-1`` of ``model`` (modified in place: every other block
-    and, off the first/last stage, the embeddings/head are dropped). Build the model on the meta device, cut,
-    then materialise only what the stage kept."""
+    and, off the first/last stage, the embeddings/head are dropped). ``model`` may be materialised or on the meta
+    device; only the stage's modules stay referenced."""
     if isinstance(model, DiT):
         return DiTStage(model, lo, hi)
     if isinstance(model, UNet):
