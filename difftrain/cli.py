@@ -154,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_args(v)
     v.set_defaults(fn=_lazy("difftrain.eval.evaluate", "run_eval"))
 
+    pl = sub.add_parser("plan", help="pipeline/data-parallel plan for a cluster from FLOP-based costs (simulated)")
+    from difftrain.parallelism.pipeline.plan import add_plan_args
+
+    add_plan_args(pl)
+    pl.set_defaults(fn=_lazy("difftrain.parallelism.pipeline.plan", "run_plan"))
+
     e = sub.add_parser("export", help="export EMA weights as a diffusers model folder")
     e.add_argument("run")
     e.add_argument("--out", required=True)

@@ -1,0 +1,245 @@
+"""``difftrain plan CONFIG --gpus N``: the best (stages S, data-parallel D, micro-batches M, frozen-work mode,
+DDP/FSDP) for a cluster, from FLOP-based costs of the real model classes built on the meta device.
+
+CONFIG is a preset (``PRESETS``: DiT-XL/2 at 256 px with T5-XXL + SD-VAE, and a 30B DiT that does not fit one
+80 GB GPU) or a run config YAML (its model, encoders and global batch; encoder folders are read for their
+``config.json`` only). Every candidate is cut by :func:`partition.partition` and timed by
+:func:`simulate.simulate`; the plan prints the fastest that fits in memory and why (the runner-up of each kind,
+what does not fit). Assumptions (utilisation, bandwidths, 16 bytes per trained parameter for bf16 weights and
+gradients + fp32 Adam state, ZeRO's count, Rajbhandari et al. 2020, sec. 3.1) are printed with the plan.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from difftrain.parallelism.pipeline.costs import HARDWARE, Hardware, Profile, profile_blocks, profile_frozen
+from difftrain.parallelism.pipeline.partition import partition
+from difftrain.parallelism.pipeline.simulate import SimResult, simulate
+
+PRESETS = {
+    "dit_xl2_256": dict(
+        about="DiT-XL/2 (Peebles & Xie 2023) text-to-image at 256 px: SD-VAE latents 32x32x4, T5-XXL captions "
+              "(120 tokens, as PixArt-alpha)",
+        dit=dict(depth=28, hidden_size=1152, num_heads=16, patch_size=2), px=256, text="t5_xxl", text_tokens=120,
+        vae="sd", global_batch=1024),
+    "dit_30b_256": dict(
+        about="a 30B-parameter DiT (depth 36, width 7168, with cross-attention) at 256 px with T5-XXL + SD-VAE: 480 GB of weights and "
+              "Adam state, too large for one 80 GB GPU",
+        dit=dict(depth=36, hidden_size=7168, num_heads=56, patch_size=2), px=256, text="t5_xxl", text_tokens=120,
+        vae="sd", global_batch=1024),
+}
+
+
+@dataclass
+class Candidate:
+    stages: int
+    dp: int
+    n_mb: int
+    mode: str
+    fsdp: bool
+    bounds: list
+    result: SimResult
+    fits: bool
+    throughput: float  # samples/s over the cluster
+
+    def describe(self) -> str:
+        eng = "fsdp" if self.fsdp else "ddp"
+        kind = "data parallel" if self.stages == 1 else f"pp={self.stages} 1f1b M={self.n_mb} frozen={self.mode}"
+        mem = max(m["total"] for m in self.result.memory) / 1e9
+        idle = max(self.result.idle) * 100
+        return (f"{kind}, dp={self.dp} ({eng}): {self.result.time * 1e3:.0f} ms/iter, {self.throughput:.0f} img/s, "
+                f"max idle {idle:.0f}%, peak memory {mem:.1f} GB{'' if self.fits else ' (does not fit)'}")
+
+
+def _t5_xxl():
+    from transformers import T5Config, T5EncoderModel
+
+    cfg = T5Config(d_model=4096, d_ff=10240, num_layers=24, num_heads=64, d_kv=64, feed_forward_proj="gated-gelu",
+                   vocab_size=32128)  # google/t5-v1_1-xxl
+    return T5EncoderModel(cfg)
+
+
+def _sd_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+                         up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=2, latent_channels=4)
+
+
+def _params(m) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def preset_profile(name: str, hw: Hardware) -> tuple[Profile, int, str]:
+    """(per-sample profile, global batch, description) of a preset, counted on the meta device in bf16."""
+    from difftrain.models.dit import DiT, DiTConfig
+
+    p = PRESETS[name]
+    with torch.device("meta"):
+        text = _t5_xxl().to(torch.bfloat16)
+        vae = _sd_vae()  # fp32 (diffusers warns on a bf16 cast); FLOPs do not depend on the dtype
+        dim = text.config.d_model
+        model = DiT(DiTConfig(image_size=p["px"] // 8, in_channels=4, num_classes=0, text_dim=dim, **p["dit"]))
+        model = model.to(torch.bfloat16)
+        lat, L = p["px"] // 8, p["text_tokens"]
+        inputs = (torch.randn(1, 4, lat, lat, dtype=torch.bfloat16), torch.rand(1),
+                  torch.randn(1, L, dim, dtype=torch.bfloat16), torch.ones(1, L, dtype=torch.bool))
+        ids = torch.zeros(1, L, dtype=torch.long)
+        img = torch.randn(1, 3, p["px"], p["px"])
+        blocks = profile_blocks(model, inputs, "flops", hw)
+        frozen = [profile_frozen("t5_xxl", lambda: text(input_ids=ids).last_hidden_state, "flops", hw,
+                                 params=_params(text)),
+                  profile_frozen("sd_vae_encoder", lambda: vae.encode(img).latent_dist.mean, "flops", hw,
+                                 params=_params(vae.encoder) + _params(vae.quant_conv))]
+    return Profile(blocks, frozen, 1, hw.p2p_bw, hw.latency), p["global_batch"], p["about"]
+
+
+def config_profile(path: str, hw: Hardware) -> tuple[Profile, int, str]:
+    """The profile of a run config's model and encoders (built on meta from their config.json files)."""
+    import json
+
+    from difftrain.config import ConfigError, load_config
+    from difftrain.models.registry import arch_config, build
+
+    cfg = load_config(path)
+    frozen_mods = []
+    text_dim, L = 0, cfg.encoders.text_max_length
+    with torch.device("meta"):
+        if cfg.encoders.text:
+            import transformers as tf
+
+            from difftrain.models.encoders import TEXT_ALIASES, _sub
+
+            root = Path(TEXT_ALIASES[cfg.encoders.text]() if cfg.encoders.text in TEXT_ALIASES else cfg.encoders.text)
+            if not (_sub(root, "text_encoder") / "config.json").is_file():
+                raise ConfigError(f"config key 'encoders.text' = {cfg.encoders.text!r}: no config.json to plan from")
+            tcfg = tf.AutoConfig.from_pretrained(str(_sub(root, "text_encoder")), local_files_only=True)
+            text = (tf.T5EncoderModel(tcfg) if tcfg.model_type in ("t5", "mt5", "umt5") else
+                    tf.CLIPTextModel(tcfg) if tcfg.model_type.startswith("clip") else tf.AutoModel.from_config(tcfg))
+            text = text.to(torch.bfloat16)
+            text_dim = getattr(tcfg, "hidden_size", None) or tcfg.d_model
+            ids = torch.zeros(1, L, dtype=torch.long)
+            frozen_mods.append(("text_encoder", lambda: text(input_ids=ids).last_hidden_state, _params(text)))
+        if cfg.encoders.vae:
+            from diffusers import AutoencoderKL
+
+            vcfg = Path(cfg.encoders.vae) / "config.json"
+            if not vcfg.is_file():
+                raise ConfigError(f"config key 'encoders.vae' = {cfg.encoders.vae!r}: no config.json to plan from")
+            vae = AutoencoderKL.from_config(json.loads(vcfg.read_text()))
+            img = torch.randn(1, 3, cfg.data.image_size, cfg.data.image_size)
+            frozen_mods.append(("vae_encoder", lambda: vae.encode(img).latent_dist.mean, _params(vae.encoder)))
+        arch, acfg = arch_config(cfg.model, text_dim)
+        model = build(arch, acfg, "meta").to(torch.bfloat16)
+        m = cfg.model
+        shape = (1, m.frames, m.in_channels, m.image_size, m.image_size) if m.frames else (
+            1, m.in_channels, m.image_size, m.image_size)
+        inputs = [torch.randn(*shape, dtype=torch.bfloat16), torch.rand(1)]
+        if acfg.num_classes:
+            inputs.append(torch.zeros(1, dtype=torch.long))
+        elif text_dim:
+            inputs += [torch.randn(1, L, text_dim, dtype=torch.bfloat16), torch.ones(1, L, dtype=torch.bool)]
+        blocks = profile_blocks(model, inputs, "flops", hw)
+        frozen = [profile_frozen(n, fn, "flops", hw, params=n_p) for n, fn, n_p in frozen_mods]
+    return (Profile(blocks, frozen, 1, hw.p2p_bw, hw.latency), cfg.data.batch_size,
+            f"{m.name} at model size {m.image_size} from {path}")
+
+
+def candidates(profile: Profile, gpus: int, global_batch: int, hw: Hardware, headroom: float = 0.9):
+    """Every (S, D, M, mode, engine) the cluster allows, simulated."""
+    n = len(profile.blocks)
+    out = []
+    for S in [s for s in (1, 2, 4, 8, 16, 32) if s <= min(gpus, n) and gpus % s == 0]:
+        D = gpus // S
+        if global_batch % D:
+            continue
+        per_replica = global_batch // D
+        p2p = hw.p2p_bw if S <= hw.gpus_per_node else hw.net_bw
+        dp_bw = hw.net_bw if S * D > hw.gpus_per_node else hw.p2p_bw
+        mbs = sorted({m for m in (1, 2, 4, 8, 16, 32, 64) if per_replica % m == 0 and m >= S} | (
+            {per_replica} if S > 1 and per_replica >= S else set()))
+        if S == 1:
+            mbs = [m for m in (1, 2, 4, 8, 16, 32, 64, 128) if per_replica % m == 0]
+        for M in mbs:
+            prof = copy.copy(profile.scaled(per_replica // M))
+            prof.p2p_bw = p2p
+            ct = [2 * prof.comm(i) for i in range(n - 1)]
+            for mode in (("inline",) if S == 1 else ("inline", "balanced", "fill")):
+                extra = [prof.frozen_time if s == 0 and mode == "inline" else 0.0 for s in range(S)]
+                bounds = partition([b.fwd + b.bwd for b in prof.blocks], S, ct, extra)
+                for fsdp in ((False, True) if D > 1 else (False,)):
+                    r = simulate(prof, bounds, M, "1f1b", mode, D, dp_bw, fsdp=fsdp)
+                    fits = max(m["total"] for m in r.memory) <= headroom * hw.memory
+                    out.append(Candidate(S, D, M, mode, fsdp, bounds, r, fits, global_batch / r.time))
+    return out
+
+
+def explain(cands: list[Candidate], gpus: int, hw: Hardware, about: str, profile: Profile) -> str:
+    fit = [c for c in cands if c.fits]
+    lines = [f"plan for {about} on {gpus} x {hw.name} (assumed utilisation {hw.mfu:.0%}, p2p {hw.p2p_bw / 1e9:.0f} "
+             f"GB/s, network {hw.net_bw / 1e9:.0f} GB/s per GPU, 16 B per trained parameter)"]
+    bb, fz = profile.backbone_time, profile.frozen_time
+    lines.append(f"per sample: backbone fwd+bwd {bb * 1e3:.2f} ms, frozen work {fz * 1e3:.2f} ms "
+                 f"({', '.join(f'{f.name} {f.fwd * 1e3:.2f} ms' for f in profile.frozen)}; "
+                 f"{100 * fz / bb:.0f}% of the backbone); {sum(b.params for b in profile.blocks) / 1e9:.2f}B trained "
+                 f"parameters in {len(profile.blocks)} blocks")
+    if not fit:
+        lines.append("nothing fits: every candidate exceeds 90% of the GPU memory; smallest peak: "
+                     + min(cands, key=lambda c: max(m['total'] for m in c.result.memory)).describe())
+        return "\n".join(lines)
+    best = max(fit, key=lambda c: c.throughput)
+    lines.append(f"best: {best.describe()}")
+    if best.stages > 1:
+        lines.append(f"  stages (blocks): {best.bounds}")
+    dp = [c for c in cands if c.stages == 1]
+    if dp and not any(c.fits for c in dp):
+        m = min(dp, key=lambda c: max(x["total"] for x in c.result.memory))
+        lines.append(f"why pipeline: data parallel alone needs {max(x['total'] for x in m.result.memory) / 1e9:.0f} GB "
+                     f"per GPU (> {0.9 * hw.memory / 1e9:.0f} GB) even with FSDP and M={m.n_mb}")
+    elif dp:
+        d = max((c for c in dp if c.fits), key=lambda c: c.throughput)
+        lines.append(f"data parallel: {d.describe()} -> best is {best.throughput / d.throughput:.2f}x of it")
+    for S in sorted({c.stages for c in fit if c.stages > 1}):
+        row = [c for c in fit if c.stages == S]
+        by = {mode: max((c for c in row if c.mode == mode), key=lambda c: c.throughput, default=None)
+              for mode in ("inline", "balanced", "fill")}
+        if by["fill"] and by["inline"] and by["balanced"]:
+            f = by["fill"]
+            lines.append(f"pp={S}: fill {f.throughput / by['inline'].throughput:.2f}x inline, "
+                         f"{f.throughput / by['balanced'].throughput:.2f}x balanced; fill hides "
+                         f"{_hidden(f):.0%} of the frozen work in bubbles "
+                         f"({f.describe()})")
+    return "\n".join(lines)
+
+
+def _hidden(c: Candidate) -> float:
+    """Share of the frozen work the fill placed inside idle gaps (the rest extends the iteration)."""
+    frozen = sum(e.end - e.start for e in c.result.events if e.kind == "frozen")
+    return max(0.0, 1 - c.result.unplaced / frozen) if frozen else 1.0
+
+
+def add_plan_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("config", help=f"a preset ({', '.join(PRESETS)}) or a run config YAML")
+    ap.add_argument("--gpus", type=int, default=64)
+    ap.add_argument("--hardware", default="h100", choices=sorted(HARDWARE))
+    ap.add_argument("--global-batch", type=int, default=0, help="override the preset's / config's global batch")
+    ap.add_argument("--timeline", default="", help="write the best plan's simulated iteration as a PNG")
+
+
+def run_plan(a: argparse.Namespace) -> None:
+    hw = HARDWARE[a.hardware]
+    profile, batch, about = (preset_profile(a.config, hw) if a.config in PRESETS else config_profile(a.config, hw))
+    batch = a.global_batch or batch
+    cands = candidates(profile, a.gpus, batch, hw)
+    print(explain(cands, a.gpus, hw, about, profile))
+    best = max((c for c in cands if c.fits), key=lambda c: c.throughput, default=None)
+    if a.timeline and best is not None:
+        from difftrain.parallelism.pipeline.simulate import plot_timeline
+
+        plot_timeline(best.result, a.timeline, best.describe())
+        print(f"timeline: {a.timeline}")

@@ -1,0 +1,299 @@
+"""Predict a pipelined iteration from a cost profile: time, idle fraction and peak memory per rank, and where the
+frozen work goes (DiffusionPipe, Tian et al. 2024, sec. 4.2: fill the bubbles with the *next* iteration's frozen
+work, splitting a frozen module over several bubbles by running part of its micro-batch).
+
+One pipeline replica (``S`` ranks, one stage each, GPipe or 1F1B) is simulated event by event: a forward waits
+for the previous stage's output (plus its transfer), a backward for the next stage's gradient; each rank runs its
+actions in the schedule's order (:func:`rank_order`, the same order the fill runtime executes). Frozen work:
+
+* ``inline``: the first stage computes a micro-batch's frozen work right before its forward (the usual trainer);
+* ``balanced``: every rank computes 1/S of the iteration's frozen work up front, then the results are gathered
+  (the public-API fallback for any schedule);
+* ``fill``: the next iteration's frozen work is packed, in sample-sized pieces, into the idle gaps of the
+  backbone-only timeline (earliest gap first); what does not fit runs after the rank's last action, spread over
+  the ranks that finish first. :func:`fill_plan` is the placement the runtime executes.
+
+Data parallelism (``D`` replicas) adds the gradient all-reduce that is not hidden behind the backward
+(bucketed DDP overlaps it with the rank's backward compute).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from difftrain.parallelism.pipeline.costs import Profile
+
+MODES = ("inline", "balanced", "fill")
+SIM_SCHEDULES = ("gpipe", "1f1b")
+
+
+def rank_order(schedule: str, rank: int, n_stages: int, n_mb: int) -> list[tuple[str, int]]:
+    """The (``"F"`` | ``"B"``, micro-batch) actions of pp rank ``rank`` in execution order.
+
+    GPipe: all forwards, then all backwards. 1F1B (PipeDream-Flush, Narayanan et al. 2021, fig. 4): ``S - 1 - r``
+    warm-up forwards, then one forward / one backward pairs, then the remaining backwards."""
+    if schedule == "gpipe":
+        return [("F", i) for i in range(n_mb)] + [("B", i) for i in range(n_mb)]
+    if schedule == "1f1b":
+        warm = min(n_stages - 1 - rank, n_mb)
+        order = [("F", i) for i in range(warm)]
+        for i in range(n_mb - warm):
+            order += [("F", warm + i), ("B", i)]
+        return order + [("B", i) for i in range(n_mb - warm, n_mb)]
+    raise ValueError(f"the simulator and the fill runtime cover {', '.join(SIM_SCHEDULES)}; got {schedule!r}")
+
+
+@dataclass
+class Event:
+    rank: int
+    kind: str  # "F" | "B" | "frozen" | "comm"
+    start: float
+    end: float
+    mb: int = -1
+    label: str = ""
+
+
+@dataclass
+class Chunk:
+    """A piece of frozen work: module ``name`` on samples ``[lo, hi)`` of micro-batch ``mb``."""
+    name: str
+    mb: int
+    lo: int
+    hi: int
+
+
+@dataclass
+class SimResult:
+    time: float  # iteration time, seconds
+    events: list[Event]
+    busy: list[float]  # per rank, seconds of compute
+    idle: list[float]  # per rank, fraction of the iteration
+    memory: list[dict]  # per rank: params, optimizer (incl. grads), activations, frozen, total (bytes)
+    ideal: float  # (backbone + frozen work) / S: no bubbles, perfect balance
+    placement: dict = field(default_factory=dict)  # fill: {(rank, slot): [Chunk]}; slot k = before action k
+    unplaced: float = 0.0  # fill: seconds of frozen work that found no gap
+
+    def summary(self) -> str:
+        idle = " ".join(f"{100 * i:.0f}%" for i in self.idle)
+        return f"iter {self.time * 1e3:.1f} ms (ideal {self.ideal * 1e3:.1f}), idle per rank {idle}"
+
+
+def _backbone(stage_f: list[float], stage_b: list[float], comm: list[float], schedule: str, n_mb: int,
+              pre: list[float], extra_f0: float) -> tuple[dict, list[list[tuple[str, int]]]]:
+    """Start/end of every (rank, kind, mb) action; ``pre[r]`` = work before rank r's first action, ``extra_f0`` =
+    inline frozen work the first stage does before each forward."""
+    S = len(stage_f)
+    orders = [rank_order(schedule, r, S, n_mb) for r in range(S)]
+    ends: dict = {}
+    starts: dict = {}
+    free = list(pre)
+    pos = [0] * S
+    remaining = sum(len(o) for o in orders)
+    while remaining:
+        progressed = False
+        for r in range(S):
+            while pos[r] < len(orders[r]):
+                kind, i = orders[r][pos[r]]
+                if kind == "F":
+                    dep = 0.0 if r == 0 else ends.get((r - 1, "F", i))
+                    dep = dep if r == 0 or dep is None else dep + comm[r - 1]
+                    dur = stage_f[r] + (extra_f0 if r == 0 else 0.0)
+                else:
+                    dep = ends.get((r, "F", i)) if r == S - 1 else ends.get((r + 1, "B", i))
+                    dep = dep if r == S - 1 or dep is None else dep + comm[r]
+                    dur = stage_b[r]
+                if dep is None:
+                    break
+                start = max(free[r], dep)
+                starts[(r, kind, i)], ends[(r, kind, i)] = start, start + dur
+                free[r] = start + dur
+                pos[r] += 1
+                remaining -= 1
+                progressed = True
+        if not progressed:
+            raise RuntimeError("pipeline schedule deadlocked in simulation (inconsistent orders)")
+    return {"starts": starts, "ends": ends}, orders
+
+
+def simulate(profile: Profile, bounds: Sequence[tuple[int, int]], n_mb: int, schedule: str = "1f1b",
+             mode: str = "inline", dp: int = 1, dp_bw: float = float("inf"), bytes_per_param: float = 16.0,
+             frozen_bytes_per_param: float = 2.0, fsdp: bool = False) -> SimResult:
+    """One iteration of ``n_mb`` micro-batches (the profile's ``mb_size`` each) through ``bounds``."""
+    if mode not in MODES:
+        raise ValueError(f"frozen work mode must be one of {', '.join(MODES)}, got {mode!r}")
+    S, blocks = len(bounds), profile.blocks
+    stage_f = [sum(b.fwd for b in blocks[lo:hi]) for lo, hi in bounds]
+    stage_b = [sum(b.bwd for b in blocks[lo:hi]) for lo, hi in bounds]
+    comm = [profile.comm(hi - 1) for lo, hi in bounds[:-1]]
+    frozen_mb = profile.frozen_time  # all frozen modules, one micro-batch
+    frozen_total = frozen_mb * n_mb
+    gather = sum(f.out_bytes for f in profile.frozen) * n_mb / profile.p2p_bw if S > 1 else 0.0
+    pre = [0.0] * S
+    extra_f0 = 0.0
+    if mode == "inline" or S == 1:
+        extra_f0 = frozen_mb
+    elif mode == "balanced":
+        pre = [frozen_total / S + gather] * S
+    times, orders = _backbone(stage_f, stage_b, comm, schedule, n_mb, pre, extra_f0)
+    starts, ends = times["starts"], times["ends"]
+    events: list[Event] = []
+    busy = [0.0] * S
+    for (r, kind, i), s in starts.items():
+        e = ends[(r, kind, i)]
+        if kind == "F" and r == 0 and extra_f0:
+            events.append(Event(r, "frozen", s, s + extra_f0, i))
+            events.append(Event(r, "F", s + extra_f0, e, i))
+        else:
+            events.append(Event(r, kind, s, e, i))
+        busy[r] += e - s
+    for r in range(S):
+        if pre[r]:
+            events.append(Event(r, "frozen", 0.0, pre[r] - gather))
+            busy[r] += pre[r] - gather
+            if gather:
+                events.append(Event(r, "comm", pre[r] - gather, pre[r], label="gather frozen outputs"))
+    finish = [max(ends[(r, k, i)] for k, i in orders[r]) for r in range(S)]
+    T = max(finish)
+    placement: dict = {}
+    unplaced = 0.0
+    if mode == "fill" and S > 1:
+        placement, unplaced, extra_end = fill_plan(profile, orders, starts, ends, n_mb, T)
+        for (r, slot), chunks in placement.items():
+            t0 = ends[(r, *orders[r][slot - 1])] if slot > 0 else 0.0
+            if slot == len(orders[r]):
+                t0 = finish[r]
+            for c in chunks:
+                d = _chunk_time(profile, c)
+                events.append(Event(r, "frozen", t0, t0 + d, c.mb, f"{c.name}[{c.lo}:{c.hi}]"))
+                t0 += d
+                busy[r] += d
+        T = max(T, max(finish[r] + extra_end[r] for r in range(S))) + gather
+    # data parallelism: the all-reduce (DDP) or reduce-scatter + all-gathers (FSDP) not hidden by the backward
+    mem = []
+    for r, (lo, hi) in enumerate(bounds):
+        n_params = sum(b.params for b in blocks[lo:hi])
+        if dp > 1:
+            grad_bytes = 2 * n_params  # bf16 gradients
+            volume = (3 if fsdp else 2) * grad_bytes * (dp - 1) / dp
+            exposed = max(0.0, volume / dp_bw - stage_b[r] * n_mb)
+            if exposed:
+                events.append(Event(r, "comm", T, T + exposed, label="dp gradient sync"))
+        in_flight = n_mb if schedule == "gpipe" else min(S - r, n_mb)
+        if mode == "fill" and S > 1:  # the modules this rank runs pieces of
+            names = {c.name for (rr, _), cs in placement.items() if rr == r for c in cs}
+            frozen_here = sum(f.params for f in profile.frozen if f.name in names)
+        else:  # inline: the first stage holds them; balanced: every rank runs a share of every module
+            frozen_here = sum(f.params for f in profile.frozen) if (r == 0 or mode == "balanced") else 0
+        m = dict(params=2 * n_params, optimizer=(bytes_per_param - 2) * n_params / (dp if fsdp else 1),
+                 activations=in_flight * sum(b.saved_bytes for b in blocks[lo:hi]),
+                 frozen=frozen_bytes_per_param * frozen_here)
+        if fsdp:
+            m["params"] /= dp
+        m["total"] = sum(m.values())
+        mem.append(m)
+    comm_end = max([e.end for e in events if e.label == "dp gradient sync"] or [T])
+    T = max(T, comm_end)
+    idle = [1 - b / T for b in busy]
+    ideal = (profile.backbone_time * n_mb + frozen_total) / S
+    return SimResult(T, sorted(events, key=lambda e: (e.rank, e.start)), busy, idle, mem, ideal, placement,
+                     unplaced)
+
+
+def _chunk_time(profile: Profile, c: Chunk) -> float:
+    f = next(f for f in profile.frozen if f.name == c.name)
+    return f.fwd * (c.hi - c.lo) / profile.mb_size
+
+
+def fill_plan(profile: Profile, orders: list[list[tuple[str, int]]], starts: dict, ends: dict, n_mb: int,
+              T: float) -> tuple[dict, float, list[float]]:
+    """Pack the next iteration's frozen work (module by module, micro-batch by micro-batch, in whole samples)
+    into each rank's idle gaps, earliest gap first. Returns ``{(rank, slot): [Chunk]}`` (slot k = run before the
+    rank's k-th action; slot ``len(order)`` = after its last), the seconds left unplaced (then spread over the
+    ranks' tails) and the extra tail time per rank."""
+    S = len(orders)
+    gaps = []  # (start, length, rank, slot)
+    for r in range(S):
+        prev_end = 0.0
+        for k, (kind, i) in enumerate(orders[r]):
+            s = starts[(r, kind, i)]
+            if s - prev_end > 1e-12:
+                gaps.append((prev_end, s - prev_end, r, k))
+            prev_end = ends[(r, kind, i)]
+        if T - prev_end > 1e-12:
+            gaps.append((prev_end, T - prev_end, r, len(orders[r])))
+    gaps.sort()
+    per_sample = {f.name: f.fwd / profile.mb_size for f in profile.frozen}
+    work = [(f.name, mb) for f in profile.frozen for mb in range(n_mb)]
+    placement: dict = {}
+    w, done = 0, 0  # current (module, mb) and samples of it already placed
+    for start, length, r, slot in gaps:
+        room = length
+        while w < len(work) and room > 0:
+            name, mb = work[w]
+            fit = min(profile.mb_size - done, int(room / per_sample[name] + 1e-9) if per_sample[name] else
+                      profile.mb_size - done)
+            if fit <= 0:
+                break
+            placement.setdefault((r, slot), []).append(Chunk(name, mb, done, done + fit))
+            room -= fit * per_sample[name]
+            done += fit
+            if done == profile.mb_size:
+                w, done = w + 1, 0
+    # leftovers: whole remaining pieces, each to the rank whose tail ends first
+    tail = [0.0] * S
+    finish = []
+    for r in range(S):
+        last = orders[r][-1]
+        finish.append(ends[(r, *last)] + sum(_chunk_time(profile, c) for (rr, sl), cs in placement.items()
+                                             if rr == r and sl == len(orders[r]) for c in cs))
+    unplaced = 0.0
+    while w < len(work):
+        name, mb = work[w]
+        r = min(range(S), key=lambda q: finish[q] + tail[q])
+        placement.setdefault((r, len(orders[r])), []).append(Chunk(name, mb, done, profile.mb_size))
+        d = per_sample[name] * (profile.mb_size - done)
+        tail[r] += d
+        unplaced += d
+        w, done = w + 1, 0
+    extra_end = [finish[r] + tail[r] - ends[(r, *orders[r][-1])] for r in range(S)]
+    return placement, unplaced, extra_end
+
+
+def simulate_dp(profile: Profile, n_mb: int, dp: int, dp_bw: float = float("inf"),
+                bytes_per_param: float = 16.0, frozen_bytes_per_param: float = 2.0, fsdp: bool = False) -> SimResult:
+    """Data parallel without pipelining: one stage holding every block, frozen work inline (gradient
+    accumulation over ``n_mb`` micro-batches)."""
+    return simulate(profile, [(0, len(profile.blocks))], n_mb, "gpipe", "inline", dp, dp_bw, bytes_per_param,
+                    frozen_bytes_per_param, fsdp)
+
+
+_COLORS = {"F": "#4c72b0", "B": "#55a868", "frozen": "#dd8452", "comm": "#8c8c8c"}
+
+
+def plot_timeline(result: SimResult | list[Event], path: str, title: str = "", n_ranks: int | None = None) -> None:
+    """A PNG Gantt chart of one iteration per rank: backbone forward/backward, frozen work, communication, with
+    idle as the white space (works for simulated and for measured events)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    events = result.events if isinstance(result, SimResult) else result
+    n = n_ranks or (max(e.rank for e in events) + 1)
+    fig, ax = plt.subplots(figsize=(10, 1.4 + 0.45 * n))
+    for e in events:
+        ax.barh(e.rank, (e.end - e.start) * 1e3, left=e.start * 1e3, color=_COLORS.get(e.kind, "#cccccc"),
+                edgecolor="white", linewidth=0.4)
+        if e.kind in ("F", "B") and e.mb >= 0:
+            ax.text((e.start + e.end) / 2 * 1e3, e.rank, f"{e.kind}{e.mb}", ha="center", va="center", fontsize=6,
+                    color="white")
+    ax.set_yticks(range(n), [f"rank {r}" for r in range(n)])
+    ax.invert_yaxis()
+    ax.set_xlabel("ms")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in _COLORS.values()]
+    fig.legend(handles, ["forward", "backward", "frozen work", "communication"], loc="lower center", ncol=4,
+               fontsize=7, frameon=False)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=130)
+    plt.close(fig)

@@ -1,0 +1,193 @@
+"""Pipeline planning: partitioner (vs brute force and a uniform split), schedule orders, the event simulator
+(closed forms, work conservation of bubble filling, splitting a frozen module), FLOP/wall profiles of the real
+model, and ``difftrain plan``."""
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+
+from difftrain.models.dit import DiT, DiTConfig
+from difftrain.parallelism.pipeline.costs import (HARDWARE, BlockCost, FrozenCost, Profile, profile_blocks,
+                                                  profile_frozen)
+from difftrain.parallelism.pipeline.partition import partition, stage_times, uniform_bounds
+from difftrain.parallelism.pipeline.simulate import fill_plan, plot_timeline, rank_order, simulate
+
+
+def _bounds_from_cuts(n, cuts):
+    edges = [0, *cuts, n]
+    return list(zip(edges, edges[1:]))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_partition_matches_brute_force(seed):
+    rng = random.Random(seed)
+    n, S = 9, 3
+    times = [rng.uniform(0.1, 3.0) for _ in range(n)]
+    cuts = [rng.uniform(0.0, 0.5) for _ in range(n - 1)]
+    extra = [rng.uniform(0.0, 2.0) for _ in range(S)]
+    best = min(max(stage_times(times, _bounds_from_cuts(n, c), cuts, extra))
+               for c in itertools.combinations(range(1, n), S - 1))
+    got = partition(times, S, cuts, extra)
+    assert [hi for _, hi in got][-1] == n and got[0][0] == 0
+    assert max(stage_times(times, got, cuts, extra)) == pytest.approx(best)
+
+
+def test_partition_beats_uniform_on_uneven_blocks():
+    times = [4.0, 4.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]  # e.g. high-resolution blocks first
+    uni = max(stage_times(times, uniform_bounds(8, 2)))
+    dp = max(stage_times(times, partition(times, 2)))
+    assert dp < uni - 1.0
+    # frozen work charged to stage 0 pushes blocks off it
+    plain, loaded = partition([1.0] * 8, 4), partition([1.0] * 8, 4, stage_extra=[3.0, 0, 0, 0])
+    assert loaded[0][1] - loaded[0][0] < plain[0][1] - plain[0][0]
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("S,M", [(2, 4), (4, 8), (4, 2)])
+def test_rank_order_valid(schedule, S, M):
+    for r in range(S):
+        order = rank_order(schedule, r, S, M)
+        assert sorted(order) == sorted([("F", i) for i in range(M)] + [("B", i) for i in range(M)])
+        live, peak = set(), 0
+        for kind, i in order:
+            if kind == "F":
+                live.add(i)
+            else:
+                assert i in live  # backward after its forward
+                live.remove(i)
+            peak = max(peak, len(live))
+        assert peak == (M if schedule == "gpipe" else min(S - r, M))
+
+
+def _profile(n_blocks=8, f=1.0, frozen=(), mb=8, params=100):
+    return Profile([BlockCost(f, 2 * f, 64, 10, params) for _ in range(n_blocks)],
+                   [FrozenCost(name, t, 16, 1000) for name, t in frozen], mb)
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("S,M", [(2, 4), (4, 8)])
+def test_simulate_closed_form(schedule, S, M):
+    prof = _profile()
+    r = simulate(prof, uniform_bounds(8, S), M, schedule)
+    per = 8 / S * 3.0  # fwd + bwd of one stage, one micro-batch
+    assert r.time == pytest.approx((M + S - 1) * per)  # Narayanan et al. 2021, eq. 1
+    for idle in r.idle:
+        assert idle == pytest.approx((S - 1) / (M + S - 1))
+    acts = [m["activations"] for m in r.memory]
+    assert acts == [(M if schedule == "gpipe" else min(S - q, M)) * 8 / S * 10 for q in range(S)]
+
+
+def _placed_samples(placement):
+    got = {}
+    for chunks in placement.values():
+        for c in chunks:
+            got.setdefault((c.name, c.mb), []).append((c.lo, c.hi))
+    return got
+
+
+def test_fill_places_every_sample_once_and_splits_a_module():
+    S, M = 4, 4
+    prof = _profile(frozen=[("text", 2.5), ("vae", 1.0)])
+    r = simulate(prof, uniform_bounds(8, S), M, "1f1b", "fill")
+    got = _placed_samples(r.placement)
+    assert set(got) == {(n, i) for n in ("text", "vae") for i in range(M)}
+    for ranges in got.values():  # the pieces of each (module, micro-batch) tile its 8 samples exactly
+        ranges.sort()
+        assert ranges[0][0] == 0 and ranges[-1][1] == 8
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert any(len(v) > 1 for v in got.values())  # a module's micro-batch split over several gaps
+    frozen_busy = sum(e.end - e.start for e in r.events if e.kind == "frozen")
+    assert frozen_busy == pytest.approx(M * 3.5)
+
+
+def test_fill_hides_frozen_work_that_fits_and_beats_inline_and_balanced():
+    S, M = 4, 8
+    base = simulate(_profile(), uniform_bounds(8, S), M, "1f1b")
+    prof = _profile(frozen=[("text", 2.0)])  # 16 s per iteration; the bubbles hold (S - 1) x 6 s per rank
+    fill = simulate(prof, uniform_bounds(8, S), M, "1f1b", "fill")
+    inline = simulate(prof, uniform_bounds(8, S), M, "1f1b", "inline")
+    balanced = simulate(prof, uniform_bounds(8, S), M, "1f1b", "balanced")
+    assert fill.unplaced == 0
+    assert fill.time == pytest.approx(base.time + prof.frozen[0].out_bytes * M / prof.p2p_bw)
+    assert fill.time < balanced.time < inline.time
+    assert sum(fill.idle) < sum(base.idle) - 0.2
+
+
+def test_fill_leftovers_spread_over_ranks():
+    S, M = 2, 8
+    prof = _profile(frozen=[("big", 20.0)])  # far more than the bubbles
+    fill = simulate(prof, uniform_bounds(8, S), M, "1f1b", "fill")
+    balanced = simulate(prof, uniform_bounds(8, S), M, "1f1b", "balanced")
+    assert fill.unplaced > 0
+    assert fill.time <= balanced.time * 1.1
+
+
+def test_dp_sync_exposed_only_beyond_backward():
+    prof = _profile(params=10**6)
+    fast = simulate(prof, [(0, 8)], 4, "1f1b", dp=8, dp_bw=1e12)
+    slow = simulate(prof, [(0, 8)], 4, "1f1b", dp=8, dp_bw=1e5)
+    assert fast.time == pytest.approx(4 * 8 * 3.0)
+    assert slow.time > fast.time
+
+
+def test_timeline_png(tmp_path):
+    r = simulate(_profile(frozen=[("text", 1.0)]), uniform_bounds(8, 4), 4, "1f1b", "fill")
+    plot_timeline(r, str(tmp_path / "t.png"), "fill")
+    assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _tiny_dit(device="cpu"):
+    with torch.device(device):
+        return DiT(DiTConfig(image_size=8, in_channels=4, num_classes=0, text_dim=32, depth=4, hidden_size=64,
+                             num_heads=4))
+
+
+def test_flop_profile_matches_whole_model_count():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    hw = HARDWARE["h100"]
+    model = _tiny_dit("meta")
+    with torch.device("meta"):
+        inputs = (torch.randn(2, 4, 8, 8), torch.rand(2), torch.randn(2, 5, 32), torch.ones(2, 5, dtype=torch.bool))
+    costs = profile_blocks(model, inputs, "flops", hw)
+    with FlopCounterMode(display=False) as fc:
+        model(inputs[0], inputs[1], {"text_states": inputs[2], "text_mask": inputs[3]})
+    whole = fc.get_total_flops() / (hw.peak_flops * hw.mfu)
+    assert sum(c.fwd for c in costs) == pytest.approx(whole, rel=0.02)
+    assert all(c.bwd == pytest.approx(2 * c.fwd) for c in costs)
+    assert sum(c.params for c in costs) == sum(p.numel() for p in model.parameters())
+    assert costs[-1].out_bytes == 0 and all(c.out_bytes > 0 and c.saved_bytes > 0 for c in costs[:-1])
+    text = torch.nn.Linear(32, 32, device="meta")
+    fz = profile_frozen("text", lambda: text(inputs[2]), "flops", hw)
+    assert fz.fwd == pytest.approx(2 * 2 * 5 * 32 * 32 / (hw.peak_flops * hw.mfu)) and fz.out_bytes == 2 * 5 * 32 * 4
+
+
+def test_wall_profile_on_cpu():
+    torch.manual_seed(0)
+    model = _tiny_dit()
+    model.init_weights()
+    inputs = (torch.randn(2, 4, 8, 8), torch.rand(2), torch.randn(2, 5, 32), torch.ones(2, 5, dtype=torch.bool))
+    costs = profile_blocks(model, inputs, "wall", reps=2)
+    assert len(costs) == 4 and all(c.fwd > 0 and c.bwd > 0 for c in costs)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_plan_cli_pipelines_the_model_that_does_not_fit(capsys):
+    from difftrain.cli import main
+
+    main(["plan", "dit_30b_256", "--gpus", "64"])
+    out = capsys.readouterr().out
+    best = next(line for line in out.splitlines() if line.startswith("best:"))
+    assert "pp=" in best and "does not fit" not in best
+    assert "data parallel" in out and "fill" in out
+
+
+def test_plan_from_run_config(capsys, tmp_path):
+    from difftrain.cli import main
+
+    main(["plan", "configs/demo.yaml", "--gpus", "2", "--hardware", "a100", "--timeline", str(tmp_path / "p.png")])
+    out = capsys.readouterr().out
+    assert "DiT-T/2" in out and "text_encoder" in out and (tmp_path / "p.png").is_file()
