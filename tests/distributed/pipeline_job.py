@@ -1,10 +1,12 @@
 """Runs inside torchrun (gloo): one DiT (text-conditional, adaLN-single) or UNet trained one step by every
-pipeline schedule on this world's ranks. Usage: pipeline_job.py OUT. Writes OUT/rank{r}.pt: per case, this rank's
+pipeline schedule on this world's ranks; then the frozen-work cases (FILL_CASES): bubble filling for GPipe/1F1B
+and the balanced fallback for the others, with a frozen "VAE" and "text encoder" over two iterations. Usage: pipeline_job.py OUT. Writes OUT/rank{r}.pt: per case, this rank's
 stage gradients and micro-batch losses, and the single-process reference gradients of the same step (each rank
 computes it on the full batch: same seed, same weights), all in float64."""
 import copy
 import os
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -14,8 +16,12 @@ import torch.distributed as dist
 
 from difftrain.config import ModelConfig
 from difftrain.models import registry
+from difftrain.parallelism.pipeline.costs import BlockCost, FrozenCost, Profile
+from difftrain.parallelism.pipeline.fill import FrozenFill, FrozenModule
+from difftrain.parallelism.pipeline.partition import uniform_bounds
 from difftrain.parallelism.pipeline.runtime import build_pipeline
-from difftrain.parallelism.pipeline.stages import cond_keys
+from difftrain.parallelism.pipeline.simulate import simulate
+from difftrain.parallelism.pipeline.stages import cond_keys, num_blocks
 
 B, M, TEXT_DIM, LEN = 8, 4, 16, 5
 
@@ -59,6 +65,97 @@ CASES = {  # name: (model, schedule, stages per rank)
 }
 
 
+FILL_CASES = {  # name: (model, schedule, stages per rank, frozen-work mode)
+    "dit_1f1b_fill": ("dit", "1f1b", 1, "fill"),
+    "dit_gpipe_fill": ("dit", "gpipe", 1, "fill"),
+    "unet_1f1b_fill": ("unet", "1f1b", 1, "fill"),
+    "dit_interleaved_1f1b_balanced": ("dit", "interleaved_1f1b", 2, "balanced"),
+    "dit_zero_bubble_balanced": ("dit", "zero_bubble", 2, "balanced"),
+}
+
+
+def frozen_modules() -> list[FrozenModule]:
+    """A frozen "VAE" (stride-2 conv, 4x16x16 pixels -> 4x8x8 latents) and "text encoder" (token ids -> states and
+    mask), float64, the same on every rank."""
+    g = torch.Generator().manual_seed(3)
+    conv = torch.nn.Conv2d(4, 4, 3, stride=2, padding=1).double()
+    emb = torch.nn.Embedding(50, TEXT_DIM).double()
+    with torch.no_grad():
+        for p in [*conv.parameters(), *emb.parameters()]:
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return [FrozenModule("vae", lambda mb: (conv(mb["pixels"]),)),
+            FrozenModule("text", lambda mb: (torch.tanh(emb(mb["ids"])), mb["ids"] > 0))]
+
+
+def raw_mbs(it: int) -> list[dict]:
+    g = torch.Generator().manual_seed(100 + it)
+    pixels = torch.randn(B, 4, 16, 16, generator=g, dtype=torch.float64)
+    ids = torch.randint(1, 50, (B, LEN), generator=g)
+    ids[::3, 2:] = 0
+    return [{"pixels": p, "ids": i} for p, i in zip(pixels.chunk(M), ids.chunk(M))]
+
+
+def inputs_from(outs: list[dict], it: int):
+    """x_t on the rectified-flow path and the velocity target: the last stage needs the latents too."""
+    inputs, targets = [], []
+    for i, o in enumerate(outs):
+        x0 = o["vae"][0]
+        g = torch.Generator().manual_seed(1000 * it + i)
+        eps = torch.randn(x0.shape, generator=g, dtype=x0.dtype)
+        t = torch.rand(x0.shape[0], generator=g, dtype=x0.dtype)
+        tt = t.view(-1, 1, 1, 1)
+        inputs.append(((1 - tt) * x0 + tt * eps, t, *o["text"]))
+        targets.append(eps - x0)
+    return inputs, targets
+
+
+def fill_placement(n_blocks: int, world: int, schedule: str) -> list[dict]:
+    """Per rank ``{slot: [Chunk]}`` from the simulator on made-up costs that force a module's micro-batch to be
+    split over two slots."""
+    prof = Profile([BlockCost(1.0, 2.0, 8, 8, 1) for _ in range(n_blocks)],
+                   [FrozenCost("text", 1.5, 8, 1), FrozenCost("vae", 1.0, 8, 1)], mb_size=B // M)
+    r = simulate(prof, uniform_bounds(n_blocks, world), M, schedule, "fill")
+    return [{slot: cs for (rr, slot), cs in r.placement.items() if rr == q} for q in range(world)]
+
+
+def fill_case(name, schedule, per_rank, mode, world, rank):
+    model = model_for(name)
+    ref = copy.deepcopy(model)
+    n_blocks, n_stages = num_blocks(model), world * per_rank
+    bounds = [(n_blocks * s // n_stages, n_blocks * (s + 1) // n_stages) for s in range(n_stages)]
+    placement = fill_placement(n_blocks, world, schedule)[rank] if mode == "fill" else {}
+    frozen = FrozenFill(frozen_modules(), placement, dist.group.WORLD)
+    pipe = build_pipeline(model, bounds, schedule, M, loss_fn, dist.group.WORLD, torch.device("cpu"),
+                          fill=mode == "fill")
+    outs = frozen.run_all(raw_mbs(0))  # iteration 0: nothing was prefetched
+    res = {"ids": pipe.ids, "trace": [],
+           "placement": {k: [(c.name, c.mb, c.lo, c.hi) for c in cs] for k, cs in placement.items()}}
+    for it in range(2):
+        inputs, targets = inputs_from(outs, it)
+        for p in pipe.modules:
+            p.zero_grad(set_to_none=True)
+        if mode == "fill":
+            t0 = time.perf_counter()
+            losses = pipe.step(inputs, targets, slots=frozen.slots(raw_mbs(it + 1), tag=f"it{it + 1}:"))
+            res["trace"].append({"window": (t0, time.perf_counter()), "events": list(pipe.schedule.trace)})
+            nxt = frozen.deliver(M)
+        else:
+            losses = pipe.step(inputs, targets)
+            nxt = frozen.balanced(raw_mbs(it + 1), rank, world)
+        inline = FrozenFill(frozen_modules(), {}).run_all(raw_mbs(it + 1))
+        res[f"frozen_diff{it}"] = max(float((a.double() - b.double()).abs().max()) for o, q in zip(nxt, inline)
+                                      for k in o for a, b in zip(o[k], q[k]))
+        outs = nxt
+    # gradients of the last step (its inputs came from delivered frozen work) against a single process
+    ref_losses = [loss_fn(ref(x_t, t, dict(zip(cond_keys(ref), c))), tg) for (x_t, t, *c), tg in zip(inputs, targets)]
+    (sum(ref_losses) / M).backward()
+    ref_grads = dict(ref.named_parameters())
+    res.update(losses=[float(v) for v in losses], ref_mb_losses=[float(v) for v in ref_losses],
+               grads={n: p.grad.clone() for n, p in pipe.named_parameters()},
+               ref={n: ref_grads[n].grad for n, _ in pipe.named_parameters()})
+    return res
+
+
 def main():
     out = Path(sys.argv[1])
     torch.set_num_threads(1)
@@ -84,6 +181,11 @@ def main():
                          "ref": {n: ref_grads[n] for n, _ in pipe.named_parameters()},
                          "ref_mb_losses": [float(loss_fn(ref(*a[:2], dict(zip(cond_keys(model), a[2:]))), tg))
                                            for a, tg in zip(inputs, chunks(target))]}
+        dist.barrier()
+    for case, spec in FILL_CASES.items():
+        if world > 2 and case != "dit_1f1b_fill":
+            continue
+        results[case] = fill_case(*spec, world, rank)
         dist.barrier()
     torch.save(results, out / f"rank{rank}.pt")
     dist.destroy_process_group()

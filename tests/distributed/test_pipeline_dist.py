@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tests.conftest import torchrun
-from tests.distributed.pipeline_job import CASES, M
+from tests.distributed.pipeline_job import CASES, FILL_CASES, M
 
 
 def _launch(world, tmp_path_factory):
@@ -44,6 +44,44 @@ def test_two_ranks(two, case):
     _check(two, case)
     ids = sorted(i for r in two for i in r[case]["ids"])
     assert ids == list(range(len(ids)))  # every stage runs exactly once
+
+
+@pytest.mark.parametrize("case", sorted(FILL_CASES))
+def test_two_ranks_frozen_work(two, case):
+    """Fill (GPipe/1F1B) and the balanced fallback (others): delivered frozen outputs equal the inline computation
+    on every rank, and the step fed by them has the single-process gradients."""
+    _check(two, case)
+    for r in two:
+        assert r[case]["frozen_diff0"] == 0 and r[case]["frozen_diff1"] == 0
+
+
+@pytest.mark.parametrize("case", [c for c, spec in FILL_CASES.items() if spec[3] == "fill"])
+def test_fill_runs_next_iterations_frozen_work_inside_this_one(two, case):
+    inside = 0
+    for r in two:
+        for it, tr in enumerate(r[case]["trace"]):
+            t0, t1 = tr["window"]
+            frozen = [e for e in tr["events"] if e[0] == "frozen"]
+            assert frozen or not r[case]["placement"]
+            assert all(e[1].startswith(f"it{it + 1}:") and t0 <= e[2] <= e[3] <= t1 for e in frozen)
+            backbone = [e for e in tr["events"] if e[0] in ("F", "B")]
+            inside += sum(backbone[0][3] <= e[2] and e[3] <= backbone[-1][2] for e in frozen)
+    assert inside > 0  # some of iteration k+1's frozen work ran between iteration k's own actions
+
+
+def test_fill_splits_a_frozen_module_across_slots(two):
+    pieces = {}
+    for r in two:
+        for chunks in r["dit_1f1b_fill"]["placement"].values():
+            for name, mb, lo, hi in chunks:
+                pieces.setdefault((name, mb), []).append((lo, hi))
+    assert any(len(v) > 1 for v in pieces.values())
+    assert sorted(pieces) == [(n, i) for n in ("text", "vae") for i in range(M)]
+
+
+def test_four_ranks_1f1b_fill(four):
+    _check(four, "dit_1f1b_fill")
+    assert all(r["dit_1f1b_fill"]["frozen_diff1"] == 0 for r in four)
 
 
 def test_four_ranks_1f1b(four):

@@ -74,14 +74,24 @@ class Pipeline:
         for m in self.modules:
             yield from m.named_parameters()
 
-    def step(self, inputs: list[tuple] | None, targets: list | None) -> list[torch.Tensor]:
+    def step(self, inputs: list[tuple] | None, targets: list | None, slots: dict | None = None,
+             input_fn=None) -> list[torch.Tensor]:
         """One iteration over ``n_microbatches`` micro-batches: ``inputs[i]`` = the first stage's positional
         tensors of micro-batch i (ignored unless this rank owns stage 0), ``targets[i]`` = what ``loss_fn`` gets
         as its second argument (ignored unless this rank owns the last stage). Gradients accumulate into this
-        rank's stage parameters. Returns the micro-batches' losses on the rank owning the last stage, else []."""
+        rank's stage parameters. Returns the micro-batches' losses on the rank owning the last stage, else [].
+
+        With a fill schedule (``build_pipeline(..., fill=True)``): ``slots`` = frozen work per slot
+        (``fill.FrozenFill.slots``) and ``input_fn`` = the first stage's inputs computed on demand (frozen work
+        inline, instead of ``inputs``)."""
+        if slots is not None or input_fn is not None:
+            if not hasattr(self.schedule, "slots"):
+                raise ValueError("frozen-work slots need build_pipeline(..., fill=True) (gpipe or 1f1b)")
+        if hasattr(self.schedule, "slots"):
+            self.schedule.slots, self.schedule.input_fn = slots or {}, input_fn
         losses: list[torch.Tensor] = []
         kw = dict(return_outputs=False)
-        if self.has_first:
+        if self.has_first and input_fn is None:
             kw["arg_mbs"] = [tuple(x) for x in inputs]
             kw["kwarg_mbs"] = [{} for _ in inputs]
         if self.has_last:
@@ -91,9 +101,13 @@ class Pipeline:
 
 
 def build_pipeline(model: nn.Module, bounds: list[tuple[int, int]], schedule: str, n_microbatches: int,
-                   loss_fn: Callable, pp_group, device: torch.device) -> Pipeline:
+                   loss_fn: Callable, pp_group, device: torch.device, fill: bool = False) -> Pipeline:
     """Cut ``model`` (whole, materialised) at ``bounds`` (one ``(lo, hi)`` block range per stage, covering the
-    trunk) and keep the stages this rank owns in ``pp_group``."""
+    trunk) and keep the stages this rank owns in ``pp_group``. ``fill``: run GPipe / 1F1B with
+    ``fill.FillSchedule`` (frozen work in the bubbles; the only private-API path)."""
+    if fill and schedule not in ("gpipe", "1f1b"):
+        raise ValueError(f"bubble filling covers gpipe and 1f1b; schedule {schedule!r} takes frozen work computed "
+                         "up front (balanced) instead")
     import copy
 
     import torch.distributed as dist
@@ -112,6 +126,11 @@ def build_pipeline(model: nn.Module, bounds: list[tuple[int, int]], schedule: st
         modules.append(mod)
         stages.append(PipelineStage(mod, sid, len(bounds), device, group=pp_group))
     cls = _schedule_class(schedule)
+    if fill:
+        from difftrain.parallelism.pipeline.fill import FillSchedule
+
+        sched = FillSchedule(stages[0], n_microbatches, loss_fn=loss_fn, schedule=schedule)
+        return Pipeline(modules, ids, len(bounds), sched, n_microbatches)
     sched = (cls(stages[0], n_microbatches, loss_fn=loss_fn) if schedule in ("gpipe", "1f1b")
              else cls(stages, n_microbatches, loss_fn=loss_fn))
     return Pipeline(modules, ids, len(bounds), sched, n_microbatches)

@@ -1,0 +1,197 @@
+"""Bubble filling on ``torch.distributed.pipelining`` (DiffusionPipe, Tian et al. 2024, sec. 4.2).
+
+:class:`FillSchedule` runs GPipe or 1F1B for one stage per rank in the order of ``simulate.rank_order`` and, before
+each action, runs the frozen work placed in that slot: it posts the action's receive (fused with the previous
+action's pending sends, as torch's own 1F1B does, so NCCL cannot deadlock on crossing send/recv pairs), does the
+frozen work while the message is in flight, then waits. The frozen work is the *next* iteration's (placed by
+``simulate.fill_plan`` from profiled costs), so it never depends on this iteration's backbone; a module's
+micro-batch may be split over several slots by sample ranges. :class:`FrozenFill` runs the pieces and delivers
+the results to every pp rank (one all-reduce per output over zero-initialised buffers: exact), so the first stage
+has its inputs and the last its targets at the next step.
+
+This is the only module of difftrain that touches private pipelining API (``PipelineScheduleSingle``'s
+``_check_inputs``, ``_initialize_stage``, ``_maybe_compute_loss``, ``_maybe_get_loss``, ``_update_losses``,
+``_batch_p2p``, ``_wait_batch_p2p`` and the stage's ``get_*_ops`` / ``*_one_chunk``). It is written against torch
+``TESTED_TORCH``; upgrades are gated by the gradient-equality test (tests/distributed/test_pipeline_dist.py).
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch.distributed.pipelining.schedules import PipelineScheduleSingle, _batch_p2p, _wait_batch_p2p
+
+from difftrain.parallelism.pipeline.simulate import Chunk, rank_order
+
+TESTED_TORCH = "2.14"
+if not torch.__version__.startswith(TESTED_TORCH):
+    warnings.warn(f"difftrain's pipeline bubble filling uses private torch.distributed.pipelining API tested on torch "
+                  f"{TESTED_TORCH}; this is torch {torch.__version__}: run tests/distributed/test_pipeline_dist.py")
+
+
+class FillSchedule(PipelineScheduleSingle):
+    """GPipe / 1F1B with frozen work in the slots. Per step, set ``slots`` (``{k: [(label, fn)]}``: run before
+    action k of ``order``; ``k = len(order)`` after the last) and, for frozen work inline on the first stage,
+    ``input_fn`` (micro-batch index -> the first stage's positional inputs, called right before its forward).
+    ``trace`` holds the last step's ``(kind, label, t0, t1)`` events (kinds F, B, frozen, wait; perf_counter)."""
+
+    def __init__(self, stage, n_microbatches: int, loss_fn: Callable | None = None, schedule: str = "1f1b",
+                 scale_grads: bool = True):
+        super().__init__(stage, n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
+        self.order = rank_order(schedule, stage.stage_index, stage.num_stages, n_microbatches)
+        self.slots: dict[int, list[tuple[str, Callable]]] = {}
+        self.input_fn: Callable[[int], tuple] | None = None
+        self.trace: list[tuple[str, str, float, float]] = []
+
+    def _frozen(self, k: int) -> None:
+        for label, fn in self.slots.get(k, ()):
+            t0 = time.perf_counter()
+            fn()
+            self.trace.append(("frozen", label, t0, time.perf_counter()))
+
+    def _step_microbatches(self, arg_mbs=None, kwarg_mbs=None, target_mbs=None, losses=None, return_outputs=True,
+                           loss_kwargs=None):
+        arg_mbs, kwarg_mbs = self._check_inputs(arg_mbs, kwarg_mbs, target_mbs, losses)
+        stage, n = self._stage, self._n_microbatches
+        inline = self.input_fn is not None and stage.is_first
+        resolved: dict[int, tuple] = {}
+        if inline and not self._stage_forward_initialized:
+            resolved[0] = self.input_fn(0)  # shape inference needs micro-batch 0 (first step only)
+        first_args = resolved.get(0, arg_mbs[0])
+        self._initialize_stage(first_args, kwarg_mbs[0], target_mbs[0] if target_mbs is not None else None,
+                               loss_kwargs)
+        self.trace = []
+        last_b = max(k for k, (kind, _) in enumerate(self.order) if kind == "B")
+        pending: list = []
+        in_flight: list = []
+        for k, (kind, i) in enumerate(self.order):
+            recv = stage.get_fwd_recv_ops(i) if kind == "F" else stage.get_bwd_recv_ops(i)
+            works = _batch_p2p(pending + recv, desc="fill") if (pending or recv) else []
+            if recv:
+                self._frozen(k)  # in the shadow of the receive
+                t0 = time.perf_counter()
+                _wait_batch_p2p(works)
+                self.trace.append(("wait", f"{kind}{i}", t0, time.perf_counter()))
+            else:
+                in_flight.append(works)
+                self._frozen(k)
+            t0 = time.perf_counter()
+            if kind == "F":
+                if inline:
+                    args = resolved.pop(i) if i in resolved else self.input_fn(i)
+                    self.trace.append(("frozen", f"inline{i}", t0, time.perf_counter()))
+                    t0 = time.perf_counter()
+                else:
+                    args = arg_mbs[i]
+                out = stage.forward_one_chunk(i, args, kwarg_mbs[i], save_forward_output=return_outputs)
+                self._maybe_compute_loss(stage, out, target_mbs, i, loss_kwargs)
+                pending = stage.get_fwd_send_ops(i)
+            else:
+                stage.backward_one_chunk(i, loss=self._maybe_get_loss(stage, i), last_backward=k == last_b)
+                pending = stage.get_bwd_send_ops(i)
+            self.trace.append((kind, str(i), t0, time.perf_counter()))
+        if pending:
+            in_flight.append(_batch_p2p(pending, desc="fill_last_send"))
+        self._frozen(len(self.order))
+        for works in in_flight:
+            _wait_batch_p2p(works)
+        self._update_losses(stage, losses)
+        stage.perform_reduce_grad(n if self.scale_grads else 1)
+
+
+@dataclass
+class FrozenModule:
+    """Frozen work: ``fn(samples)`` maps a dict of batch-first inputs (a micro-batch or a slice of one) to a tuple
+    of batch-first output tensors, under ``no_grad``."""
+    name: str
+    fn: Callable[[dict], tuple]
+
+
+def _slice(mb: dict, lo: int, hi: int) -> dict:
+    return {k: v[lo:hi] for k, v in mb.items()}
+
+
+class FrozenFill:
+    """Runs this rank's share of the next iteration's frozen work (``placement``: ``{slot: [Chunk]}``, this rank's
+    part of ``simulate.fill_plan``) and delivers every micro-batch's outputs to all ranks of ``group``."""
+
+    def __init__(self, modules: list[FrozenModule], placement: dict[int, list[Chunk]], group=None):
+        self.modules = {m.name: m for m in modules}
+        self.placement = placement
+        self.group = group
+        self._parts: list[tuple[Chunk, tuple]] = []
+        self._spec: dict[str, list[tuple[torch.Size, torch.dtype, torch.device]]] = {}
+
+    def run_all(self, mbs: list[dict]) -> list[dict[str, tuple]]:
+        """Every micro-batch's frozen work on this rank (the first iteration, and the inline/balanced baselines)."""
+        out = []
+        with torch.no_grad():
+            for mb in mbs:
+                res = {name: tuple(m.fn(mb)) for name, m in self.modules.items()}
+                for name, r in res.items():
+                    self._spec.setdefault(name, [(t.shape[1:], t.dtype, t.device) for t in r])
+                out.append(res)
+        return out
+
+    def slots(self, next_mbs: list[dict], tag: str = "") -> dict[int, list[tuple[str, Callable]]]:
+        """The slot callables computing this rank's chunks of ``next_mbs``; results kept until :meth:`deliver`."""
+        self._parts = []
+        self._mb_size = len(next(iter(next_mbs[0].values())))
+        out: dict[int, list] = {}
+        for k, chunks in self.placement.items():
+            for c in chunks:
+                def run(c=c):
+                    with torch.no_grad():
+                        self._parts.append((c, tuple(self.modules[c.name].fn(_slice(next_mbs[c.mb], c.lo, c.hi)))))
+                out.setdefault(k, []).append((f"{tag}{c.name}[{c.mb}:{c.lo}:{c.hi}]", run))
+        return out
+
+    def balanced(self, mbs: list[dict], rank: int, world: int) -> list[dict[str, tuple]]:
+        """The public-API fallback for any schedule: this rank computes its equal share of every module's samples
+        now, then all ranks exchange (:meth:`deliver`)."""
+        mb_size = len(next(iter(mbs[0].values())))
+        self._mb_size, self._parts = mb_size, []
+        with torch.no_grad():
+            for c in balanced_chunks(sorted(self.modules), len(mbs), mb_size, world)[rank]:
+                self._parts.append((c, tuple(self.modules[c.name].fn(_slice(mbs[c.mb], c.lo, c.hi)))))
+        return self.deliver(len(mbs))
+
+    def deliver(self, n_mb: int) -> list[dict[str, tuple]]:
+        """Assemble the chunks of all ranks: zero buffers, own pieces written in, one SUM all-reduce per output."""
+        if not self._spec:
+            raise RuntimeError("FrozenFill.deliver before run_all: output shapes unknown (run the first iteration "
+                               "with run_all)")
+        bufs = {name: [torch.zeros((n_mb, self._mb_size, *shape), dtype=_wire_dtype(dtype), device=dev)
+                       for shape, dtype, dev in spec] for name, spec in self._spec.items()}
+        for c, outs in self._parts:
+            for buf, o in zip(bufs[c.name], outs):
+                buf[c.mb, c.lo:c.hi] = o.to(buf.dtype)
+        for name in sorted(bufs):
+            for buf in bufs[name]:
+                dist.all_reduce(buf, group=self.group)
+        self._parts = []
+        return [{name: tuple(b[i].to(d) for b, (_, d, _) in zip(bufs[name], self._spec[name])) for name in bufs}
+                for i in range(n_mb)]
+
+
+def balanced_chunks(names: list[str], n_mb: int, mb_size: int, world: int) -> list[list[Chunk]]:
+    """Per rank, an equal contiguous share of each module's ``n_mb x mb_size`` samples, as chunks."""
+    out: list[list[Chunk]] = [[] for _ in range(world)]
+    total = n_mb * mb_size
+    for name in names:
+        for r in range(world):
+            lo, hi = total * r // world, total * (r + 1) // world
+            while lo < hi:
+                mb, off = divmod(lo, mb_size)
+                end = min(hi, (mb + 1) * mb_size)
+                out[r].append(Chunk(name, mb, off, off + end - lo))
+                lo = end
+    return out
+
+
+def _wire_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.int32 if dtype == torch.bool else dtype
