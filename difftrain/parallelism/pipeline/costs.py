@@ -72,6 +72,7 @@ class Profile:
     mb_size: int = 1  # samples per micro-batch the costs are for
     p2p_bw: float = float("inf")  # bytes/s between neighbouring stages
     latency: float = 0.0
+    overhead: float = 0.0  # seconds per forward or backward action (runtime bookkeeping; calibrated)
 
     def comm(self, i: int) -> float:
         """Seconds to move block i's output (or its gradient) to the next stage."""
@@ -83,7 +84,7 @@ class Profile:
         blocks = [BlockCost(b.fwd * r, b.bwd * r, int(b.out_bytes * r), int(b.saved_bytes * r), b.params)
                   for b in self.blocks]
         frozen = [FrozenCost(f.name, f.fwd * r, int(f.out_bytes * r), f.params, f.consumer) for f in self.frozen]
-        return Profile(blocks, frozen, mb_size, self.p2p_bw, self.latency)
+        return Profile(blocks, frozen, mb_size, self.p2p_bw, self.latency, self.overhead)
 
     @property
     def backbone_time(self) -> float:

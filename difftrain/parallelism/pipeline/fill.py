@@ -133,9 +133,13 @@ class FrozenFill:
             for mb in mbs:
                 res = {name: tuple(m.fn(mb)) for name, m in self.modules.items()}
                 for name, r in res.items():
-                    self._spec.setdefault(name, [(t.shape[1:], t.dtype, t.device) for t in r])
+                    self._learn(name, r)
                 out.append(res)
         return out
+
+    def _learn(self, name: str, outs: tuple) -> tuple:
+        self._spec.setdefault(name, [(t.shape[1:], t.dtype, t.device) for t in outs])
+        return outs
 
     def slots(self, next_mbs: list[dict], tag: str = "") -> dict[int, list[tuple[str, Callable]]]:
         """The slot callables computing this rank's chunks of ``next_mbs``; results kept until :meth:`deliver`."""
@@ -146,7 +150,8 @@ class FrozenFill:
             for c in chunks:
                 def run(c=c):
                     with torch.no_grad():
-                        self._parts.append((c, tuple(self.modules[c.name].fn(_slice(next_mbs[c.mb], c.lo, c.hi)))))
+                        outs = tuple(self.modules[c.name].fn(_slice(next_mbs[c.mb], c.lo, c.hi)))
+                        self._parts.append((c, self._learn(c.name, outs)))
                 out.setdefault(k, []).append((f"{tag}{c.name}[{c.mb}:{c.lo}:{c.hi}]", run))
         return out
 
@@ -157,14 +162,15 @@ class FrozenFill:
         self._mb_size, self._parts = mb_size, []
         with torch.no_grad():
             for c in balanced_chunks(sorted(self.modules), len(mbs), mb_size, world)[rank]:
-                self._parts.append((c, tuple(self.modules[c.name].fn(_slice(mbs[c.mb], c.lo, c.hi)))))
+                outs = tuple(self.modules[c.name].fn(_slice(mbs[c.mb], c.lo, c.hi)))
+                self._parts.append((c, self._learn(c.name, outs)))
         return self.deliver(len(mbs))
 
     def deliver(self, n_mb: int) -> list[dict[str, tuple]]:
         """Assemble the chunks of all ranks: zero buffers, own pieces written in, one SUM all-reduce per output."""
-        if not self._spec:
-            raise RuntimeError("FrozenFill.deliver before run_all: output shapes unknown (run the first iteration "
-                               "with run_all)")
+        if set(self._spec) != set(self.modules):
+            raise RuntimeError(f"FrozenFill.deliver: output shapes of {sorted(set(self.modules) - set(self._spec))} "
+                               "unknown on this rank (run the first iteration with run_all)")
         bufs = {name: [torch.zeros((n_mb, self._mb_size, *shape), dtype=_wire_dtype(dtype), device=dev)
                        for shape, dtype, dev in spec] for name, spec in self._spec.items()}
         for c, outs in self._parts:

@@ -117,13 +117,13 @@ def _backbone(stage_f: list[float], stage_b: list[float], comm: list[float], sch
 
 def simulate(profile: Profile, bounds: Sequence[tuple[int, int]], n_mb: int, schedule: str = "1f1b",
              mode: str = "inline", dp: int = 1, dp_bw: float = float("inf"), bytes_per_param: float = 16.0,
-             frozen_bytes_per_param: float = 2.0, fsdp: bool = False) -> SimResult:
+             frozen_bytes_per_param: float = 2.0, fsdp: bool = False, grad_bytes: float = 2.0) -> SimResult:
     """One iteration of ``n_mb`` micro-batches (the profile's ``mb_size`` each) through ``bounds``."""
     if mode not in MODES:
         raise ValueError(f"frozen work mode must be one of {', '.join(MODES)}, got {mode!r}")
     S, blocks = len(bounds), profile.blocks
-    stage_f = [sum(b.fwd for b in blocks[lo:hi]) for lo, hi in bounds]
-    stage_b = [sum(b.bwd for b in blocks[lo:hi]) for lo, hi in bounds]
+    stage_f = [sum(b.fwd for b in blocks[lo:hi]) + profile.overhead for lo, hi in bounds]
+    stage_b = [sum(b.bwd for b in blocks[lo:hi]) + profile.overhead for lo, hi in bounds]
     comm = [profile.comm(hi - 1) for lo, hi in bounds[:-1]]
     frozen_mb = profile.frozen_time  # all frozen modules, one micro-batch
     frozen_total = frozen_mb * n_mb
@@ -173,8 +173,7 @@ def simulate(profile: Profile, bounds: Sequence[tuple[int, int]], n_mb: int, sch
     for r, (lo, hi) in enumerate(bounds):
         n_params = sum(b.params for b in blocks[lo:hi])
         if dp > 1:
-            grad_bytes = 2 * n_params  # bf16 gradients
-            volume = (3 if fsdp else 2) * grad_bytes * (dp - 1) / dp
+            volume = (3 if fsdp else 2) * grad_bytes * n_params * (dp - 1) / dp
             exposed = max(0.0, volume / dp_bw - stage_b[r] * n_mb)
             if exposed:
                 events.append(Event(r, "comm", T, T + exposed, label="dp gradient sync"))
@@ -259,12 +258,12 @@ def fill_plan(profile: Profile, orders: list[list[tuple[str, int]]], starts: dic
     return placement, unplaced, extra_end
 
 
-def simulate_dp(profile: Profile, n_mb: int, dp: int, dp_bw: float = float("inf"),
-                bytes_per_param: float = 16.0, frozen_bytes_per_param: float = 2.0, fsdp: bool = False) -> SimResult:
+def simulate_dp(profile: Profile, n_mb: int, dp: int, dp_bw: float = float("inf"), bytes_per_param: float = 16.0,
+                frozen_bytes_per_param: float = 2.0, fsdp: bool = False, grad_bytes: float = 2.0) -> SimResult:
     """Data parallel without pipelining: one stage holding every block, frozen work inline (gradient
     accumulation over ``n_mb`` micro-batches)."""
-    return simulate(profile, [(0, len(profile.blocks))], n_mb, "gpipe", "inline", dp, dp_bw, bytes_per_param,
-                    frozen_bytes_per_param, fsdp)
+    return simulate(profile, [(0, len(profile.blocks))], n_mb, "1f1b", "inline", dp, dp_bw, bytes_per_param,
+                    frozen_bytes_per_param, fsdp, grad_bytes)
 
 
 _COLORS = {"F": "#4c72b0", "B": "#55a868", "frozen": "#dd8452", "comm": "#8c8c8c"}
