@@ -124,7 +124,13 @@ class ParallelConfig:
     dp_replicate: int = -1
     dp_shard: int = -1
     tp: int = 1
-    pp: int = 1
+    pp: int = 1  # pipeline stages (docs/PIPELINE.md); every pp rank of a data-parallel slice reads the same batch
+    pp_schedule: str = choice("1f1b", ["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"])
+    pp_microbatches: int = 4  # per step and data-parallel rank (with pp > 1 it replaces optim.grad_accum)
+    # fill: the next step's frozen work (VAE, text encoder) in the bubbles (gpipe, 1f1b); balanced: computed up
+    # front, an equal share per pp rank (any schedule); auto: fill where it applies, else balanced
+    pp_frozen: str = choice("auto", ["auto", "fill", "balanced"])
+    pp_bounds: list = field(default_factory=list)  # first block of stages 1..n-1; empty: DP over FLOP costs
     mixed_precision: str = choice("auto", ["auto", "bf16", "fp32"])  # auto: bf16 on CUDA, fp32 on CPU
     activation_checkpointing: bool = False
     compile: bool = False
@@ -281,6 +287,18 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config key 'eval.ref' must name held-out shards (or an image folder) when eval.every > 0")
     if not 0.0 <= cfg.data.caption_dropout < 1.0:
         raise ConfigError("config key 'data.caption_dropout' must be in [0, 1)")
+    pc = cfg.parallel
+    if pc.pp > 1:
+        if cfg.optim.grad_accum != 1:
+            raise ConfigError("config key 'optim.grad_accum' must be 1 with parallel.pp > 1: the pipeline's "
+                              "micro-batches (parallel.pp_microbatches) are the accumulation")
+        if pc.pp_microbatches < 1:
+            raise ConfigError("config key 'parallel.pp_microbatches' must be >= 1")
+        if pc.pp_frozen == "fill" and pc.pp_schedule not in ("gpipe", "1f1b"):
+            raise ConfigError(f"config key 'parallel.pp_frozen' = fill works with pp_schedule gpipe or 1f1b, not "
+                              f"{pc.pp_schedule!r}; use balanced (or auto)")
+        if pc.tp != 1:
+            raise ConfigError("config key 'parallel.tp' must be 1 (tensor parallelism is not built yet)")
 
 
 def to_dict(cfg) -> dict:

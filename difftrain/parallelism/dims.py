@@ -52,9 +52,8 @@ class ParallelDims:
                 f" = {prod} != world size {self.world_size}")
         if engine == "ddp" and self.dp_shard != 1:
             raise ConfigError("config key 'parallel.dp_shard' must be 1 with parallel.engine=ddp (use fsdp2 to shard)")
-        if self.tp != 1 or self.pp != 1:
-            raise ConfigError("config keys 'parallel.tp' and 'parallel.pp' must be 1 for now "
-                              "(tensor and pipeline parallelism are not built yet)")
+        if self.tp != 1:
+            raise ConfigError("config key 'parallel.tp' must be 1 for now (tensor parallelism is not built yet)")
 
     @property
     def dp(self) -> int:
@@ -82,6 +81,11 @@ class Meshes:
         if self.dims.dp_replicate > 1:
             return self.world["dp_replicate", "dp_shard"]
         return self.world["dp_shard"]
+
+    @cached_property
+    def pp(self) -> DeviceMesh:
+        """The pipeline ranks of this rank's data-parallel slice."""
+        return self.world["pp"]
 
     @property
     def dp_rank(self) -> int:

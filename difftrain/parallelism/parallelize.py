@@ -17,10 +17,11 @@ from difftrain.parallelism.dims import Meshes
 
 
 def trunk_blocks(model: nn.Module) -> list[nn.Module]:
+    """The trunk's blocks (a pipeline stage's: the ones it owns)."""
     blocks = getattr(model, "blocks", None)
     if blocks is None:
         raise TypeError(f"{type(model).__name__} exposes no .blocks trunk to parallelize")
-    return list(blocks)
+    return [b for b in blocks if b is not None]
 
 
 def _checkpointed(forward):
@@ -66,12 +67,15 @@ def apply_ddp(model: nn.Module, meshes: Meshes, device: torch.device) -> nn.Modu
     )
 
 
-def parallelize(model: nn.Module, meshes: Meshes, pcfg: ParallelConfig, device: torch.device) -> nn.Module:
-    """Returns the module to call for forward (the DDP wrapper, or the same sharded module)."""
+def parallelize(model: nn.Module, meshes: Meshes, pcfg: ParallelConfig, device: torch.device,
+                ddp: bool = True) -> nn.Module:
+    """Returns the module to call for forward (the DDP wrapper, or the same sharded module). ``ddp=False``: no DDP
+    wrapper (pipeline stages: DDP's reducer cannot follow a schedule's many forwards before one synchronising
+    backward, so the pipeline all-reduces the gradients after the schedule)."""
     if pcfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     if pcfg.compile:
         apply_compile(model, pcfg.compile_backend)
     if pcfg.engine == "fsdp2":
         return apply_fsdp2(model, meshes)
-    return apply_ddp(model, meshes, device)
+    return apply_ddp(model, meshes, device) if ddp else model

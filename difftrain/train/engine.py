@@ -68,12 +68,24 @@ def lr_lambda(ocfg: OptimConfig, total_steps: int):
 
 
 @torch.no_grad()
-def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Global grad norm over all ranks' shards (DTensor norms reduce over the mesh), then clip."""
+def local_grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
+    """Grad norm of these parameters over the data-parallel shards (DTensor norms reduce over the mesh)."""
     grads = [p.grad for p in params if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
-    if isinstance(norm, DTensor):
-        norm = norm.full_tensor()
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+@torch.no_grad()
+def clip_grad_norm_(params: list[nn.Parameter], max_norm: float, group=None) -> torch.Tensor:
+    """Global grad norm (over the shards, and summed over ``group``'s ranks, e.g. the pipeline stages, each holding
+    other parameters), then clip."""
+    norm = local_grad_norm(params)
+    if group is not None:
+        import torch.distributed as dist
+
+        sq = norm.square()
+        dist.all_reduce(sq, group=group)
+        norm = sq.sqrt()
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, norm, foreach=True)
     return norm
@@ -82,11 +94,14 @@ def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> torch.Tensor
 class TorchEngine(Engine):
     """DDP or FSDP2 with torch's AdamW, a LambdaLR schedule and a (sharded) EMA."""
 
+    norm_group = None  # ranks whose grad norms add up (the pipeline stages); None = this rank's parameters
+
     def __init__(self, module: nn.Module, meshes: Meshes, pcfg: ParallelConfig, ocfg: OptimConfig,
-                 device: torch.device, total_steps: int):
+                 device: torch.device, total_steps: int, wrapped: bool = False):
+        """``wrapped``: ``module`` is already parallelised (pipeline stages wrap each stage themselves)."""
         self.module = module
         self.kind = pcfg.engine
-        self.model = parallelize(module, meshes, pcfg, device)
+        self.model = module if wrapped else parallelize(module, meshes, pcfg, device)
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.max_norm = ocfg.grad_clip
         self.optimizer = torch.optim.AdamW(
@@ -109,7 +124,7 @@ class TorchEngine(Engine):
             yield
 
     def step(self, step: int) -> torch.Tensor:
-        norm = clip_grad_norm_(self.params, self.max_norm)
+        norm = clip_grad_norm_(self.params, self.max_norm, self.norm_group)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()

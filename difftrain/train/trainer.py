@@ -2,6 +2,7 @@
 
 step:  next batch (the one after it is already fetched: ``LookAhead``) -> per micro-batch
        stage.frozen -> stage.prepare -> stage.forward -> stage.loss -> engine.backward
+       (pipelined, parallel.pp > 1: train/pipeline.py runs the same stage methods through the schedule)
        -> engine.step (clip, optimizer, LR, EMA) -> metrics (device tensors, reduced at log steps)
        -> callbacks (sample grids) -> checkpoint (every N steps, at the end, on SIGTERM)
 """
@@ -42,6 +43,12 @@ class LookAhead:
     def peek(self):
         return self._next
 
+    def close(self) -> None:
+        """Stop the loader's workers now (not at garbage collection, which a reference cycle can defer to exit)."""
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
+
 
 class Trainer:
     def __init__(self, cfg: Config, callbacks: list | None = None):
@@ -68,7 +75,15 @@ class Trainer:
         if self.rank == 0:
             write_model_config(self.arch, self.acfg, self.run_dir)
         module = build_backbone(cfg, self.arch, self.acfg, self.device)
-        self.engine = TorchEngine(module, self.meshes, cfg.parallel, cfg.optim, self.device, cfg.run.steps)
+        self.pp_step = None
+        if self.dims.pp > 1:  # pipeline parallel (docs/PIPELINE.md)
+            from difftrain.train.pipeline import PipelinedStep, PipelineEngine
+
+            self.pp_step = PipelinedStep(self)
+            self.engine = PipelineEngine(module, self.meshes, cfg, self.device, cfg.run.steps, self.pp_step.loss_fn)
+            self.pp_step.engine = self.engine
+        else:
+            self.engine = TorchEngine(module, self.meshes, cfg.parallel, cfg.optim, self.device, cfg.run.steps)
         self.diffusion = build_diffusion(cfg.diffusion, pixel_space=not cfg.encoders.vae)
         null_text = None
         if cfg.data.kind == "latent":  # pre-encoded shards: check their encoders match this run's
@@ -133,6 +148,10 @@ class Trainer:
     def train_step(self, batch: dict) -> None:
         # batch["index"]: each sample's global position in the stream (the key of its randomness).
         # A rank's slice can be short when bad samples were dropped; micro-batches split what is there.
+        if self.pp_step is not None:
+            with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+                self.pp_step(batch, self._data.peek() if self._data is not None else None)
+            return
         accum = self.cfg.optim.grad_accum
         n = len(batch["index"])
         bounds = [n * i // accum for i in range(accum + 1)]
@@ -184,4 +203,5 @@ class Trainer:
         finally:
             signal.signal(signal.SIGTERM, prev)
             self.metrics.close()
+            data.close()
         return last_log

@@ -55,11 +55,29 @@ def test_parallel_dims_inference(engine, rep, shard, world, expect):
     (dict(engine="ddp", dp_shard=2), 4, "config key 'parallel.dp_shard' must be 1 with parallel.engine=ddp"),
     (dict(engine="fsdp2", dp_replicate=3, dp_shard=-1), 4, "cannot infer parallel.dp_shard"),
     (dict(engine="fsdp2", dp_replicate=2, dp_shard=3), 4, "parallel.dp_replicate*dp_shard*tp*pp = 2*3*1*1 = 6"),
-    (dict(tp=2), 4, "config keys 'parallel.tp' and 'parallel.pp' must be 1 for now"),
+    (dict(tp=2), 4, "config key 'parallel.tp' must be 1 for now"),
 ])
 def test_parallel_dims_errors(kw, world, message):
     with pytest.raises(ConfigError) as e:
         ParallelDims.from_config(ParallelConfig(**kw), world)
+    assert str(e.value).startswith(message)
+
+
+def test_parallel_dims_accept_pipeline():
+    d = ParallelDims.from_config(ParallelConfig(engine="ddp", pp=2), 4)
+    assert (d.pp, d.dp_replicate, d.dp) == (2, 2, 2)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["parallel.pp=2", "optim.grad_accum=2"], "config key 'optim.grad_accum' must be 1 with parallel.pp > 1"),
+    (["parallel.pp=2", "parallel.pp_schedule=zero_bubble", "parallel.pp_frozen=fill"],
+     "config key 'parallel.pp_frozen' = fill works with pp_schedule gpipe or 1f1b"),
+    (["parallel.pp=2", "parallel.pp_microbatches=0"], "config key 'parallel.pp_microbatches' must be >= 1"),
+    (["parallel.pp_schedule=looped"], "config key 'parallel.pp_schedule'"),
+])
+def test_pipeline_config_errors(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
     assert str(e.value).startswith(message)
 
 

@@ -120,6 +120,20 @@ def _tree_detach(args: tuple) -> tuple:
     return tuple(a.detach().requires_grad_(a.is_floating_point()) for a in args)
 
 
+def meta_inputs(acfg, frames: int = 0, text_len: int = 0, batch: int = 1, dtype=torch.float32) -> tuple:
+    """First-stage inputs ``(x_t, t, *cond)`` of an architecture config, on the meta device (for FLOP counts)."""
+    with torch.device("meta"):
+        side = acfg.image_size
+        shape = (batch, frames, acfg.in_channels, side, side) if frames else (batch, acfg.in_channels, side, side)
+        args = [torch.randn(*shape, dtype=dtype), torch.rand(batch)]
+        if getattr(acfg, "num_classes", 0):
+            args.append(torch.zeros(batch, dtype=torch.long))
+        elif getattr(acfg, "text_dim", 0):
+            args += [torch.randn(batch, text_len, acfg.text_dim, dtype=dtype),
+                     torch.ones(batch, text_len, dtype=torch.bool)]
+    return tuple(args)
+
+
 def _wall(fn: Callable, reps: int) -> float:
     times = []
     for _ in range(reps):

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from difftrain.parallelism.pipeline.costs import HARDWARE, Hardware, Profile, profile_blocks, profile_frozen
+from difftrain.parallelism.pipeline.costs import (HARDWARE, Hardware, Profile, meta_inputs, profile_blocks,
+                                                  profile_frozen)
 from difftrain.parallelism.pipeline.partition import partition
 from difftrain.parallelism.pipeline.simulate import SimResult, simulate
 
@@ -52,7 +53,7 @@ class Candidate:
         kind = "data parallel" if self.stages == 1 else f"pp={self.stages} 1f1b M={self.n_mb} frozen={self.mode}"
         mem = max(m["total"] for m in self.result.memory) / 1e9
         idle = max(self.result.idle) * 100
-        return (f"{kind}, dp={self.dp} ({eng}): {self.result.time * 1e3:.0f} ms/iter, {self.throughput:.0f} img/s, "
+        return (f"{kind}, dp={self.dp} ({eng}): {self.result.time * 1e3:.3g} ms/iter, {self.throughput:.4g} img/s, "
                 f"max idle {idle:.0f}%, peak memory {mem:.1f} GB{'' if self.fits else ' (does not fit)'}")
 
 
@@ -86,9 +87,8 @@ def preset_profile(name: str, hw: Hardware) -> tuple[Profile, int, str]:
         dim = text.config.d_model
         model = DiT(DiTConfig(image_size=p["px"] // 8, in_channels=4, num_classes=0, text_dim=dim, **p["dit"]))
         model = model.to(torch.bfloat16)
-        lat, L = p["px"] // 8, p["text_tokens"]
-        inputs = (torch.randn(1, 4, lat, lat, dtype=torch.bfloat16), torch.rand(1),
-                  torch.randn(1, L, dim, dtype=torch.bfloat16), torch.ones(1, L, dtype=torch.bool))
+        L = p["text_tokens"]
+        inputs = meta_inputs(model.config, 0, L, dtype=torch.bfloat16)
         ids = torch.zeros(1, L, dtype=torch.long)
         img = torch.randn(1, 3, p["px"], p["px"])
         blocks = profile_blocks(model, inputs, "flops", hw)
@@ -137,13 +137,7 @@ def config_profile(path: str, hw: Hardware) -> tuple[Profile, int, str]:
         arch, acfg = arch_config(cfg.model, text_dim)
         model = build(arch, acfg, "meta").to(torch.bfloat16)
         m = cfg.model
-        shape = (1, m.frames, m.in_channels, m.image_size, m.image_size) if m.frames else (
-            1, m.in_channels, m.image_size, m.image_size)
-        inputs = [torch.randn(*shape, dtype=torch.bfloat16), torch.rand(1)]
-        if acfg.num_classes:
-            inputs.append(torch.zeros(1, dtype=torch.long))
-        elif text_dim:
-            inputs += [torch.randn(1, L, text_dim, dtype=torch.bfloat16), torch.ones(1, L, dtype=torch.bool)]
+        inputs = meta_inputs(acfg, m.frames, L, dtype=torch.bfloat16)
         blocks = profile_blocks(model, inputs, "flops", hw)
         frozen = [profile_frozen(n, fn, "flops", hw, params=n_p) for n, fn, n_p in frozen_mods]
     return (Profile(blocks, frozen, 1, hw.p2p_bw, hw.latency), cfg.data.batch_size,

@@ -74,6 +74,14 @@ class Pipeline:
         for m in self.modules:
             yield from m.named_parameters()
 
+    def union(self) -> nn.Module:
+        """One module holding this rank's stages under the whole model's names (what the optimizer, the EMA and
+        checkpoints see): the stage itself, or for several stages per rank their children merged."""
+        if len(self.modules) == 1:
+            return self.modules[0]
+        return _Union(self.modules)
+
+
     def step(self, inputs: list[tuple] | None, targets: list | None, slots: dict | None = None,
              input_fn=None) -> list[torch.Tensor]:
         """One iteration over ``n_microbatches`` micro-batches: ``inputs[i]`` = the first stage's positional
@@ -100,11 +108,36 @@ class Pipeline:
         return losses
 
 
+class _Union(nn.Module):
+    def __init__(self, stages: list[nn.Module]):
+        super().__init__()
+        for name in stages[0]._modules:
+            kids = [st._modules.get(name) for st in stages]
+            present = [k for k in kids if k is not None]
+            if not present:
+                setattr(self, name, None)
+            elif len(present) == 1:
+                setattr(self, name, present[0])
+            elif all(isinstance(k, nn.ModuleList) for k in present) and len({len(k) for k in present}) == 1:
+                merged = nn.ModuleList([None] * len(present[0]))
+                for k in present:
+                    for i, b in enumerate(k):
+                        if b is not None:
+                            merged[i] = b
+                setattr(self, name, merged)
+            else:
+                raise ValueError(f"stages on one rank share module {name!r}: this model takes one stage per rank "
+                                 "(gpipe or 1f1b)")
+
+
 def build_pipeline(model: nn.Module, bounds: list[tuple[int, int]], schedule: str, n_microbatches: int,
-                   loss_fn: Callable, pp_group, device: torch.device, fill: bool = False) -> Pipeline:
+                   loss_fn: Callable, pp_group, device: torch.device, fill: bool = False,
+                   wrap: Callable[[nn.Module], nn.Module] | None = None) -> Pipeline:
     """Cut ``model`` (whole, materialised) at ``bounds`` (one ``(lo, hi)`` block range per stage, covering the
     trunk) and keep the stages this rank owns in ``pp_group``. ``fill``: run GPipe / 1F1B with
-    ``fill.FillSchedule`` (frozen work in the bubbles; the only private-API path)."""
+    ``fill.FillSchedule`` (frozen work in the bubbles; the only private-API path). ``wrap``: data parallelism
+    for each stage module (DDP / FSDP2 on the dp mesh); ``PipelineStage`` skips its gradient sync until the last
+    backward of the step."""
     if fill and schedule not in ("gpipe", "1f1b"):
         raise ValueError(f"bubble filling covers gpipe and 1f1b; schedule {schedule!r} takes frozen work computed "
                          "up front (balanced) instead")
@@ -124,7 +157,8 @@ def build_pipeline(model: nn.Module, bounds: list[tuple[int, int]], schedule: st
         owner = model if i == len(ids) - 1 else copy.deepcopy(model)
         mod = make_stage(owner, *bounds[sid]).to(device)
         modules.append(mod)
-        stages.append(PipelineStage(mod, sid, len(bounds), device, group=pp_group))
+        stages.append(PipelineStage(wrap(mod) if wrap is not None else mod, sid, len(bounds), device,
+                                    group=pp_group))
     cls = _schedule_class(schedule)
     if fill:
         from difftrain.parallelism.pipeline.fill import FillSchedule

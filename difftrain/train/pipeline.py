@@ -1,0 +1,241 @@
+"""The trainer's pipeline-parallel path (``parallel.pp > 1``, docs/PIPELINE.md).
+
+:class:`PipelineEngine` is a ``TorchEngine`` over this rank's stage(s): the backbone is cut at
+``parallel.pp_bounds`` (or by the partitioner over FLOP costs counted on the meta device), each stage is sharded
+on the dp mesh (FSDP2) or, with the ddp engine, its gradients are all-reduced over the dp ranks after the
+schedule (``sync_grads``), and it is run by the chosen schedule. The optimizer, EMA and
+checkpoints see the stages under the whole model's parameter names, so a pipelined checkpoint resumes in a plain
+run and back (DCP reshards by name). The gradient norm for clipping is summed over the pp ranks.
+
+:class:`PipelinedStep` is one training step: the stage's ``frozen`` work of every micro-batch (computed in the
+previous step's bubbles with ``pp_frozen=fill``, or an equal share per pp rank up front with ``balanced``), then
+``prepare`` on every pp rank (the same keyed noise everywhere), the schedule, and the per-sample losses sent from
+the last stage to the other pp ranks for the metrics.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from difftrain.config import Config, ConfigError
+from difftrain.parallelism.dims import Meshes
+from difftrain.parallelism.parallelize import parallelize
+from difftrain.parallelism.pipeline.costs import HARDWARE, Profile, meta_inputs, profile_blocks, profile_frozen
+from difftrain.parallelism.pipeline.stages import cond_keys, num_blocks
+from difftrain.train.engine import TorchEngine
+
+_HW = HARDWARE["h100"]  # FLOP costs only rank blocks against each other here: any hardware gives the same plan
+
+
+def frozen_mode(cfg: Config) -> str:
+    mode = cfg.parallel.pp_frozen
+    if mode == "auto":
+        return "fill" if cfg.parallel.pp_schedule in ("gpipe", "1f1b") else "balanced"
+    return mode
+
+
+def stage_bounds(cfg: Config, model: nn.Module, n_stages: int) -> list[tuple[int, int]]:
+    """``parallel.pp_bounds`` as block ranges, or the partitioner's choice over FLOP costs (identical on every
+    rank: counted, not timed)."""
+    n = num_blocks(model)
+    cuts = list(cfg.parallel.pp_bounds)
+    if cuts:
+        edges = [0, *cuts, n]
+        if len(cuts) != n_stages - 1 or any(a >= b for a, b in zip(edges, edges[1:])):
+            raise ConfigError(f"config key 'parallel.pp_bounds' = {cuts}: need {n_stages - 1} increasing block "
+                              f"indices in 1..{n - 1} (the first block of stages 1..{n_stages - 1})")
+        return list(zip(edges, edges[1:]))
+    if n < n_stages:
+        raise ConfigError(f"config key 'parallel.pp' = {cfg.parallel.pp}: {n_stages} stages for {n} blocks")
+    from difftrain.parallelism.pipeline.partition import partition
+
+    costs = block_costs(cfg, model)
+    return partition([c.fwd + c.bwd for c in costs], n_stages)
+
+
+def block_costs(cfg: Config, model: nn.Module, batch: int = 1):
+    meta = copy.deepcopy(model).to("meta")
+    return profile_blocks(meta, meta_inputs(model.config, cfg.model.frames, cfg.encoders.text_max_length, batch),
+                          "flops", _HW)
+
+
+class PipelineEngine(TorchEngine):
+    def __init__(self, module: nn.Module, meshes: Meshes, cfg: Config, device: torch.device, total_steps: int,
+                 loss_fn):
+        from difftrain.parallelism.pipeline.runtime import build_pipeline
+
+        pcfg = cfg.parallel
+        self.pp_group = meshes.pp.get_group()
+        self.norm_group = self.pp_group
+        self.pp, self.pp_rank = meshes.dims.pp, meshes.pp.get_local_rank()
+        per_rank = 2 if pcfg.pp_schedule in ("interleaved_1f1b", "zero_bubble") else 1
+        self.bounds = stage_bounds(cfg, module, self.pp * per_rank)
+        self.fill = frozen_mode(cfg) == "fill"
+        self.device = device
+        self.whole = copy.deepcopy(module).cpu()  # for sampling with the gathered EMA weights
+        self.block_costs = block_costs(cfg, module)
+        self.pipe = build_pipeline(module, self.bounds, pcfg.pp_schedule, pcfg.pp_microbatches, loss_fn,
+                                   self.pp_group, device, fill=self.fill,
+                                   wrap=lambda m: parallelize(m, meshes, pcfg, device, ddp=False))
+        self.dp_group = meshes.dp.get_group() if pcfg.engine == "ddp" and meshes.dims.dp > 1 else None
+        super().__init__(self.pipe.union(), meshes, pcfg, cfg.optim, device, total_steps, wrapped=True)
+        self.last_owner = 0 if pcfg.pp_schedule == "zero_bubble" else self.pp - 1
+
+    @torch.no_grad()
+    def sync_grads(self) -> None:
+        """Data-parallel mean of the stage gradients (engine ddp; FSDP2 reduce-scatters inside the schedule)."""
+        if self.dp_group is None:
+            return
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        grads = [p.grad for p in self.params if p.grad is not None]
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat, group=self.dp_group)
+        flat /= dist.get_world_size(self.dp_group)
+        for g, f in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            g.copy_(f)
+
+    @contextlib.contextmanager
+    def ema_swapped_in(self):
+        """``self.model`` is the whole model with every stage's EMA weights (gathered over the pp ranks) while
+        inside: sampling and validation run it as usual. Needs the whole model to fit one device."""
+        from torch.distributed.tensor import DTensor
+
+        mine = {n: (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu()
+                for n, t in self.ema.state_dict().items()}
+        parts = [None] * self.pp
+        dist.all_gather_object(parts, mine, group=self.pp_group)
+        state = {k: v for p in parts for k, v in p.items()}
+        names = {n for n, _ in self.whole.named_parameters()}
+        if names - state.keys():
+            raise RuntimeError(f"EMA gathered over the pipeline lacks {sorted(names - state.keys())[:3]}")
+        full = copy.deepcopy(self.whole)
+        full.load_state_dict(state, strict=False)
+        live, self.model = self.model, full.to(self.device).eval()
+        try:
+            yield
+        finally:
+            self.model = live
+
+
+class PipelinedStep:
+    """One pipelined training step of the trainer (see the module docstring)."""
+
+    def __init__(self, trainer):
+        self.t = trainer
+        self.engine: PipelineEngine | None = None  # set once the engine exists (it takes loss_fn)
+        self.M = trainer.cfg.parallel.pp_microbatches
+        self.per_rank = trainer.cfg.data.batch_size // trainer.dp
+        if self.per_rank % self.M:
+            raise ConfigError(f"config key 'parallel.pp_microbatches' = {self.M} must divide the per-rank batch "
+                              f"{self.per_rank} (data.batch_size / data-parallel size)")
+        self.next = None  # the next step's frozen outputs, computed in this step's bubbles (fill)
+        self.placement = None
+        self.per_sample: list[torch.Tensor] = []
+        self.sample_shape = None
+
+    @property
+    def keys(self):
+        return cond_keys(self.engine.whole)
+
+    def _frozen(self, step: int, placement=None):
+        """The stage's ``frozen`` as one piece of frozen work returning ``(x0, *cond)`` batch-first."""
+        from difftrain.parallelism.pipeline.fill import FrozenFill, FrozenModule
+
+        def run(mb: dict) -> tuple:
+            fb = self.t.stage.frozen(mb, step)
+            return (fb["x0"], *[fb["cond"][k] for k in self.keys])
+
+        return FrozenFill([FrozenModule("frozen", run)], placement or {}, self.engine.pp_group)
+
+    def _plan(self, mbs: list[dict], step: int) -> None:
+        """Where the next step's frozen work goes: the simulator's fill placement over FLOP costs (identical on
+        every rank), from the first micro-batch."""
+        from difftrain.parallelism.pipeline.simulate import simulate
+
+        self.placement = {}
+        if not self.engine.fill:
+            return
+        size = len(mbs[0]["index"])
+        fz = profile_frozen("frozen", lambda: self._frozen(step).run_all(mbs[:1]), "flops", _HW)
+        costs = block_costs(self.t.cfg, self.engine.whole, size)
+        plan = simulate(Profile(costs, [fz], size), self.engine.bounds, self.M, self.t.cfg.parallel.pp_schedule,
+                        "fill")
+        self.placement = {slot: cs for (r, slot), cs in plan.placement.items() if r == self.engine.pp_rank}
+
+    def _split(self, batch: dict) -> list[dict]:
+        """``M`` equal micro-batches. A rank slice short of dropped samples is padded by repeating its samples with
+        loss weight 0, because the pipeline's p2p buffers have fixed shapes."""
+        batch = {k: v for k, v in batch.items() if k != "position"}
+        n = len(batch["index"])
+        if n == 0:
+            raise RuntimeError("a data-parallel rank received an empty batch (every sample was dropped)")
+        pad = [i % n for i in range(self.per_rank)]
+        out = {k: (v[pad] if isinstance(v, torch.Tensor) else [v[i] for i in pad]) for k, v in batch.items()}
+        out["valid"] = torch.arange(self.per_rank) < n
+        size = self.per_rank // self.M
+        return [{k: v[i * size:(i + 1) * size] for k, v in out.items()} for i in range(self.M)]
+
+    def __call__(self, batch: dict, next_batch: dict | None) -> None:
+        t, step, eng = self.t, self.t.step, self.engine
+        mbs = self._split(batch)
+        if self.placement is None:
+            self._plan(mbs, step)
+        if self.next is not None:  # prefetched in the previous step's bubbles
+            outs = self.next
+        elif eng.fill:  # the first step (and the first after a resume): nothing was prefetched
+            outs = self._frozen(step).run_all(mbs)
+        else:
+            outs = self._frozen(step).balanced(mbs, eng.pp_rank, eng.pp)
+        preps, inputs, targets = [], [], []
+        for mb, o in zip(mbs, outs):
+            x0, *cond = o["frozen"]
+            prep = t.stage.prepare({**mb, "x0": x0, "cond": dict(zip(self.keys, cond))}, step)
+            prep["valid"] = mb["valid"].to(x0.device)
+            preps.append(prep)
+            inputs.append((prep["x_t"], prep["t"], *[prep["cond"][k] for k in self.keys]))
+            targets.append(self._pack(prep))
+        fill, slots = None, None
+        if eng.fill and next_batch is not None:
+            fill = self._frozen(step + 1, self.placement)
+            fill.expect(outs)
+            slots = fill.slots(self._split(next_batch), tag=f"step{step + 1}:")
+        self.per_sample = []
+        t0 = time.perf_counter()
+        eng.pipe.step(inputs, targets, slots=slots)
+        eng.sync_grads()
+        self.next = fill.deliver(self.M) if fill is not None else None
+        t1 = time.perf_counter()
+        # the last M: the runtime's first step also runs a shape-inference forward through loss_fn
+        per = (torch.cat(self.per_sample[-self.M:]).float() if self.per_sample else
+               torch.zeros(self.per_rank, device=t.device))
+        dist.broadcast(per, group=eng.pp_group, group_src=eng.last_owner)
+        valid = torch.cat([p["valid"] for p in preps])
+        t.metrics.add_samples(per[valid], torch.cat([p["t"] for p in preps])[valid])
+        gnorm = eng.step(step)
+        t.metrics.add_step(gnorm, fwd_bwd=t1 - t0, optim=time.perf_counter() - t1)
+
+    def _pack(self, prep: dict) -> torch.Tensor:
+        """Everything the loss needs as one tensor (a schedule's target is one tensor): x0, eps, t, weight, valid."""
+        x0 = prep["x0"]
+        self.sample_shape = x0.shape[1:]
+        b = x0.shape[0]
+        w = prep["weight"] if prep["weight"] is not None else torch.ones(b, device=x0.device)
+        return torch.cat([x0.reshape(b, -1).float(), prep["eps"].reshape(b, -1).float(), prep["t"].float()[:, None],
+                          w.float()[:, None], prep["valid"].float()[:, None]], 1)
+
+    def loss_fn(self, pred: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+        """The micro-batch's mean loss over its real samples (padding has weight 0); the schedule averages over
+        micro-batches."""
+        b, d = packed.shape[0], self.sample_shape.numel()
+        prep = {"x0": packed[:, :d].reshape(b, *self.sample_shape),
+                "eps": packed[:, d:2 * d].reshape(b, *self.sample_shape),
+                "t": packed[:, 2 * d], "weight": packed[:, 2 * d + 1] * packed[:, 2 * d + 2]}
+        loss, per = self.t.stage.loss(pred, prep)
+        self.per_sample.append(per)
+        return loss

@@ -1,0 +1,100 @@
+"""Tier 2: the trainer with ``parallel.pp=2`` (2 gloo ranks, one launch; pp=2 x dp=2 with DDP and FSDP2 on 4)
+equals a single process on the same
+global batch: 1F1B and GPipe with the frozen work in the bubbles, 1F1B with it pre-computed, interleaved 1F1B
+and ZB-V with the balanced fallback, the UNet; and checkpoints cross between pipelined and plain runs both
+ways (resumed runs end where an uninterrupted single process ends). Weights are read back from each run's DCP
+checkpoint, which the stages write together."""
+import pytest
+import torch
+
+from difftrain.models import registry
+from difftrain.train.build import load_run_weights, read_model_config
+from tests.conftest import torchrun
+from tests.distributed.test_equivalence import COMMON, MODELS
+
+DEEP = "model.args.depth=4"  # 4 blocks: two stages per rank for interleaved 1F1B and ZB-V
+PP = "parallel.pp=2 parallel.pp_microbatches=4"
+CASES = {
+    "dit_1f1b_fill": ("dit", f"{PP} parallel.pp_schedule=1f1b parallel.pp_frozen=fill"),
+    "dit_gpipe_fill": ("dit", f"{PP} parallel.pp_schedule=gpipe"),
+    "dit_1f1b_balanced": ("dit", f"{PP} parallel.pp_schedule=1f1b parallel.pp_frozen=balanced"),
+    "dit_interleaved": ("dit", f"{PP} parallel.pp_schedule=interleaved_1f1b {DEEP}"),
+    "dit_zero_bubble": ("dit", f"{PP} parallel.pp_schedule=zero_bubble {DEEP}"),
+    "unet_1f1b_fill": ("unet", f"{PP} parallel.pp_schedule=1f1b"),
+}
+
+
+FOUR = {"dit_pp2_ddp2": "parallel.engine=ddp", "dit_pp2_fsdp2": "parallel.engine=fsdp2"}
+
+
+@pytest.fixture(scope="module")
+def runs(digits, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pptrain")
+    base = f"{COMMON} data.train={digits['train']}"
+    single = []
+    for m, extra in (("dit", ""), ("dit_deep", DEEP), ("unet", "")):
+        single += [m, f"{base} {MODELS[m.split('_')[0]]} {extra} run.dir={out}/single_{m}"]
+    torchrun(1, ["tests/distributed/train_job.py", str(out / "single"), *single], timeout=400)
+    two = []
+    for name, (m, extra) in CASES.items():
+        two += [name, f"{base} {MODELS[m]} {extra} run.dir={out}/{name}"]
+    dit = f"{base} {MODELS['dit']}"
+    # checkpoints across: 3 steps pipelined, resumed plain (DDP on 2 ranks) to 5; and the other way round
+    two += ["pp_then_plain_a", f"{dit} {PP} run.steps=3 run.dir={out}/pp_then_plain",
+            "pp_then_plain_b", f"{dit} run.dir={out}/pp_then_plain",
+            "plain_then_pp_a", f"{dit} run.steps=3 run.dir={out}/plain_then_pp",
+            "plain_then_pp_b", f"{dit} {PP} run.dir={out}/plain_then_pp"]
+    torchrun(2, ["tests/distributed/train_job.py", str(out / "two"), *two], timeout=600)
+    four = []  # pp x dp on 4 ranks: gradients all-reduced after the schedule (ddp) or sharded (fsdp2)
+    for name, engine in FOUR.items():
+        four += [name, f"{dit} {PP} {engine} run.dir={out}/{name}"]
+    torchrun(4, ["tests/distributed/train_job.py", str(out / "four"), *four], timeout=600)
+    return out
+
+
+def _weights(run_dir):
+    arch, acfg = read_model_config(run_dir)
+    model = registry.materialize(registry.build(arch, acfg), "cpu", seed=0)
+    step = load_run_weights(run_dir, model, which="model")
+    return step, {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def _same(ref_dir, got_dir):
+    ref_step, ref = _weights(ref_dir)
+    step, got = _weights(got_dir)
+    assert step == ref_step == 5
+    for k in ref:
+        diff = (ref[k] - got[k]).abs().max().item()
+        assert diff <= 1e-5, f"{got_dir.name}: {k} differs by {diff}"
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_pipelined_trainer_equals_single_process(runs, case):
+    model, extra = CASES[case]
+    ref = "single_dit_deep" if "depth=4" in extra else f"single_{model}"
+    _same(runs / ref, runs / case)
+
+
+@pytest.mark.parametrize("run", sorted(FOUR))
+def test_pipeline_times_data_parallel_on_four_ranks(runs, run):
+    _same(runs / "single_dit", runs / run)
+
+
+@pytest.mark.parametrize("run", ["pp_then_plain", "plain_then_pp"])
+def test_checkpoints_cross_between_pipelined_and_plain(runs, run):
+    _same(runs / "single_dit", runs / run)
+
+
+def test_pipelined_run_logs_losses_and_samples(runs):
+    """The pipelined run's per-step losses reach the logs (sent from the last stage) and equal the single
+    process's."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def losses(d):
+        acc = EventAccumulator(str(d / "tb"))
+        acc.Reload()
+        return [e.value for e in acc.Scalars("loss")]
+
+    ref, got = losses(runs / "single_dit"), losses(runs / "dit_1f1b_fill")
+    assert len(got) == len(ref) == 5
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-4, atol=1e-5)
