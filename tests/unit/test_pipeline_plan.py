@@ -80,6 +80,27 @@ def test_simulate_closed_form(schedule, S, M):
     assert acts == [(M if schedule == "gpipe" else min(S - q, M)) * 8 / S * 10 for q in range(S)]
 
 
+@pytest.mark.parametrize("pp,M", [(2, 4), (2, 8), (4, 8)])
+def test_simulate_multi_stage_schedules(pp, M):
+    """Torch's own interleaved 1F1B and ZB-V orders: every action once; interleaved meets Megatron's closed form
+    (M + (p - 1) / v)(f + b) (Narayanan et al. 2021, sec. 2.2), ZB-V beats it."""
+    from difftrain.parallelism.pipeline.simulate import schedule_orders
+
+    prof = _profile()
+    per = 8 / pp * 3.0  # one rank's forward + backward of one micro-batch (all its stages)
+    one = simulate(prof, uniform_bounds(8, pp), M, "1f1b")
+    inter = simulate(prof, uniform_bounds(8, 2 * pp), M, "interleaved_1f1b")
+    zb = simulate(prof, uniform_bounds(8, 2 * pp), M, "zero_bubble")
+    assert inter.time == pytest.approx((M + (pp - 1) / 2) * per)
+    assert zb.time < inter.time < one.time
+    assert M * per <= zb.time
+    for sched, kinds in (("interleaved_1f1b", {"F", "B"}), ("zero_bubble", {"F", "I", "W"})):
+        acts = [a for o in schedule_orders(sched, pp, M) for a in o]
+        assert len(acts) == len(set(acts)) == len(kinds) * 2 * pp * M and {a[0] for a in acts} == kinds
+    with pytest.raises(ValueError, match="bubble filling covers"):
+        simulate(prof, uniform_bounds(8, 2 * pp), M, "zero_bubble", "fill")
+
+
 def _placed_samples(placement):
     got = {}
     for chunks in placement.values():

@@ -173,14 +173,19 @@ def profile_blocks(model: nn.Module, inputs: Sequence[torch.Tensor], timer: str 
             def run_fwd():
                 return piece(*_tree_detach(args))
 
-            def run_bwd():
-                o = run_fwd()
+            def run_bwd(o):
                 o = o if isinstance(o, tuple) else (o,)
                 torch.autograd.backward([t for t in o if t.requires_grad], grads)
 
-            run_bwd()  # warm-up
+            run_bwd(run_fwd())  # warm-up
             fwd = _wall(lambda: run_fwd(), reps)
-            bwd = max(_wall(run_bwd, reps) - fwd, 0.0)
+            times = []
+            for _ in range(reps):  # the backward alone, after an untimed forward
+                o = run_fwd()
+                t0 = time.perf_counter()
+                run_bwd(o)
+                times.append(time.perf_counter() - t0)
+            bwd = statistics.median(times)
             piece.zero_grad(set_to_none=True)
         n_params = sum(p.numel() for p in piece.parameters())
         costs.append(BlockCost(fwd, bwd, wire_bytes(out) if i < num_blocks(model) - 1 else 0, saved.total,

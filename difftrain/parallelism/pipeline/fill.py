@@ -189,6 +189,34 @@ class FrozenFill:
                 for i in range(n_mb)]
 
 
+def torch_orders(schedule: str, pp: int, n_mb: int) -> list[list[tuple[str, int, int]]]:
+    """Per pp rank, the ``(kind, micro-batch, stage)`` actions torch's own multi-stage schedule runs
+    (``interleaved_1f1b``: 2 stages per rank; ``zero_bubble``: ZB-V), kinds F, B (full backward), I (input
+    gradient), W (weight gradient): the simulator's source of truth for these schedules. Private API: the
+    schedules' per-rank order builders, called without building stages."""
+    from types import SimpleNamespace
+
+    from torch.distributed.pipelining.schedules import (ScheduleInterleaved1F1B, ScheduleZBVZeroBubble,
+                                                        _ComputationType)
+
+    if schedule == "interleaved_1f1b":
+        rounds = max(1, n_mb // pp)
+        if n_mb % rounds:
+            raise ValueError(f"interleaved 1F1B needs micro-batches ({n_mb}) divisible by the rounds ({rounds})")
+        fake = SimpleNamespace(n_local_stages=2, microbatches_per_round=n_mb // rounds, pp_group_size=pp,
+                               _n_microbatches=n_mb, number_of_rounds=rounds)
+        calc = ScheduleInterleaved1F1B._calculate_single_rank_operations
+    elif schedule == "zero_bubble":
+        fake = SimpleNamespace(pp_group_size=pp, _n_microbatches=n_mb, num_stages=2 * pp)
+        calc = ScheduleZBVZeroBubble._calculate_single_rank_operations
+    else:
+        raise ValueError(f"torch_orders covers interleaved_1f1b and zero_bubble, not {schedule!r}")
+    kinds = {_ComputationType.FORWARD: "F", _ComputationType.FULL_BACKWARD: "B",
+             _ComputationType.BACKWARD_INPUT: "I", _ComputationType.BACKWARD_WEIGHT: "W"}
+    return [[(kinds[a.computation_type], a.microbatch_index, a.stage_index) for a in calc(fake, r)
+             if a is not None and a.computation_type in kinds] for r in range(pp)]
+
+
 def balanced_chunks(names: list[str], n_mb: int, mb_size: int, world: int) -> list[list[Chunk]]:
     """Per rank, an equal contiguous share of each module's ``n_mb x mb_size`` samples, as chunks."""
     out: list[list[Chunk]] = [[] for _ in range(world)]

@@ -47,13 +47,15 @@ class Candidate:
     result: SimResult
     fits: bool
     throughput: float  # samples/s over the cluster
+    schedule: str = "1f1b"
 
     def describe(self) -> str:
         eng = "fsdp" if self.fsdp else "ddp"
-        kind = "data parallel" if self.stages == 1 else f"pp={self.stages} 1f1b M={self.n_mb} frozen={self.mode}"
+        kind = ("data parallel" if self.stages == 1 else
+                f"pp={self.stages} {self.schedule} M={self.n_mb} frozen={self.mode}")
         mem = max(m["total"] for m in self.result.memory) / 1e9
         idle = max(self.result.idle) * 100
-        return (f"{kind}, dp={self.dp} ({eng}): {self.result.time * 1e3:.3g} ms/iter, {self.throughput:.4g} img/s, "
+        return (f"{kind}, dp={self.dp} ({eng}): {self.result.time * 1e3:.4g} ms/iter, {self.throughput:,.0f} img/s, "
                 f"max idle {idle:.0f}%, peak memory {mem:.1f} GB{'' if self.fits else ' (does not fit)'}")
 
 
@@ -163,13 +165,17 @@ def candidates(profile: Profile, gpus: int, global_batch: int, hw: Hardware, hea
             prof = copy.copy(profile.scaled(per_replica // M))
             prof.p2p_bw = p2p
             ct = [2 * prof.comm(i) for i in range(n - 1)]
-            for mode in (("inline",) if S == 1 else ("inline", "balanced", "fill")):
-                extra = [prof.frozen_time if s == 0 and mode == "inline" else 0.0 for s in range(S)]
-                bounds = partition([b.fwd + b.bwd for b in prof.blocks], S, ct, extra)
+            variants = [("1f1b", "inline")] if S == 1 else [("1f1b", m) for m in ("inline", "balanced", "fill")]
+            if S > 1 and 2 * S <= n:  # two stages per rank, frozen work inline or balanced
+                variants += [(sch, m) for sch in ("interleaved_1f1b", "zero_bubble") for m in ("inline", "balanced")]
+            for schedule, mode in variants:
+                n_stages = S * (2 if schedule in ("interleaved_1f1b", "zero_bubble") else 1)
+                extra = [prof.frozen_time if s == 0 and mode == "inline" else 0.0 for s in range(n_stages)]
+                bounds = partition([b.fwd + b.bwd for b in prof.blocks], n_stages, ct, extra)
                 for fsdp in ((False, True) if D > 1 else (False,)):
-                    r = simulate(prof, bounds, M, "1f1b", mode, D, dp_bw, fsdp=fsdp)
+                    r = simulate(prof, bounds, M, schedule, mode, D, dp_bw, fsdp=fsdp)
                     fits = max(m["total"] for m in r.memory) <= headroom * hw.memory
-                    out.append(Candidate(S, D, M, mode, fsdp, bounds, r, fits, global_batch / r.time))
+                    out.append(Candidate(S, D, M, mode, fsdp, bounds, r, fits, global_batch / r.time, schedule))
     return out
 
 
@@ -200,14 +206,18 @@ def explain(cands: list[Candidate], gpus: int, hw: Hardware, about: str, profile
         lines.append(f"data parallel: {d.describe()} -> best is {best.throughput / d.throughput:.2f}x of it")
     for S in sorted({c.stages for c in fit if c.stages > 1}):
         row = [c for c in fit if c.stages == S]
-        by = {mode: max((c for c in row if c.mode == mode), key=lambda c: c.throughput, default=None)
-              for mode in ("inline", "balanced", "fill")}
+        by = {mode: max((c for c in row if c.mode == mode and c.schedule == "1f1b"), key=lambda c: c.throughput,
+                        default=None) for mode in ("inline", "balanced", "fill")}
         if by["fill"] and by["inline"] and by["balanced"]:
             f = by["fill"]
             lines.append(f"pp={S}: fill {f.throughput / by['inline'].throughput:.2f}x inline, "
                          f"{f.throughput / by['balanced'].throughput:.2f}x balanced; fill hides "
                          f"{_hidden(f):.0%} of the frozen work in bubbles "
                          f"({f.describe()})")
+            multi = max((c for c in row if c.schedule != "1f1b"), key=lambda c: c.throughput, default=None)
+            if multi is not None:
+                lines.append(f"  two stages per rank: {multi.schedule} frozen={multi.mode} is "
+                             f"{multi.throughput / f.throughput:.2f}x 1f1b with fill")
     return "\n".join(lines)
 
 

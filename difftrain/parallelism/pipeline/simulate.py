@@ -2,14 +2,16 @@
 frozen work goes (DiffusionPipe, Tian et al. 2024, sec. 4.2: fill the bubbles with the *next* iteration's frozen
 work, splitting a frozen module over several bubbles by running part of its micro-batch).
 
-One pipeline replica (``S`` ranks, one stage each, GPipe or 1F1B) is simulated event by event: a forward waits
-for the previous stage's output (plus its transfer), a backward for the next stage's gradient; each rank runs its
-actions in the schedule's order (:func:`rank_order`, the same order the fill runtime executes). Frozen work:
+One pipeline replica is simulated event by event: a forward waits for the previous stage's output (plus its
+transfer when the stages are on different ranks), a backward for the next stage's gradient; each rank runs its
+actions in the schedule's order: :func:`rank_order` for GPipe and 1F1B (one stage per rank, the order the fill
+runtime executes), torch's own orders for interleaved 1F1B and ZB-V (two stages per rank; ZB's backward split
+into input- and weight-gradient halves). Frozen work:
 
 * ``inline``: the first stage computes a micro-batch's frozen work right before its forward (the usual trainer);
 * ``balanced``: every rank computes 1/S of the iteration's frozen work up front, then the results are gathered
   (the public-API fallback for any schedule);
-* ``fill``: the next iteration's frozen work is packed, in sample-sized pieces, into the idle gaps of the
+* ``fill`` (GPipe, 1F1B): the next iteration's frozen work is packed, in sample-sized pieces, into the idle gaps of the
   backbone-only timeline (earliest gap first); what does not fit runs after the rank's last action, spread over
   the ranks that finish first. :func:`fill_plan` is the placement the runtime executes.
 
@@ -78,88 +80,137 @@ class SimResult:
         return f"iter {self.time * 1e3:.1f} ms (ideal {self.ideal * 1e3:.1f}), idle per rank {idle}"
 
 
-def _backbone(stage_f: list[float], stage_b: list[float], comm: list[float], schedule: str, n_mb: int,
-              pre: list[float], extra_f0: float) -> tuple[dict, list[list[tuple[str, int]]]]:
-    """Start/end of every (rank, kind, mb) action; ``pre[r]`` = work before rank r's first action, ``extra_f0`` =
-    inline frozen work the first stage does before each forward."""
-    S = len(stage_f)
-    orders = [rank_order(schedule, r, S, n_mb) for r in range(S)]
+def schedule_orders(schedule: str, n_ranks: int, n_mb: int) -> list[list[tuple[str, int, int]]]:
+    """Per rank, its ``(kind, micro-batch, stage)`` actions: ours for GPipe / 1F1B (one stage per rank), torch's
+    own orders for interleaved 1F1B and ZB-V (``fill.torch_orders``)."""
+    if schedule in SIM_SCHEDULES:
+        return [[(k, i, r) for k, i in rank_order(schedule, r, n_ranks, n_mb)] for r in range(n_ranks)]
+    from difftrain.parallelism.pipeline.fill import torch_orders
+
+    return torch_orders(schedule, n_ranks, n_mb)
+
+
+def _backbone(stage_f: list[float], stage_b: list[float], comm: list[float], orders: list, pre: list[float],
+              extra_f0: float) -> dict:
+    """Start/end of every action ``(kind, mb, stage)``; ``pre[r]`` = work before rank r's first action,
+    ``extra_f0`` = inline frozen work before each forward of stage 0. A backward split in I and W (ZB) costs half
+    of ``stage_b`` each."""
+    S, R = len(stage_f), len(orders)
+    owner = {st: r for r, o in enumerate(orders) for _, _, st in o}
     ends: dict = {}
     starts: dict = {}
     free = list(pre)
-    pos = [0] * S
+    pos = [0] * R
+
+    def hop(a: int, b: int) -> float:  # transfer between neighbouring stages a < b when on different ranks
+        return comm[a] if owner[a] != owner[b] else 0.0
+
+    def grad_ready(i: int, st: int):
+        e = ends.get(("B", i, st), ends.get(("I", i, st)))
+        return None if e is None else e
+
     remaining = sum(len(o) for o in orders)
     while remaining:
         progressed = False
-        for r in range(S):
+        for r in range(R):
             while pos[r] < len(orders[r]):
-                kind, i = orders[r][pos[r]]
+                kind, i, st = orders[r][pos[r]]
                 if kind == "F":
-                    dep = 0.0 if r == 0 else ends.get((r - 1, "F", i))
-                    dep = dep if r == 0 or dep is None else dep + comm[r - 1]
-                    dur = stage_f[r] + (extra_f0 if r == 0 else 0.0)
-                else:
-                    dep = ends.get((r, "F", i)) if r == S - 1 else ends.get((r + 1, "B", i))
-                    dep = dep if r == S - 1 or dep is None else dep + comm[r]
-                    dur = stage_b[r]
+                    dep = 0.0 if st == 0 else ends.get(("F", i, st - 1))
+                    if st > 0 and dep is not None:
+                        dep += hop(st - 1, st)
+                    dur = stage_f[st] + (extra_f0 if st == 0 else 0.0)
+                elif kind in ("B", "I"):
+                    if st == S - 1:
+                        dep = ends.get(("F", i, st))
+                    else:
+                        dep = grad_ready(i, st + 1)
+                        dep = None if dep is None else dep + hop(st, st + 1)
+                    dur = stage_b[st] if kind == "B" else stage_b[st] / 2
+                else:  # W: after its own input-gradient pass
+                    dep = ends.get(("I", i, st))
+                    dur = stage_b[st] / 2
                 if dep is None:
                     break
                 start = max(free[r], dep)
-                starts[(r, kind, i)], ends[(r, kind, i)] = start, start + dur
+                key = (kind, i, st)
+                starts[key], ends[key] = start, start + dur
                 free[r] = start + dur
                 pos[r] += 1
                 remaining -= 1
                 progressed = True
         if not progressed:
             raise RuntimeError("pipeline schedule deadlocked in simulation (inconsistent orders)")
-    return {"starts": starts, "ends": ends}, orders
+    return {"starts": starts, "ends": ends}
+
+
+def _peak_activations(order: list, saved: list[float]) -> float:
+    """Peak bytes of saved activations on a rank: a forward adds its stage's, a full or weight backward frees."""
+    live = peak = 0.0
+    for kind, _, st in order:
+        if kind == "F":
+            live += saved[st]
+        elif kind in ("B", "W"):
+            live -= saved[st]
+        peak = max(peak, live)
+    return peak
 
 
 def simulate(profile: Profile, bounds: Sequence[tuple[int, int]], n_mb: int, schedule: str = "1f1b",
              mode: str = "inline", dp: int = 1, dp_bw: float = float("inf"), bytes_per_param: float = 16.0,
              frozen_bytes_per_param: float = 2.0, fsdp: bool = False, grad_bytes: float = 2.0) -> SimResult:
-    """One iteration of ``n_mb`` micro-batches (the profile's ``mb_size`` each) through ``bounds``."""
+    """One iteration of ``n_mb`` micro-batches (the profile's ``mb_size`` each) through ``bounds`` (one range per
+    stage; interleaved 1F1B and ZB-V put two stages on each rank)."""
     if mode not in MODES:
         raise ValueError(f"frozen work mode must be one of {', '.join(MODES)}, got {mode!r}")
     S, blocks = len(bounds), profile.blocks
+    multi = schedule not in SIM_SCHEDULES
+    if multi and mode == "fill":
+        raise ValueError(f"bubble filling covers {', '.join(SIM_SCHEDULES)}; {schedule!r} takes inline or balanced")
+    if multi and S % 2:
+        raise ValueError(f"{schedule} runs two stages per rank: an even number of stages, got {S}")
+    R = S // 2 if multi else S
+    orders = schedule_orders(schedule, R, n_mb)
+    owner = {st: r for r, o in enumerate(orders) for _, _, st in o}
     stage_f = [sum(b.fwd for b in blocks[lo:hi]) + profile.overhead for lo, hi in bounds]
     stage_b = [sum(b.bwd for b in blocks[lo:hi]) + profile.overhead for lo, hi in bounds]
     comm = [profile.comm(hi - 1) for lo, hi in bounds[:-1]]
     frozen_mb = profile.frozen_time  # all frozen modules, one micro-batch
     frozen_total = frozen_mb * n_mb
-    gather = sum(f.out_bytes for f in profile.frozen) * n_mb / profile.p2p_bw if S > 1 else 0.0
-    pre = [0.0] * S
+    gather = sum(f.out_bytes for f in profile.frozen) * n_mb / profile.p2p_bw if R > 1 else 0.0
+    pre = [0.0] * R
     extra_f0 = 0.0
-    if mode == "inline" or S == 1:
+    if mode == "inline" or R == 1:
         extra_f0 = frozen_mb
     elif mode == "balanced":
-        pre = [frozen_total / S + gather] * S
-    times, orders = _backbone(stage_f, stage_b, comm, schedule, n_mb, pre, extra_f0)
+        pre = [frozen_total / R + gather] * R
+    times = _backbone(stage_f, stage_b, comm, orders, pre, extra_f0)
     starts, ends = times["starts"], times["ends"]
     events: list[Event] = []
-    busy = [0.0] * S
-    for (r, kind, i), s in starts.items():
-        e = ends[(r, kind, i)]
-        if kind == "F" and r == 0 and extra_f0:
+    busy = [0.0] * R
+    for (kind, i, st), s in starts.items():
+        r, e = owner[st], ends[(kind, i, st)]
+        shown = "F" if kind == "F" else "B"
+        if kind == "F" and st == 0 and extra_f0:
             events.append(Event(r, "frozen", s, s + extra_f0, i))
-            events.append(Event(r, "F", s + extra_f0, e, i))
+            events.append(Event(r, "F", s + extra_f0, e, i, f"stage {st}"))
         else:
-            events.append(Event(r, kind, s, e, i))
+            events.append(Event(r, shown, s, e, i, f"{kind} stage {st}"))
         busy[r] += e - s
-    for r in range(S):
+    for r in range(R):
         if pre[r]:
             events.append(Event(r, "frozen", 0.0, pre[r] - gather))
             busy[r] += pre[r] - gather
             if gather:
                 events.append(Event(r, "comm", pre[r] - gather, pre[r], label="gather frozen outputs"))
-    finish = [max(ends[(r, k, i)] for k, i in orders[r]) for r in range(S)]
+    finish = [max(ends[a] for a in orders[r]) for r in range(R)]
     T = max(finish)
     placement: dict = {}
     unplaced = 0.0
-    if mode == "fill" and S > 1:
+    if mode == "fill" and R > 1:
         placement, unplaced, extra_end = fill_plan(profile, orders, starts, ends, n_mb, T)
         for (r, slot), chunks in placement.items():
-            t0 = ends[(r, *orders[r][slot - 1])] if slot > 0 else 0.0
+            t0 = ends[orders[r][slot - 1]] if slot > 0 else 0.0
             if slot == len(orders[r]):
                 t0 = finish[r]
             for c in chunks:
@@ -167,25 +218,25 @@ def simulate(profile: Profile, bounds: Sequence[tuple[int, int]], n_mb: int, sch
                 events.append(Event(r, "frozen", t0, t0 + d, c.mb, f"{c.name}[{c.lo}:{c.hi}]"))
                 t0 += d
                 busy[r] += d
-        T = max(T, max(finish[r] + extra_end[r] for r in range(S))) + gather
+        T = max(T, max(finish[r] + extra_end[r] for r in range(R))) + gather
     # data parallelism: the all-reduce (DDP) or reduce-scatter + all-gathers (FSDP) not hidden by the backward
+    saved = [sum(b.saved_bytes for b in blocks[lo:hi]) for lo, hi in bounds]
     mem = []
-    for r, (lo, hi) in enumerate(bounds):
-        n_params = sum(b.params for b in blocks[lo:hi])
+    for r in range(R):
+        mine = [st for st in range(S) if owner[st] == r]
+        n_params = sum(b.params for st in mine for b in blocks[bounds[st][0]:bounds[st][1]])
         if dp > 1:
             volume = (3 if fsdp else 2) * grad_bytes * n_params * (dp - 1) / dp
-            exposed = max(0.0, volume / dp_bw - stage_b[r] * n_mb)
+            exposed = max(0.0, volume / dp_bw - sum(stage_b[st] for st in mine) * n_mb)
             if exposed:
                 events.append(Event(r, "comm", T, T + exposed, label="dp gradient sync"))
-        in_flight = n_mb if schedule == "gpipe" else min(S - r, n_mb)
-        if mode == "fill" and S > 1:  # the modules this rank runs pieces of
+        if mode == "fill" and R > 1:  # the modules this rank runs pieces of
             names = {c.name for (rr, _), cs in placement.items() if rr == r for c in cs}
             frozen_here = sum(f.params for f in profile.frozen if f.name in names)
-        else:  # inline: the first stage holds them; balanced: every rank runs a share of every module
-            frozen_here = sum(f.params for f in profile.frozen) if (r == 0 or mode == "balanced") else 0
+        else:  # inline: the first stage's rank holds them; balanced: every rank runs a share of every module
+            frozen_here = sum(f.params for f in profile.frozen) if (r == owner[0] or mode == "balanced") else 0
         m = dict(params=2 * n_params, optimizer=(bytes_per_param - 2) * n_params / (dp if fsdp else 1),
-                 activations=in_flight * sum(b.saved_bytes for b in blocks[lo:hi]),
-                 frozen=frozen_bytes_per_param * frozen_here)
+                 activations=_peak_activations(orders[r], saved), frozen=frozen_bytes_per_param * frozen_here)
         if fsdp:
             m["params"] /= dp
         m["total"] = sum(m.values())
@@ -193,7 +244,7 @@ def simulate(profile: Profile, bounds: Sequence[tuple[int, int]], n_mb: int, sch
     comm_end = max([e.end for e in events if e.label == "dp gradient sync"] or [T])
     T = max(T, comm_end)
     idle = [1 - b / T for b in busy]
-    ideal = (profile.backbone_time * n_mb + frozen_total) / S
+    ideal = (profile.backbone_time * n_mb + frozen_total) / R
     return SimResult(T, sorted(events, key=lambda e: (e.rank, e.start)), busy, idle, mem, ideal, placement,
                      unplaced)
 
@@ -213,11 +264,11 @@ def fill_plan(profile: Profile, orders: list[list[tuple[str, int]]], starts: dic
     gaps = []  # (start, length, rank, slot)
     for r in range(S):
         prev_end = 0.0
-        for k, (kind, i) in enumerate(orders[r]):
-            s = starts[(r, kind, i)]
+        for k, action in enumerate(orders[r]):
+            s = starts[action]
             if s - prev_end > 1e-12:
                 gaps.append((prev_end, s - prev_end, r, k))
-            prev_end = ends[(r, kind, i)]
+            prev_end = ends[action]
         if T - prev_end > 1e-12:
             gaps.append((prev_end, T - prev_end, r, len(orders[r])))
     gaps.sort()
@@ -242,8 +293,7 @@ def fill_plan(profile: Profile, orders: list[list[tuple[str, int]]], starts: dic
     tail = [0.0] * S
     finish = []
     for r in range(S):
-        last = orders[r][-1]
-        finish.append(ends[(r, *last)] + sum(_chunk_time(profile, c) for (rr, sl), cs in placement.items()
+        finish.append(ends[orders[r][-1]] + sum(_chunk_time(profile, c) for (rr, sl), cs in placement.items()
                                              if rr == r and sl == len(orders[r]) for c in cs))
     unplaced = 0.0
     while w < len(work):
@@ -254,7 +304,7 @@ def fill_plan(profile: Profile, orders: list[list[tuple[str, int]]], starts: dic
         tail[r] += d
         unplaced += d
         w, done = w + 1, 0
-    extra_end = [finish[r] + tail[r] - ends[(r, *orders[r][-1])] for r in range(S)]
+    extra_end = [finish[r] + tail[r] - ends[orders[r][-1]] for r in range(S)]
     return placement, unplaced, extra_end
 
 
