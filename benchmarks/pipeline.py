@@ -1,6 +1,6 @@
 """DiffusionPipe on this machine: pipeline training with the frozen work inline, pre-computed, or in the bubbles.
 
-    python benchmarks/pipeline.py              # ~10 min on 2 idle cores
+    python benchmarks/pipeline.py              # ~3 min on 2 idle cores (wall_s=153)
     python benchmarks/pipeline.py --quick      # fewer rounds (a smoke run)
 
 Two gloo processes (spawned here, one thread each) train a demo-sized text-conditional DiT (8 blocks, width 192,
