@@ -15,7 +15,8 @@ from tests.distributed.test_equivalence import COMMON, MODELS
 DEEP = "model.args.depth=4"  # 4 blocks: two stages per rank for interleaved 1F1B and ZB-V
 PP = "parallel.pp=2 parallel.pp_microbatches=4"
 CASES = {
-    "dit_1f1b_fill": ("dit", f"{PP} parallel.pp_schedule=1f1b parallel.pp_frozen=fill"),
+    "dit_1f1b_fill": ("dit", f"{PP} parallel.pp_schedule=1f1b parallel.pp_frozen=fill "
+                             "run.sample_every=5 run.sample_num=4 run.sample_steps=2"),  # + EMA samples
     "dit_gpipe_fill": ("dit", f"{PP} parallel.pp_schedule=gpipe"),
     "dit_1f1b_balanced": ("dit", f"{PP} parallel.pp_schedule=1f1b parallel.pp_frozen=balanced"),
     "dit_interleaved": ("dit", f"{PP} parallel.pp_schedule=interleaved_1f1b {DEEP}"),
@@ -95,6 +96,8 @@ def test_pipelined_run_logs_losses_and_samples(runs):
         acc.Reload()
         return [e.value for e in acc.Scalars("loss")]
 
+    # sampling gathers the stages' EMA weights into a whole model
+    assert (runs / "dit_1f1b_fill" / "samples" / "step_00000005.png").stat().st_size > 0
     ref, got = losses(runs / "single_dit"), losses(runs / "dit_1f1b_fill")
     assert len(got) == len(ref) == 5
     torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-4, atol=1e-5)
