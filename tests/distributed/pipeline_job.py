@@ -17,10 +17,10 @@ import torch.distributed as dist
 from difftrain.config import ModelConfig
 from difftrain.models import registry
 from difftrain.parallelism.pipeline.costs import BlockCost, FrozenCost, Profile
-from difftrain.parallelism.pipeline.fill import FrozenFill, FrozenModule
+from difftrain.parallelism.pipeline.fill import CurrentFill, FrozenFill, FrozenModule
 from difftrain.parallelism.pipeline.partition import uniform_bounds
 from difftrain.parallelism.pipeline.runtime import build_pipeline
-from difftrain.parallelism.pipeline.simulate import simulate
+from difftrain.parallelism.pipeline.simulate import current_plan, simulate
 from difftrain.parallelism.pipeline.stages import cond_keys, num_blocks
 
 B, M, TEXT_DIM, LEN = 8, 4, 16, 5
@@ -95,27 +95,39 @@ def raw_mbs(it: int) -> list[dict]:
     return [{"pixels": p, "ids": i} for p, i in zip(pixels.chunk(M), ids.chunk(M))]
 
 
-def inputs_from(outs: list[dict], it: int):
+def mb_inputs(o: dict, it: int, i: int):
     """x_t on the rectified-flow path and the velocity target: the last stage needs the latents too."""
-    inputs, targets = [], []
-    for i, o in enumerate(outs):
-        x0 = o["vae"][0]
-        g = torch.Generator().manual_seed(1000 * it + i)
-        eps = torch.randn(x0.shape, generator=g, dtype=x0.dtype)
-        t = torch.rand(x0.shape[0], generator=g, dtype=x0.dtype)
-        tt = t.view(-1, 1, 1, 1)
-        inputs.append(((1 - tt) * x0 + tt * eps, t, *o["text"]))
-        targets.append(eps - x0)
-    return inputs, targets
+    x0 = o["vae"][0]
+    g = torch.Generator().manual_seed(1000 * it + i)
+    eps = torch.randn(x0.shape, generator=g, dtype=x0.dtype)
+    t = torch.rand(x0.shape[0], generator=g, dtype=x0.dtype)
+    tt = t.view(-1, 1, 1, 1)
+    return ((1 - tt) * x0 + tt * eps, t, *o["text"]), eps - x0
+
+
+def inputs_from(outs: list[dict], it: int):
+    pairs = [mb_inputs(o, it, i) for i, o in enumerate(outs)]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _profile(n_blocks: int) -> Profile:
+    """Made-up costs that force a module's micro-batch to be split over two slots."""
+    return Profile([BlockCost(1.0, 2.0, 8, 8, 1) for _ in range(n_blocks)],
+                   [FrozenCost("text", 1.5, 8, 1), FrozenCost("vae", 1.0, 8, 1)], mb_size=B // M)
 
 
 def fill_placement(n_blocks: int, world: int, schedule: str) -> list[dict]:
-    """Per rank ``{slot: [Chunk]}`` from the simulator on made-up costs that force a module's micro-batch to be
-    split over two slots."""
-    prof = Profile([BlockCost(1.0, 2.0, 8, 8, 1) for _ in range(n_blocks)],
-                   [FrozenCost("text", 1.5, 8, 1), FrozenCost("vae", 1.0, 8, 1)], mb_size=B // M)
-    r = simulate(prof, uniform_bounds(n_blocks, world), M, schedule, "fill")
+    """Per rank ``{slot: [Chunk]}``: where the simulator puts the next iteration's frozen work."""
+    r = simulate(_profile(n_blocks), uniform_bounds(n_blocks, world), M, schedule, "fill")
     return [{slot: cs for (rr, slot), cs in r.placement.items() if rr == q} for q in range(world)]
+
+
+def merge(*slot_dicts: dict) -> dict:
+    out: dict = {}
+    for d in slot_dicts:
+        for k, v in d.items():
+            out.setdefault(k, []).extend(v)
+    return out
 
 
 def fill_case(name, schedule, per_rank, mode, world, rank):
@@ -127,25 +139,46 @@ def fill_case(name, schedule, per_rank, mode, world, rank):
     frozen = FrozenFill(frozen_modules(), placement, dist.group.WORLD)
     pipe = build_pipeline(model, bounds, schedule, M, loss_fn, dist.group.WORLD, torch.device("cpu"),
                           fill=mode == "fill")
-    outs = frozen.run_all(raw_mbs(0))  # iteration 0: nothing was prefetched
+    p2p = dist.new_group(backend="gloo")  # the mid-step deliveries' own group
     res = {"ids": pipe.ids, "trace": [],
            "placement": {k: [(c.name, c.mb, c.lo, c.hi) for c in cs] for k, cs in placement.items()}}
+    outs = None  # iteration 0: nothing was prefetched
     for it in range(2):
-        inputs, targets = inputs_from(outs, it)
         for p in pipe.modules:
             p.zero_grad(set_to_none=True)
         if mode == "fill":
             t0 = time.perf_counter()
-            losses = pipe.step(inputs, targets, slots=frozen.slots(raw_mbs(it + 1), tag=f"it{it + 1}:"))
+            nxt_slots = frozen.slots(raw_mbs(it + 1), tag=f"it{it + 1}:")
+            if outs is None:  # this iteration's frozen work in its own bubbles, delivered mid-step
+                pieces = current_plan(_profile(n_blocks), bounds, M, schedule)
+                cur = CurrentFill(frozen, pieces, raw_mbs(0), dist.group.WORLD, p2p,
+                                  lambda i, o: mb_inputs(o, it, i)[0], lambda i, o: mb_inputs(o, it, i)[1],
+                                  torch.device("cpu"))
+                losses = pipe.step(None, None, slots=merge(cur.slots(tag=f"it{it}:"), nxt_slots),
+                                   input_fn=cur.input_fn if pipe.has_first else None,
+                                   target_fn=cur.target_fn if pipe.has_last else None)
+                cur.finish()
+                res["current"] = {"pieces": [(k, c.name, c.mb, c.lo, c.hi, inl) for k, c, inl in pieces[rank]],
+                                  "outputs": cur.results}
+                res["losses0"] = [float(v) for v in losses]
+            else:
+                losses = pipe.step(*inputs_from(outs, it), slots=nxt_slots)
             res["trace"].append({"window": (t0, time.perf_counter()), "events": list(pipe.schedule.trace)})
             nxt = frozen.deliver(M)
         else:
-            losses = pipe.step(inputs, targets)
+            if outs is None:
+                outs = frozen.run_all(raw_mbs(0))
+            losses = pipe.step(*inputs_from(outs, it))
             nxt = frozen.balanced(raw_mbs(it + 1), rank, world)
         inline = FrozenFill(frozen_modules(), {}).run_all(raw_mbs(it + 1))
         res[f"frozen_diff{it}"] = max(float((a.double() - b.double()).abs().max()) for o, q in zip(nxt, inline)
                                       for k in o for a, b in zip(o[k], q[k]))
         outs = nxt
+    inputs, targets = inputs_from(FrozenFill(frozen_modules(), {}).run_all(raw_mbs(1)), 1)
+    first = inputs_from(FrozenFill(frozen_modules(), {}).run_all(raw_mbs(0)), 0)
+    res["ref_losses0"] = [float(loss_fn(ref(x_t, t, dict(zip(cond_keys(ref), c))), tg))
+                          for (x_t, t, *c), tg in zip(*first)]
+    res["inline0"] = FrozenFill(frozen_modules(), {}).run_all(raw_mbs(0))
     # gradients of the last step (its inputs came from delivered frozen work) against a single process
     ref_losses = [loss_fn(ref(x_t, t, dict(zip(cond_keys(ref), c))), tg) for (x_t, t, *c), tg in zip(inputs, targets)]
     (sum(ref_losses) / M).backward()

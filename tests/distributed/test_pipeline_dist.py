@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tests.conftest import torchrun
-from tests.distributed.pipeline_job import CASES, FILL_CASES, M
+from tests.distributed.pipeline_job import CASES, FILL_CASES, B, M
 
 
 def _launch(world, tmp_path_factory):
@@ -61,12 +61,49 @@ def test_fill_runs_next_iterations_frozen_work_inside_this_one(two, case):
     for r in two:
         for it, tr in enumerate(r[case]["trace"]):
             t0, t1 = tr["window"]
-            frozen = [e for e in tr["events"] if e[0] == "frozen"]
+            frozen = [e for e in tr["events"] if e[0] == "frozen" and e[1].startswith(f"it{it + 1}:")]
             assert frozen or not r[case]["placement"]
-            assert all(e[1].startswith(f"it{it + 1}:") and t0 <= e[2] <= e[3] <= t1 for e in frozen)
+            assert all(t0 <= e[2] <= e[3] <= t1 for e in frozen)
             backbone = [e for e in tr["events"] if e[0] in ("F", "B")]
             inside += sum(backbone[0][3] <= e[2] and e[3] <= backbone[-1][2] for e in frozen)
     assert inside > 0  # some of iteration k+1's frozen work ran between iteration k's own actions
+
+
+def _check_current(ranks, case):
+    """Iteration 0 had nothing prefetched: its own frozen work ran in its own bubbles (simulate.current_plan) and
+    was delivered mid-step to the first and last stages, exactly equal to the inline computation, and the step's
+    losses equal the whole model's on the inline outputs."""
+    last = len(ranks) - 1
+    for q, r in enumerate(ranks):
+        res = r[case]
+        outs = res["current"]["outputs"]
+        if q in (0, last):
+            assert sorted(outs) == list(range(M))
+            for i, o in outs.items():
+                for k, ts in o.items():
+                    for a, b in zip(ts, res["inline0"][i][k]):
+                        assert a.dtype == b.dtype and torch.equal(a, b), (case, q, i, k)
+        else:
+            assert not outs
+        placed = [p for p in res["current"]["pieces"] if not p[5]]
+        labels = {e[1] for e in res["trace"][0]["events"] if e[0] == "frozen" and e[1].startswith("it0:")}
+        assert labels == {f"it0:{n}[{mb}:{lo}:{hi}]" for _, n, mb, lo, hi, _ in placed}
+        assert not any(p[5] for p in res["current"]["pieces"]) or q == 0  # only the first stage runs inline
+    assert any(p for q, r in enumerate(ranks) if q > 0 for p in r[case]["current"]["pieces"])
+    covered = sorted((n, mb, lo, hi) for r in ranks for _, n, mb, lo, hi, _ in r[case]["current"]["pieces"])
+    for n in ("text", "vae"):
+        for i in range(M):
+            spans = [(lo, hi) for nn, mb, lo, hi in covered if (nn, mb) == (n, i)]
+            assert spans[0][0] == 0 and spans[-1][1] == B // M and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    res = ranks[last][case]
+    torch.testing.assert_close(torch.tensor(res["losses0"]), torch.tensor(res["ref_losses0"]), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("case", [c for c, spec in FILL_CASES.items() if spec[3] == "fill"])
+def test_fill_runs_a_first_iterations_frozen_work_in_its_own_bubbles(two, case):
+    _check_current(two, case)
+    pieces = two[1][case]["current"]["pieces"]
+    assert 0 not in {mb for _, _, mb, _, _, _ in pieces} and len(pieces) >= 4  # rank 1's warm-up bubble
 
 
 def test_fill_splits_a_frozen_module_across_slots(two):
@@ -82,6 +119,12 @@ def test_fill_splits_a_frozen_module_across_slots(two):
 def test_four_ranks_1f1b_fill(four):
     _check(four, "dit_1f1b_fill")
     assert all(r["dit_1f1b_fill"]["frozen_diff1"] == 0 for r in four)
+    _check_current(four, "dit_1f1b_fill")
+    owners = {}
+    for q, r in enumerate(four):  # a middle rank's pieces reach both ends; one micro-batch is split over two ranks
+        for _, n, mb, lo, hi, _ in r["dit_1f1b_fill"]["current"]["pieces"]:
+            owners.setdefault((n, mb), set()).add(q)
+    assert any(len(v) > 1 for v in owners.values()) and any(q in (1, 2) for v in owners.values() for q in v)
 
 
 def test_four_ranks_1f1b(four):

@@ -13,7 +13,8 @@ from difftrain.models.dit import DiT, DiTConfig
 from difftrain.parallelism.pipeline.costs import (HARDWARE, BlockCost, FrozenCost, Profile, profile_blocks,
                                                   profile_frozen)
 from difftrain.parallelism.pipeline.partition import partition, stage_times, uniform_bounds
-from difftrain.parallelism.pipeline.simulate import fill_plan, plot_timeline, rank_order, simulate
+from difftrain.parallelism.pipeline.simulate import (_backbone, _stage_times, current_plan, fill_plan,
+                                                     plot_timeline, rank_order, schedule_orders, simulate)
 
 
 def _bounds_from_cuts(n, cuts):
@@ -122,6 +123,37 @@ def test_fill_places_every_sample_once_and_splits_a_module():
     assert any(len(v) > 1 for v in got.values())  # a module's micro-batch split over several gaps
     frozen_busy = sum(e.end - e.start for e in r.events if e.kind == "frozen")
     assert frozen_busy == pytest.approx(M * 3.5)
+
+
+@pytest.mark.parametrize("schedule,S", [("1f1b", 2), ("1f1b", 4), ("gpipe", 3)])
+def test_current_plan_meets_each_micro_batchs_first_forward(schedule, S):
+    """This iteration's frozen work (nothing prefetched): every sample of every (module, micro-batch) once;
+    micro-batch 0 inline on the first stage; a piece placed on any rank finishes, in the all-inline timeline,
+    before the first stage's forward of its micro-batch (so delivery edges point forward in time)."""
+    M = 4
+    prof = _profile(frozen=[("text", 2.5), ("vae", 1.0)])
+    bounds = uniform_bounds(8, S)
+    plan = current_plan(prof, bounds, M, schedule)
+    got = _placed_samples({r: [c for _, c, _ in ps] for r, ps in plan.items()})
+    assert set(got) == {(n, i) for n in ("text", "vae") for i in range(M)}
+    for ranges in got.values():
+        ranges.sort()
+        assert ranges[0][0] == 0 and ranges[-1][1] == 8 and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert all(inline for _, c, inline in plan[0] if c.mb == 0)
+    assert not any(c.mb == 0 for r in plan if r for _, c, _ in plan[r])
+    assert any(not inline for ps in plan.values() for _, _, inline in ps)  # some work left the first stage
+    orders = schedule_orders(schedule, S, M)
+    t = _backbone(*_stage_times(prof, bounds), orders, [0.0] * S, prof.frozen_time)
+    per = {f.name: f.fwd / prof.mb_size for f in prof.frozen}
+    for r, ps in plan.items():
+        clock = {}
+        for k, c, inline in ps:
+            if inline:
+                continue
+            start = t["ends"][orders[r][k - 1]] if k else 0.0
+            clock[k] = max(clock.get(k, start), start) + per[c.name] * (c.hi - c.lo)
+            assert clock[k] <= t["starts"][("F", c.mb, 0)] + 1e-9
+            assert clock[k] <= t["starts"][orders[r][k]] + 1e-9  # inside the gap
 
 
 def test_fill_hides_frozen_work_that_fits_and_beats_inline_and_balanced():

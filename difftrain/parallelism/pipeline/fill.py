@@ -36,7 +36,9 @@ if not torch.__version__.startswith(TESTED_TORCH):
 class FillSchedule(PipelineScheduleSingle):
     """GPipe / 1F1B with frozen work in the slots. Per step, set ``slots`` (``{k: [(label, fn)]}``: run before
     action k of ``order``; ``k = len(order)`` after the last) and, for frozen work inline on the first stage,
-    ``input_fn`` (micro-batch index -> the first stage's positional inputs, called right before its forward).
+    ``input_fn`` (micro-batch index -> the first stage's positional inputs, called right before its forward) and,
+    for frozen work of this iteration delivered mid-step (:class:`CurrentFill`), ``target_fn`` (micro-batch index
+    -> the last stage's target, called right before its forward).
     ``trace`` holds the last step's ``(kind, label, t0, t1)`` events (kinds F, B, frozen, wait; perf_counter)."""
 
     def __init__(self, stage, n_microbatches: int, loss_fn: Callable | None = None, schedule: str = "1f1b",
@@ -45,6 +47,7 @@ class FillSchedule(PipelineScheduleSingle):
         self.order = rank_order(schedule, stage.stage_index, stage.num_stages, n_microbatches)
         self.slots: dict[int, list[tuple[str, Callable]]] = {}
         self.input_fn: Callable[[int], tuple] | None = None
+        self.target_fn: Callable[[int], object] | None = None
         self.trace: list[tuple[str, str, float, float]] = []
 
     def _frozen(self, k: int) -> None:
@@ -53,18 +56,28 @@ class FillSchedule(PipelineScheduleSingle):
             fn()
             self.trace.append(("frozen", label, t0, time.perf_counter()))
 
+    def _timed(self, label: str, fn: Callable, i: int):
+        t0 = time.perf_counter()
+        out = fn(i)
+        self.trace.append(("frozen", label, t0, time.perf_counter()))
+        return out
+
     def _step_microbatches(self, arg_mbs=None, kwarg_mbs=None, target_mbs=None, losses=None, return_outputs=True,
                            loss_kwargs=None):
         arg_mbs, kwarg_mbs = self._check_inputs(arg_mbs, kwarg_mbs, target_mbs, losses)
         stage, n = self._stage, self._n_microbatches
         inline = self.input_fn is not None and stage.is_first
+        lazy_targets = self.target_fn is not None and stage.is_last
+        self.trace = []
         resolved: dict[int, tuple] = {}
-        if inline and not self._stage_forward_initialized:
-            resolved[0] = self.input_fn(0)  # shape inference needs micro-batch 0 (first step only)
+        if not self._stage_forward_initialized:  # shape inference needs micro-batch 0 (first step only)
+            if inline:
+                resolved[0] = self._timed("inline0", self.input_fn, 0)
+            if lazy_targets:
+                target_mbs[0] = self._timed("target0", self.target_fn, 0)
         first_args = resolved.get(0, arg_mbs[0])
         self._initialize_stage(first_args, kwarg_mbs[0], target_mbs[0] if target_mbs is not None else None,
                                loss_kwargs)
-        self.trace = []
         last_b = max(k for k, (kind, _) in enumerate(self.order) if kind == "B")
         pending: list = []
         in_flight: list = []
@@ -82,11 +95,13 @@ class FillSchedule(PipelineScheduleSingle):
             t0 = time.perf_counter()
             if kind == "F":
                 if inline:
-                    args = resolved.pop(i) if i in resolved else self.input_fn(i)
-                    self.trace.append(("frozen", f"inline{i}", t0, time.perf_counter()))
+                    args = resolved.pop(i) if i in resolved else self._timed(f"inline{i}", self.input_fn, i)
                     t0 = time.perf_counter()
                 else:
                     args = arg_mbs[i]
+                if lazy_targets and target_mbs[i] is None:
+                    target_mbs[i] = self._timed(f"target{i}", self.target_fn, i)
+                    t0 = time.perf_counter()
                 out = stage.forward_one_chunk(i, args, kwarg_mbs[i], save_forward_output=return_outputs)
                 self._maybe_compute_loss(stage, out, target_mbs, i, loss_kwargs)
                 pending = stage.get_fwd_send_ops(i)
@@ -187,6 +202,104 @@ class FrozenFill:
         self._parts = []
         return [{name: tuple(b[i].to(d) for b, (_, d, _) in zip(bufs[name], self._spec[name])) for name in bufs}
                 for i in range(n_mb)]
+
+
+class CurrentFill:
+    """This iteration's frozen work in this iteration's bubbles, for a step with nothing prefetched (the first, or
+    the first after a resume): ``pieces`` is ``simulate.current_plan`` (every rank's, identical everywhere).
+    A piece computed on a rank in a slot is sent at once to the first and the last stage's ranks (they are the
+    only consumers: the first stage's inputs and the last stage's targets); inline pieces run on the first stage
+    inside :meth:`input_fn`. The consumers post every receive up front, in each producer's execution order (the
+    order NCCL needs), on ``p2p_group`` (a group of its own, so these messages never interleave with the
+    pipeline's), and wait for a micro-batch's pieces right before they use it. ``make_input(i, outs)`` /
+    ``make_target(i, outs)`` turn micro-batch i's outputs ``{module: tuple}`` into the stage's inputs / target.
+
+    Output shapes come from the first stage's inline work of micro-batch 0 (always inline: nothing can run
+    before the first forward), broadcast once over ``group`` unless ``frozen`` already knows them."""
+
+    def __init__(self, frozen: FrozenFill, pieces: dict[int, list], mbs: list[dict], group, p2p_group,
+                 make_input: Callable[[int, dict], tuple], make_target: Callable[[int, dict], object],
+                 device: torch.device):
+        self.frozen, self.mbs, self.p2p = frozen, mbs, p2p_group
+        self.make_input, self.make_target = make_input, make_target
+        world = dist.get_world_size(group)
+        self.rank, self.first, self.last = dist.get_rank(group), 0, world - 1
+        self.global_rank = {r: dist.get_global_rank(group, r) for r in range(world)}
+        self.mb_size = len(next(iter(mbs[0].values())))
+        self.mine = pieces[self.rank]
+        self.parts: dict[int, list[tuple[Chunk, tuple]]] = {i: [] for i in range(len(mbs))}
+        self.sends: list = []
+        self.results: dict[int, dict[str, tuple]] = {}  # micro-batch -> outputs, on the consumers
+        if set(frozen._spec) != set(frozen.modules):
+            spec = [None]
+            if self.rank == self.first:
+                for _, c, _ in [p for p in self.mine if p[1].mb == 0]:
+                    self._run(c)  # sent now: first in this rank's order
+                spec = [{k: [(tuple(s), d, None) for s, d, _ in v] for k, v in frozen._spec.items()}]
+            dist.broadcast_object_list(spec, group=group, group_src=self.first)
+            if self.rank != self.first:
+                frozen._spec = {k: [(torch.Size(s), d, device) for s, d, _ in v] for k, v in spec[0].items()}
+        self.recvs: dict[int, list] = {i: [] for i in range(len(mbs))}
+        if self.rank in (self.first, self.last):
+            for producer in sorted(pieces):
+                if producer == self.rank:
+                    continue
+                for _, c, _ in pieces[producer]:
+                    bufs = [torch.empty((c.hi - c.lo, *shape), dtype=_wire_dtype(dtype), device=dev)
+                            for shape, dtype, dev in frozen._spec[c.name]]
+                    works = [dist.irecv(b, src=self.global_rank[producer], group=p2p_group) for b in bufs]
+                    self.recvs[c.mb].append((c, bufs, works))
+
+    def _run(self, c: Chunk) -> None:
+        if any(p is c for p, _ in self.parts[c.mb]):
+            return  # micro-batch 0's inline pieces computed early for the output shapes
+        with torch.no_grad():
+            outs = self.frozen._learn(c.name, tuple(self.frozen.modules[c.name].fn(_slice(self.mbs[c.mb], c.lo,
+                                                                                            c.hi))))
+        self.parts[c.mb].append((c, outs))
+        for dst in sorted({self.first, self.last} - {self.rank}):
+            for o in outs:
+                wire = o.to(_wire_dtype(o.dtype)).contiguous()
+                self.sends.append(dist.isend(wire, dst=self.global_rank[dst], group=self.p2p))
+
+    def slots(self, tag: str = "") -> dict[int, list[tuple[str, Callable]]]:
+        out: dict[int, list] = {}
+        for k, c, inline in self.mine:
+            if not inline:
+                out.setdefault(k, []).append((f"{tag}{c.name}[{c.mb}:{c.lo}:{c.hi}]", lambda c=c: self._run(c)))
+        return out
+
+    def outputs(self, i: int) -> dict[str, tuple]:
+        """Micro-batch i's frozen outputs on a consumer: received pieces waited for, inline ones computed."""
+        for _, c, inline in self.mine:
+            if inline and c.mb == i:
+                self._run(c)
+        for c, bufs, works in self.recvs[i]:
+            for w in works:
+                w.wait()
+            self.parts[i].append((c, tuple(bufs)))
+        self.recvs[i] = []
+        res = {}
+        for name, spec in self.frozen._spec.items():
+            mine = sorted(((c, o) for c, o in self.parts[i] if c.name == name), key=lambda p: p[0].lo)
+            edges = [0] + [e for c, _ in mine for e in (c.lo, c.hi)] + [self.mb_size]
+            if not mine or any(a != b for a, b in zip(edges[::2], edges[1::2])):
+                raise RuntimeError(f"frozen output {name!r} of micro-batch {i} incomplete on rank {self.rank}")
+            res[name] = tuple(torch.cat([o[j].to(dtype) for _, o in mine]) for j, (_, dtype, _) in enumerate(spec))
+        self.results[i] = res
+        return res
+
+    def input_fn(self, i: int) -> tuple:
+        return self.make_input(i, self.outputs(i))
+
+    def target_fn(self, i: int):
+        return self.make_target(i, self.outputs(i))
+
+    def finish(self) -> None:
+        """Wait for this rank's sends (after the step)."""
+        for w in self.sends:
+            w.wait()
+        self.sends = []
 
 
 def torch_orders(schedule: str, pp: int, n_mb: int) -> list[list[tuple[str, int, int]]]:

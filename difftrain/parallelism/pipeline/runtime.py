@@ -83,27 +83,27 @@ class Pipeline:
 
 
     def step(self, inputs: list[tuple] | None, targets: list | None, slots: dict | None = None,
-             input_fn=None) -> list[torch.Tensor]:
+             input_fn=None, target_fn=None) -> list[torch.Tensor]:
         """One iteration over ``n_microbatches`` micro-batches: ``inputs[i]`` = the first stage's positional
         tensors of micro-batch i (ignored unless this rank owns stage 0), ``targets[i]`` = what ``loss_fn`` gets
         as its second argument (ignored unless this rank owns the last stage). Gradients accumulate into this
         rank's stage parameters. Returns the micro-batches' losses on the rank owning the last stage, else [].
 
         With a fill schedule (``build_pipeline(..., fill=True)``): ``slots`` = frozen work per slot
-        (``fill.FrozenFill.slots``) and ``input_fn`` = the first stage's inputs computed on demand (frozen work
-        inline, instead of ``inputs``)."""
-        if slots is not None or input_fn is not None:
+        (``fill.FrozenFill.slots``), ``input_fn`` / ``target_fn`` = the first stage's inputs / the last stage's
+        targets computed on demand (frozen work inline or delivered mid-step, instead of ``inputs`` / ``targets``)."""
+        if slots is not None or input_fn is not None or target_fn is not None:
             if not hasattr(self.schedule, "slots"):
                 raise ValueError("frozen-work slots need build_pipeline(..., fill=True) (gpipe or 1f1b)")
         if hasattr(self.schedule, "slots"):
-            self.schedule.slots, self.schedule.input_fn = slots or {}, input_fn
+            self.schedule.slots, self.schedule.input_fn, self.schedule.target_fn = slots or {}, input_fn, target_fn
         losses: list[torch.Tensor] = []
         kw = dict(return_outputs=False)
         if self.has_first and input_fn is None:
             kw["arg_mbs"] = [tuple(x) for x in inputs]
             kw["kwarg_mbs"] = [{} for _ in inputs]
         if self.has_last:
-            kw.update(target_mbs=list(targets), losses=losses)
+            kw.update(target_mbs=[None] * self.n_microbatches if target_fn else list(targets), losses=losses)
         self.schedule.step(**kw)
         return losses
 

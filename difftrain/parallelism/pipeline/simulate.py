@@ -172,9 +172,7 @@ def simulate(profile: Profile, bounds: Sequence[tuple[int, int]], n_mb: int, sch
     R = S // 2 if multi else S
     orders = schedule_orders(schedule, R, n_mb)
     owner = {st: r for r, o in enumerate(orders) for _, _, st in o}
-    stage_f = [sum(b.fwd for b in blocks[lo:hi]) + profile.overhead for lo, hi in bounds]
-    stage_b = [sum(b.bwd for b in blocks[lo:hi]) + profile.overhead for lo, hi in bounds]
-    comm = [profile.comm(hi - 1) for lo, hi in bounds[:-1]]
+    stage_f, stage_b, comm = _stage_times(profile, bounds)
     frozen_mb = profile.frozen_time  # all frozen modules, one micro-batch
     frozen_total = frozen_mb * n_mb
     gather = sum(f.out_bytes for f in profile.frozen) * n_mb / profile.p2p_bw if R > 1 else 0.0
@@ -247,6 +245,59 @@ def simulate(profile: Profile, bounds: Sequence[tuple[int, int]], n_mb: int, sch
     ideal = (profile.backbone_time * n_mb + frozen_total) / R
     return SimResult(T, sorted(events, key=lambda e: (e.rank, e.start)), busy, idle, mem, ideal, placement,
                      unplaced)
+
+
+def _stage_times(profile: Profile, bounds: Sequence[tuple[int, int]]) -> tuple[list, list, list]:
+    """Per stage forward and backward seconds, and the transfer after each stage but the last."""
+    blocks = profile.blocks
+    stage_f = [sum(b.fwd for b in blocks[lo:hi]) + profile.overhead for lo, hi in bounds]
+    stage_b = [sum(b.bwd for b in blocks[lo:hi]) + profile.overhead for lo, hi in bounds]
+    return stage_f, stage_b, [profile.comm(hi - 1) for lo, hi in bounds[:-1]]
+
+
+def current_plan(profile: Profile, bounds: Sequence[tuple[int, int]], n_mb: int,
+                 schedule: str = "1f1b") -> dict[int, list[tuple[int, Chunk, bool]]]:
+    """Where *this* iteration's frozen work goes when nothing was prefetched (the first step, a resume): each
+    micro-batch's frozen work, in whole samples, into the idle gaps of any rank that end before the first stage's
+    forward of that micro-batch, earliest gap first; the rest inline on the first stage right before that
+    forward. Gaps come from the timeline with all frozen work inline, where every delivery edge (producer's slot
+    -> consumer's forward) points forward in time, so adding them cannot create a cycle: the runtime cannot
+    deadlock, and moving work off the first stage only makes it earlier (a producer may then be late: a stall,
+    not a hang). Returns per rank its ``(slot, Chunk, inline)`` pieces in execution order (slot k = before action
+    k of ``rank_order``; inline pieces run at the first stage's forward of their micro-batch)."""
+    S, mb_size = len(bounds), profile.mb_size
+    orders = schedule_orders(schedule, S, n_mb)
+    stage_f, stage_b, comm = _stage_times(profile, bounds)
+    times = _backbone(stage_f, stage_b, comm, orders, [0.0] * S, profile.frozen_time)
+    starts, ends = times["starts"], times["ends"]
+    gaps = []  # [cursor, end, rank, slot]
+    for r in range(S):
+        prev = 0.0
+        for k, action in enumerate(orders[r]):
+            if starts[action] - prev > 1e-12:
+                gaps.append([prev, starts[action], r, k])
+            prev = ends[action]
+    gaps.sort()
+    pieces: dict[int, list] = {r: [] for r in range(S)}
+    f_slot = {i: k for k, (kind, i, _) in enumerate(orders[0]) if kind == "F"}
+    for i in range(n_mb):
+        deadline = starts[("F", i, 0)]
+        for f in profile.frozen:
+            per = f.fwd / mb_size
+            done = 0
+            for g in gaps:
+                if done == mb_size:
+                    break
+                room = min(g[1], deadline) - g[0]
+                fit = min(mb_size - done, int(room / per + 1e-9) if per else mb_size - done)
+                if room <= 0 or fit <= 0:
+                    continue
+                pieces[g[2]].append((g[3], Chunk(f.name, i, done, done + fit), False))
+                g[0] += fit * per
+                done += fit
+            if done < mb_size:
+                pieces[0].append((f_slot[i], Chunk(f.name, i, done, mb_size), True))
+    return {r: sorted(p, key=lambda x: (x[0], x[2])) for r, p in pieces.items()}
 
 
 def _chunk_time(profile: Profile, c: Chunk) -> float:
