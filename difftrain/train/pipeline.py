@@ -83,6 +83,9 @@ class PipelineEngine(TorchEngine):
                                    self.pp_group, device, fill=self.fill,
                                    wrap=lambda m: parallelize(m, meshes, pcfg, device, ddp=False))
         self.dp_group = meshes.dp.get_group() if pcfg.engine == "ddp" and meshes.dims.dp > 1 else None
+        # the pp ranks again, as a group of their own for frozen outputs delivered mid-step (fill.CurrentFill)
+        grid = meshes.world.mesh.reshape(self.pp, -1)
+        self.p2p_group, _ = dist.new_subgroups_by_enumeration([grid[:, c].tolist() for c in range(grid.shape[1])])
         super().__init__(self.pipe.union(), meshes, pcfg, cfg.optim, device, total_steps, wrapped=True)
         self.last_owner = 0 if pcfg.pp_schedule == "zero_bubble" else self.pp - 1
 
@@ -135,7 +138,8 @@ class PipelinedStep:
             raise ConfigError(f"config key 'parallel.pp_microbatches' = {self.M} must divide the per-rank batch "
                               f"{self.per_rank} (data.batch_size / data-parallel size)")
         self.next = None  # the next step's frozen outputs, computed in this step's bubbles (fill)
-        self.placement = None
+        self.placement = None  # this rank's slots for the next step's frozen work (fill)
+        self.current = None  # every rank's pieces of a step's own frozen work when nothing was prefetched (fill)
         self.per_sample: list[torch.Tensor] = []
         self.sample_shape = None
 
@@ -158,15 +162,18 @@ class PipelinedStep:
         every rank), from the first micro-batch."""
         from difftrain.parallelism.pipeline.simulate import simulate
 
+        from difftrain.parallelism.pipeline.simulate import current_plan
+
         self.placement = {}
         if not self.engine.fill:
             return
         size = len(mbs[0]["index"])
         fz = profile_frozen("frozen", lambda: self._frozen(step).run_all(mbs[:1]), "flops", _HW)
-        costs = block_costs(self.t.cfg, self.engine.whole, size)
-        plan = simulate(Profile(costs, [fz], size), self.engine.bounds, self.M, self.t.cfg.parallel.pp_schedule,
-                        "fill")
+        prof = Profile(block_costs(self.t.cfg, self.engine.whole, size), [fz], size)
+        schedule = self.t.cfg.parallel.pp_schedule
+        plan = simulate(prof, self.engine.bounds, self.M, schedule, "fill")
         self.placement = {slot: cs for (r, slot), cs in plan.placement.items() if r == self.engine.pp_rank}
+        self.current = current_plan(prof, self.engine.bounds, self.M, schedule)
 
     def _split(self, batch: dict) -> list[dict]:
         """``M`` equal micro-batches. A rank slice short of dropped samples is padded by repeating its samples with
@@ -182,41 +189,63 @@ class PipelinedStep:
         return [{k: v[i * size:(i + 1) * size] for k, v in out.items()} for i in range(self.M)]
 
     def __call__(self, batch: dict, next_batch: dict | None) -> None:
+        from difftrain.parallelism.pipeline.fill import CurrentFill
+
         t, step, eng = self.t, self.t.step, self.engine
         mbs = self._split(batch)
         if self.placement is None:
             self._plan(mbs, step)
-        if self.next is not None:  # prefetched in the previous step's bubbles
-            outs = self.next
-        elif eng.fill:  # the first step (and the first after a resume): nothing was prefetched
-            outs = self._frozen(step).run_all(mbs)
-        else:
-            outs = self._frozen(step).balanced(mbs, eng.pp_rank, eng.pp)
-        preps, inputs, targets = [], [], []
-        for mb, o in zip(mbs, outs):
-            x0, *cond = o["frozen"]
-            prep = t.stage.prepare({**mb, "x0": x0, "cond": dict(zip(self.keys, cond))}, step)
-            prep["valid"] = mb["valid"].to(x0.device)
-            preps.append(prep)
-            inputs.append((prep["x_t"], prep["t"], *[prep["cond"][k] for k in self.keys]))
-            targets.append(self._pack(prep))
-        fill, slots = None, None
-        if eng.fill and next_batch is not None:
-            fill = self._frozen(step + 1, self.placement)
-            fill.expect(outs)
-            slots = fill.slots(self._split(next_batch), tag=f"step{step + 1}:")
+        preps: dict[int, dict] = {}
+
+        def prep_of(i: int, o: dict) -> dict:  # prepare once per micro-batch (first and last stage share a rank)
+            if i not in preps:
+                x0, *cond = o["frozen"]
+                prep = t.stage.prepare({**mbs[i], "x0": x0, "cond": dict(zip(self.keys, cond))}, step)
+                prep["valid"] = mbs[i]["valid"].to(x0.device)
+                preps[i] = prep
+            return preps[i]
+
+        def make_input(i: int, o: dict) -> tuple:
+            prep = prep_of(i, o)
+            return (prep["x_t"], prep["t"], *[prep["cond"][k] for k in self.keys])
+
+        fill = self._frozen(step + 1, self.placement) if eng.fill and next_batch is not None else None
+        cur, slots, inputs, targets = None, {}, None, None
+        if self.next is None and eng.fill:  # the first step (or the first after a resume): nothing was prefetched
+            cur = CurrentFill(self._frozen(step), self.current, mbs, eng.pp_group, eng.p2p_group, make_input,
+                              lambda i, o: self._pack(prep_of(i, o)), t.device)
+            slots = cur.slots(tag=f"step{step}:")
+            if fill is not None:
+                fill.expect_like(cur.frozen)
+        else:  # prefetched in the previous step's bubbles, or the balanced fallback now
+            outs = self.next if self.next is not None else self._frozen(step).balanced(mbs, eng.pp_rank, eng.pp)
+            inputs = [make_input(i, o) for i, o in enumerate(outs)]
+            targets = [self._pack(prep_of(i, o)) for i, o in enumerate(outs)]
+            if fill is not None:
+                fill.expect(outs)
+        if fill is not None:
+            for k, work in fill.slots(self._split(next_batch), tag=f"step{step + 1}:").items():
+                slots.setdefault(k, []).extend(work)
         self.per_sample = []
         t0 = time.perf_counter()
-        eng.pipe.step(inputs, targets, slots=slots)
+        eng.pipe.step(inputs, targets, slots=slots if eng.fill else None,
+                      input_fn=cur.input_fn if cur is not None and eng.pipe.has_first else None,
+                      target_fn=cur.target_fn if cur is not None and eng.pipe.has_last else None)
+        if cur is not None:
+            cur.finish()
         eng.sync_grads()
         self.next = fill.deliver(self.M) if fill is not None else None
         t1 = time.perf_counter()
-        # the last M: the runtime's first step also runs a shape-inference forward through loss_fn
-        per = (torch.cat(self.per_sample[-self.M:]).float() if self.per_sample else
-               torch.zeros(self.per_rank, device=t.device))
-        dist.broadcast(per, group=eng.pp_group, group_src=eng.last_owner)
-        valid = torch.cat([p["valid"] for p in preps])
-        t.metrics.add_samples(per[valid], torch.cat([p["t"] for p in preps])[valid])
+        # per-sample losses and times from the last stage (a middle stage prepared nothing in a first fill step);
+        # the last M losses: the runtime's first step also runs a shape-inference forward through loss_fn
+        per_t = torch.zeros(2, self.per_rank, device=t.device)
+        if self.per_sample:
+            per_t[0] = torch.cat(self.per_sample[-self.M:]).float()
+        if len(preps) == self.M:
+            per_t[1] = torch.cat([preps[i]["t"] for i in range(self.M)]).float()
+        dist.broadcast(per_t, group=eng.pp_group, group_src=eng.last_owner)
+        valid = torch.cat([mb["valid"] for mb in mbs]).to(t.device)
+        t.metrics.add_samples(per_t[0][valid], per_t[1][valid])
         gnorm = eng.step(step)
         t.metrics.add_step(gnorm, fwd_bwd=t1 - t0, optim=time.perf_counter() - t1)
 

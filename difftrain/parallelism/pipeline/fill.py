@@ -7,7 +7,9 @@ frozen work while the message is in flight, then waits. The frozen work is the *
 ``simulate.fill_plan`` from profiled costs), so it never depends on this iteration's backbone; a module's
 micro-batch may be split over several slots by sample ranges. :class:`FrozenFill` runs the pieces and delivers
 the results to every pp rank (one all-reduce per output over zero-initialised buffers: exact), so the first stage
-has its inputs and the last its targets at the next step.
+has its inputs and the last its targets at the next step. A step with nothing prefetched (the first, the first
+after a resume) runs its *own* frozen work in its own bubbles (:class:`CurrentFill`, placed by
+``simulate.current_plan``), delivered mid-step to the first and last stages.
 
 This is the only module of difftrain that touches private pipelining API (``PipelineScheduleSingle``'s
 ``_check_inputs``, ``_initialize_stage``, ``_maybe_compute_loss``, ``_maybe_get_loss``, ``_update_losses``,
@@ -156,6 +158,11 @@ class FrozenFill:
         """Output shapes from earlier outputs (a rank with no chunk of a module still allocates its buffers)."""
         for name, outs in like[0].items():
             self._learn(name, outs)
+
+    def expect_like(self, other: "FrozenFill") -> None:
+        """Output shapes from another step's frozen work (the same modules)."""
+        for name, spec in other._spec.items():
+            self._spec.setdefault(name, spec)
 
     def _learn(self, name: str, outs: tuple) -> tuple:
         self._spec.setdefault(name, [(t.shape[1:], t.dtype, t.device) for t in outs])
