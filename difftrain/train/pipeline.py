@@ -155,7 +155,7 @@ class PipelinedStep:
             fb = self.t.stage.frozen(mb, step)
             return (fb["x0"], *[fb["cond"][k] for k in self.keys])
 
-        return FrozenFill([FrozenModule("frozen", run)], placement or {}, self.engine.pp_group)
+        return FrozenFill([FrozenModule("frozen", run)], placement or {}, self.engine.pp_group, self.t.device)
 
     def _plan(self, mbs: list[dict], step: int) -> None:
         """Where the next step's frozen work goes: the simulator's fill placement over FLOP costs (identical on
@@ -213,7 +213,7 @@ class PipelinedStep:
         cur, slots, inputs, targets = None, {}, None, None
         if self.next is None and eng.fill:  # the first step (or the first after a resume): nothing was prefetched
             cur = CurrentFill(self._frozen(step), self.current, mbs, eng.pp_group, eng.p2p_group, make_input,
-                              lambda i, o: self._pack(prep_of(i, o)), t.device)
+                              lambda i, o: self._pack(prep_of(i, o)))
             slots = cur.slots(tag=f"step{step}:")
             if fill is not None:
                 fill.expect_like(cur.frozen)

@@ -65,8 +65,10 @@ CASES = {  # name: (model, schedule, stages per rank)
 }
 
 
-FILL_CASES = {  # name: (model, schedule, stages per rank, frozen-work mode)
+FILL_CASES = {  # name: (model, schedule, stages per rank, frozen-work mode[, owners: module -> rank on 2 ranks])
     "dit_1f1b_fill": ("dit", "1f1b", 1, "fill"),
+    "dit_1f1b_fill_owned": ("dit", "1f1b", 1, "fill", {"text": 1, "vae": 0}),
+    "dit_zero_bubble_balanced_owned": ("dit", "zero_bubble", 2, "balanced", {"text": 1, "vae": 0}),
     "dit_gpipe_fill": ("dit", "gpipe", 1, "fill"),
     "unet_1f1b_fill": ("unet", "1f1b", 1, "fill"),
     "dit_interleaved_1f1b_balanced": ("dit", "interleaved_1f1b", 2, "balanced"),
@@ -74,17 +76,18 @@ FILL_CASES = {  # name: (model, schedule, stages per rank, frozen-work mode)
 }
 
 
-def frozen_modules() -> list[FrozenModule]:
+def frozen_modules(held: set[str] | None = None) -> list[FrozenModule]:
     """A frozen "VAE" (stride-2 conv, 4x16x16 pixels -> 4x8x8 latents) and "text encoder" (token ids -> states and
-    mask), float64, the same on every rank."""
+    mask), float64, the same on every rank; ``held``: only these are callable here (partitioned frozen modules)."""
     g = torch.Generator().manual_seed(3)
     conv = torch.nn.Conv2d(4, 4, 3, stride=2, padding=1).double()
     emb = torch.nn.Embedding(50, TEXT_DIM).double()
     with torch.no_grad():
         for p in [*conv.parameters(), *emb.parameters()]:
             p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return [FrozenModule("vae", lambda mb: (conv(mb["pixels"]),)),
+    mods = [FrozenModule("vae", lambda mb: (conv(mb["pixels"]),)),
             FrozenModule("text", lambda mb: (torch.tanh(emb(mb["ids"])), mb["ids"] > 0))]
+    return [m if held is None or m.name in held else FrozenModule(m.name, None) for m in mods]
 
 
 def raw_mbs(it: int) -> list[dict]:
@@ -116,9 +119,9 @@ def _profile(n_blocks: int) -> Profile:
                    [FrozenCost("text", 1.5, 8, 1), FrozenCost("vae", 1.0, 8, 1)], mb_size=B // M)
 
 
-def fill_placement(n_blocks: int, world: int, schedule: str) -> list[dict]:
+def fill_placement(n_blocks: int, world: int, schedule: str, owners=None) -> list[dict]:
     """Per rank ``{slot: [Chunk]}``: where the simulator puts the next iteration's frozen work."""
-    r = simulate(_profile(n_blocks), uniform_bounds(n_blocks, world), M, schedule, "fill")
+    r = simulate(_profile(n_blocks), uniform_bounds(n_blocks, world), M, schedule, "fill", owners=owners)
     return [{slot: cs for (rr, slot), cs in r.placement.items() if rr == q} for q in range(world)]
 
 
@@ -130,13 +133,15 @@ def merge(*slot_dicts: dict) -> dict:
     return out
 
 
-def fill_case(name, schedule, per_rank, mode, world, rank):
+def fill_case(name, schedule, per_rank, mode, owned=None, *, world, rank):
     model = model_for(name)
     ref = copy.deepcopy(model)
     n_blocks, n_stages = num_blocks(model), world * per_rank
     bounds = [(n_blocks * s // n_stages, n_blocks * (s + 1) // n_stages) for s in range(n_stages)]
-    placement = fill_placement(n_blocks, world, schedule)[rank] if mode == "fill" else {}
-    frozen = FrozenFill(frozen_modules(), placement, dist.group.WORLD)
+    owners = {k: {r} for k, r in owned.items()} if owned else None
+    placement = fill_placement(n_blocks, world, schedule, owners)[rank] if mode == "fill" else {}
+    held = {k for k, rs in owners.items() if rank in rs} if owners else None
+    frozen = FrozenFill(frozen_modules(held), placement, dist.group.WORLD)
     pipe = build_pipeline(model, bounds, schedule, M, loss_fn, dist.group.WORLD, torch.device("cpu"),
                           fill=mode == "fill")
     p2p = dist.new_group(backend="gloo")  # the mid-step deliveries' own group
@@ -150,10 +155,9 @@ def fill_case(name, schedule, per_rank, mode, world, rank):
             t0 = time.perf_counter()
             nxt_slots = frozen.slots(raw_mbs(it + 1), tag=f"it{it + 1}:")
             if outs is None:  # this iteration's frozen work in its own bubbles, delivered mid-step
-                pieces = current_plan(_profile(n_blocks), bounds, M, schedule)
+                pieces = current_plan(_profile(n_blocks), bounds, M, schedule, owners)
                 cur = CurrentFill(frozen, pieces, raw_mbs(0), dist.group.WORLD, p2p,
-                                  lambda i, o: mb_inputs(o, it, i)[0], lambda i, o: mb_inputs(o, it, i)[1],
-                                  torch.device("cpu"))
+                                  lambda i, o: mb_inputs(o, it, i)[0], lambda i, o: mb_inputs(o, it, i)[1])
                 losses = pipe.step(None, None, slots=merge(cur.slots(tag=f"it{it}:"), nxt_slots),
                                    input_fn=cur.input_fn if pipe.has_first else None,
                                    target_fn=cur.target_fn if pipe.has_last else None)
@@ -167,9 +171,9 @@ def fill_case(name, schedule, per_rank, mode, world, rank):
             nxt = frozen.deliver(M)
         else:
             if outs is None:
-                outs = frozen.run_all(raw_mbs(0))
+                outs = frozen.balanced(raw_mbs(0), rank, world, owners)
             losses = pipe.step(*inputs_from(outs, it))
-            nxt = frozen.balanced(raw_mbs(it + 1), rank, world)
+            nxt = frozen.balanced(raw_mbs(it + 1), rank, world, owners)
         inline = FrozenFill(frozen_modules(), {}).run_all(raw_mbs(it + 1))
         res[f"frozen_diff{it}"] = max(float((a.double() - b.double()).abs().max()) for o, q in zip(nxt, inline)
                                       for k in o for a, b in zip(o[k], q[k]))
@@ -218,7 +222,7 @@ def main():
     for case, spec in FILL_CASES.items():
         if world > 2 and case != "dit_1f1b_fill":
             continue
-        results[case] = fill_case(*spec, world, rank)
+        results[case] = fill_case(*spec, world=world, rank=rank)
         dist.barrier()
     torch.save(results, out / f"rank{rank}.pt")
     dist.destroy_process_group()

@@ -103,7 +103,22 @@ def _check_current(ranks, case):
 def test_fill_runs_a_first_iterations_frozen_work_in_its_own_bubbles(two, case):
     _check_current(two, case)
     pieces = two[1][case]["current"]["pieces"]
-    assert 0 not in {mb for _, _, mb, _, _, _ in pieces} and len(pieces) >= 4  # rank 1's warm-up bubble
+    if len(FILL_CASES[case]) > 4:  # the first stage does not hold the text encoder: rank 1 encodes all of it
+        assert {(name, mb) for _, name, mb, _, _, _ in pieces} == {("text", i) for i in range(M)}
+    else:
+        assert 0 not in {mb for _, _, mb, _, _, _ in pieces} and len(pieces) >= 4  # rank 1's warm-up bubble
+
+
+@pytest.mark.parametrize("case", [c for c, spec in FILL_CASES.items() if len(spec) > 4])
+def test_frozen_modules_partitioned_across_ranks(two, case):
+    """Each rank holds one frozen module (the other is not callable there): the outputs still reach every rank
+    exactly, and the steps fed by them have the single-process gradients."""
+    owned = FILL_CASES[case][4]
+    for q, r in enumerate(two):
+        for pieces in r[case]["placement"].values():
+            assert all(owned[name] == q for name, _, _, _ in pieces)
+        if "current" in r[case]:
+            assert all(owned[name] == q for _, name, _, _, _, _ in r[case]["current"]["pieces"])
 
 
 def test_fill_splits_a_frozen_module_across_slots(two):

@@ -13,7 +13,8 @@ from difftrain.models.dit import DiT, DiTConfig
 from difftrain.parallelism.pipeline.costs import (HARDWARE, BlockCost, FrozenCost, Profile, profile_blocks,
                                                   profile_frozen)
 from difftrain.parallelism.pipeline.partition import partition, stage_times, uniform_bounds
-from difftrain.parallelism.pipeline.simulate import (_backbone, _stage_times, current_plan, fill_plan,
+from difftrain.parallelism.pipeline.simulate import (_backbone, _stage_times, choose_owners, current_plan,
+                                                     fill_plan,
                                                      plot_timeline, rank_order, schedule_orders, simulate)
 
 
@@ -154,6 +155,27 @@ def test_current_plan_meets_each_micro_batchs_first_forward(schedule, S):
             clock[k] = max(clock.get(k, start), start) + per[c.name] * (c.hi - c.lo)
             assert clock[k] <= t["starts"][("F", c.mb, 0)] + 1e-9
             assert clock[k] <= t["starts"][orders[r][k]] + 1e-9  # inside the gap
+
+
+def test_frozen_modules_partitioned_across_ranks():
+    """Two frozen modules that fit the bubbles: the chooser gives each one owner (half the frozen weights per
+    rank at no simulated cost); placement, the current-iteration plan and the memory model obey the owners."""
+    S, M = 4, 8
+    prof = _profile(frozen=[("text", 1.0), ("vae", 0.5)])
+    bounds = uniform_bounds(8, S)
+    owners = choose_owners(prof, bounds, M, "1f1b")
+    assert all(len(rs) == 1 for rs in owners.values()) and owners["text"] != owners["vae"]
+    shared = simulate(prof, bounds, M, "1f1b", "fill")
+    split = simulate(prof, bounds, M, "1f1b", "fill", owners=owners)
+    assert split.time <= shared.time * 1.02
+    assert max(m["frozen"] for m in split.memory) < max(m["frozen"] for m in shared.memory)
+    for (r, _), cs in split.placement.items():
+        assert all(r in owners[c.name] for c in cs)
+    cur = current_plan(prof, bounds, M, "1f1b", owners)
+    for r, ps in cur.items():
+        assert all(r in owners[c.name] for _, c, _ in ps)
+    got = _placed_samples({r: [c for _, c, _ in ps] for r, ps in cur.items()})
+    assert all(sum(hi - lo for lo, hi in v) == 8 for v in got.values()) and len(got) == 2 * M
 
 
 def test_fill_hides_frozen_work_that_fits_and_beats_inline_and_balanced():

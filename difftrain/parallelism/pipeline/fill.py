@@ -123,9 +123,16 @@ class FillSchedule(PipelineScheduleSingle):
 @dataclass
 class FrozenModule:
     """Frozen work: ``fn(samples)`` maps a dict of batch-first inputs (a micro-batch or a slice of one) to a tuple
-    of batch-first output tensors, under ``no_grad``."""
+    of batch-first output tensors, under ``no_grad``. ``fn=None``: the module's weights are not held on this rank
+    (frozen modules partitioned across the pp ranks, ``simulate.choose_owners``); its outputs still arrive."""
     name: str
-    fn: Callable[[dict], tuple]
+    fn: Callable[[dict], tuple] | None
+
+    def __call__(self, samples: dict) -> tuple:
+        if self.fn is None:
+            raise RuntimeError(f"frozen module {self.name!r} is not held on this pp rank, but work of it was placed "
+                               "here: the plan's owners and the modules built disagree")
+        return tuple(self.fn(samples))
 
 
 def _slice(mb: dict, lo: int, hi: int) -> dict:
@@ -136,8 +143,10 @@ class FrozenFill:
     """Runs this rank's share of the next iteration's frozen work (``placement``: ``{slot: [Chunk]}``, this rank's
     part of ``simulate.fill_plan``) and delivers every micro-batch's outputs to all ranks of ``group``."""
 
-    def __init__(self, modules: list[FrozenModule], placement: dict[int, list[Chunk]], group=None):
+    def __init__(self, modules: list[FrozenModule], placement: dict[int, list[Chunk]], group=None,
+                 device: torch.device | None = None):
         self.modules = {m.name: m for m in modules}
+        self.device = device or torch.device("cpu")  # of outputs received from other ranks
         self.placement = placement
         self.group = group
         self._parts: list[tuple[Chunk, tuple]] = []
@@ -148,7 +157,7 @@ class FrozenFill:
         out = []
         with torch.no_grad():
             for mb in mbs:
-                res = {name: tuple(m.fn(mb)) for name, m in self.modules.items()}
+                res = {name: m(mb) for name, m in self.modules.items()}
                 for name, r in res.items():
                     self._learn(name, r)
                 out.append(res)
@@ -164,6 +173,15 @@ class FrozenFill:
         for name, spec in other._spec.items():
             self._spec.setdefault(name, spec)
 
+    def share_spec(self, group) -> None:
+        """Output shapes of the modules other ranks ran (partitioned modules): one exchange over ``group``."""
+        specs = [None] * dist.get_world_size(group)
+        dist.all_gather_object(specs, {k: [(tuple(s), d) for s, d, _ in v] for k, v in self._spec.items()},
+                               group=group)
+        for spec in specs:
+            for k, v in spec.items():
+                self._spec.setdefault(k, [(torch.Size(s), d, self.device) for s, d in v])
+
     def _learn(self, name: str, outs: tuple) -> tuple:
         self._spec.setdefault(name, [(t.shape[1:], t.dtype, t.device) for t in outs])
         return outs
@@ -177,20 +195,23 @@ class FrozenFill:
             for c in chunks:
                 def run(c=c):
                     with torch.no_grad():
-                        outs = tuple(self.modules[c.name].fn(_slice(next_mbs[c.mb], c.lo, c.hi)))
+                        outs = self.modules[c.name](_slice(next_mbs[c.mb], c.lo, c.hi))
                         self._parts.append((c, self._learn(c.name, outs)))
                 out.setdefault(k, []).append((f"{tag}{c.name}[{c.mb}:{c.lo}:{c.hi}]", run))
         return out
 
-    def balanced(self, mbs: list[dict], rank: int, world: int) -> list[dict[str, tuple]]:
+    def balanced(self, mbs: list[dict], rank: int, world: int,
+                 owners: dict[str, set[int]] | None = None) -> list[dict[str, tuple]]:
         """The public-API fallback for any schedule: this rank computes its equal share of every module's samples
-        now, then all ranks exchange (:meth:`deliver`)."""
+        (of the modules it holds, with ``owners``) now, then all ranks exchange (:meth:`deliver`)."""
         mb_size = len(next(iter(mbs[0].values())))
         self._mb_size, self._parts = mb_size, []
         with torch.no_grad():
-            for c in balanced_chunks(sorted(self.modules), len(mbs), mb_size, world)[rank]:
-                outs = tuple(self.modules[c.name].fn(_slice(mbs[c.mb], c.lo, c.hi)))
+            for c in balanced_chunks(sorted(self.modules), len(mbs), mb_size, world, owners)[rank]:
+                outs = self.modules[c.name](_slice(mbs[c.mb], c.lo, c.hi))
                 self._parts.append((c, self._learn(c.name, outs)))
+        if set(self._spec) != set(self.modules):
+            self.share_spec(self.group)
         return self.deliver(len(mbs))
 
     def deliver(self, n_mb: int) -> list[dict[str, tuple]]:
@@ -221,12 +242,12 @@ class CurrentFill:
     pipeline's), and wait for a micro-batch's pieces right before they use it. ``make_input(i, outs)`` /
     ``make_target(i, outs)`` turn micro-batch i's outputs ``{module: tuple}`` into the stage's inputs / target.
 
-    Output shapes come from the first stage's inline work of micro-batch 0 (always inline: nothing can run
-    before the first forward), broadcast once over ``group`` unless ``frozen`` already knows them."""
+    Output shapes, unless ``frozen`` already knows them, come from micro-batch 0's pieces (first in every rank's
+    order: inline on the first stage, or before an owner's first action), computed at construction and
+    exchanged once over ``group``."""
 
     def __init__(self, frozen: FrozenFill, pieces: dict[int, list], mbs: list[dict], group, p2p_group,
-                 make_input: Callable[[int, dict], tuple], make_target: Callable[[int, dict], object],
-                 device: torch.device):
+                 make_input: Callable[[int, dict], tuple], make_target: Callable[[int, dict], object]):
         self.frozen, self.mbs, self.p2p = frozen, mbs, p2p_group
         self.make_input, self.make_target = make_input, make_target
         world = dist.get_world_size(group)
@@ -238,14 +259,9 @@ class CurrentFill:
         self.sends: list = []
         self.results: dict[int, dict[str, tuple]] = {}  # micro-batch -> outputs, on the consumers
         if set(frozen._spec) != set(frozen.modules):
-            spec = [None]
-            if self.rank == self.first:
-                for _, c, _ in [p for p in self.mine if p[1].mb == 0]:
-                    self._run(c)  # sent now: first in this rank's order
-                spec = [{k: [(tuple(s), d, None) for s, d, _ in v] for k, v in frozen._spec.items()}]
-            dist.broadcast_object_list(spec, group=group, group_src=self.first)
-            if self.rank != self.first:
-                frozen._spec = {k: [(torch.Size(s), d, device) for s, d, _ in v] for k, v in spec[0].items()}
+            for _, c, _ in [p for p in self.mine if p[1].mb == 0]:
+                self._run(c)  # sent now: micro-batch 0's pieces come first in every rank's order
+            frozen.share_spec(group)
         self.recvs: dict[int, list] = {i: [] for i in range(len(mbs))}
         if self.rank in (self.first, self.last):
             for producer in sorted(pieces):
@@ -261,8 +277,7 @@ class CurrentFill:
         if any(p is c for p, _ in self.parts[c.mb]):
             return  # micro-batch 0's inline pieces computed early for the output shapes
         with torch.no_grad():
-            outs = self.frozen._learn(c.name, tuple(self.frozen.modules[c.name].fn(_slice(self.mbs[c.mb], c.lo,
-                                                                                            c.hi))))
+            outs = self.frozen._learn(c.name, self.frozen.modules[c.name](_slice(self.mbs[c.mb], c.lo, c.hi)))
         self.parts[c.mb].append((c, outs))
         for dst in sorted({self.first, self.last} - {self.rank}):
             for o in outs:
@@ -337,13 +352,16 @@ def torch_orders(schedule: str, pp: int, n_mb: int) -> list[list[tuple[str, int,
              if a is not None and a.computation_type in kinds] for r in range(pp)]
 
 
-def balanced_chunks(names: list[str], n_mb: int, mb_size: int, world: int) -> list[list[Chunk]]:
-    """Per rank, an equal contiguous share of each module's ``n_mb x mb_size`` samples, as chunks."""
+def balanced_chunks(names: list[str], n_mb: int, mb_size: int, world: int,
+                    owners: dict[str, set[int]] | None = None) -> list[list[Chunk]]:
+    """Per rank, an equal contiguous share of each module's ``n_mb x mb_size`` samples (over the module's owners
+    only, with ``owners``), as chunks."""
     out: list[list[Chunk]] = [[] for _ in range(world)]
     total = n_mb * mb_size
     for name in names:
-        for r in range(world):
-            lo, hi = total * r // world, total * (r + 1) // world
+        ranks = sorted((owners or {}).get(name, range(world)))
+        for j, r in enumerate(ranks):
+            lo, hi = total * j // len(ranks), total * (j + 1) // len(ranks)
             while lo < hi:
                 mb, off = divmod(lo, mb_size)
                 end = min(hi, (mb + 1) * mb_size)

@@ -158,9 +158,11 @@ def _peak_activations(order: list, saved: list[float]) -> float:
 
 def simulate(profile: Profile, bounds: Sequence[tuple[int, int]], n_mb: int, schedule: str = "1f1b",
              mode: str = "inline", dp: int = 1, dp_bw: float = float("inf"), bytes_per_param: float = 16.0,
-             frozen_bytes_per_param: float = 2.0, fsdp: bool = False, grad_bytes: float = 2.0) -> SimResult:
+             frozen_bytes_per_param: float = 2.0, fsdp: bool = False, grad_bytes: float = 2.0,
+             owners: dict[str, set[int]] | None = None) -> SimResult:
     """One iteration of ``n_mb`` micro-batches (the profile's ``mb_size`` each) through ``bounds`` (one range per
-    stage; interleaved 1F1B and ZB-V put two stages on each rank)."""
+    stage; interleaved 1F1B and ZB-V put two stages on each rank). ``owners`` (fill): module -> the ranks that
+    hold its weights and run its pieces (default: any rank)."""
     if mode not in MODES:
         raise ValueError(f"frozen work mode must be one of {', '.join(MODES)}, got {mode!r}")
     S, blocks = len(bounds), profile.blocks
@@ -206,7 +208,7 @@ def simulate(profile: Profile, bounds: Sequence[tuple[int, int]], n_mb: int, sch
     placement: dict = {}
     unplaced = 0.0
     if mode == "fill" and R > 1:
-        placement, unplaced, extra_end = fill_plan(profile, orders, starts, ends, n_mb, T)
+        placement, unplaced, extra_end = fill_plan(profile, orders, starts, ends, n_mb, T, owners)
         for (r, slot), chunks in placement.items():
             t0 = ends[orders[r][slot - 1]] if slot > 0 else 0.0
             if slot == len(orders[r]):
@@ -228,8 +230,9 @@ def simulate(profile: Profile, bounds: Sequence[tuple[int, int]], n_mb: int, sch
             exposed = max(0.0, volume / dp_bw - sum(stage_b[st] for st in mine) * n_mb)
             if exposed:
                 events.append(Event(r, "comm", T, T + exposed, label="dp gradient sync"))
-        if mode == "fill" and R > 1:  # the modules this rank runs pieces of
-            names = {c.name for (rr, _), cs in placement.items() if rr == r for c in cs}
+        if mode == "fill" and R > 1:  # the modules this rank holds (owners) or runs pieces of
+            names = ({n for n, rs in owners.items() if r in rs} if owners else
+                     {c.name for (rr, _), cs in placement.items() if rr == r for c in cs})
             frozen_here = sum(f.params for f in profile.frozen if f.name in names)
         else:  # inline: the first stage's rank holds them; balanced: every rank runs a share of every module
             frozen_here = sum(f.params for f in profile.frozen) if (r == owner[0] or mode == "balanced") else 0
@@ -255,16 +258,19 @@ def _stage_times(profile: Profile, bounds: Sequence[tuple[int, int]]) -> tuple[l
     return stage_f, stage_b, [profile.comm(hi - 1) for lo, hi in bounds[:-1]]
 
 
-def current_plan(profile: Profile, bounds: Sequence[tuple[int, int]], n_mb: int,
-                 schedule: str = "1f1b") -> dict[int, list[tuple[int, Chunk, bool]]]:
+def current_plan(profile: Profile, bounds: Sequence[tuple[int, int]], n_mb: int, schedule: str = "1f1b",
+                 owners: dict[str, set[int]] | None = None) -> dict[int, list[tuple[int, Chunk, bool]]]:
     """Where *this* iteration's frozen work goes when nothing was prefetched (the first step, a resume): each
     micro-batch's frozen work, in whole samples, into the idle gaps of any rank that end before the first stage's
     forward of that micro-batch, earliest gap first; the rest inline on the first stage right before that
     forward. Gaps come from the timeline with all frozen work inline, where every delivery edge (producer's slot
     -> consumer's forward) points forward in time, so adding them cannot create a cycle: the runtime cannot
     deadlock, and moving work off the first stage only makes it earlier (a producer may then be late: a stall,
-    not a hang). Returns per rank its ``(slot, Chunk, inline)`` pieces in execution order (slot k = before action
-    k of ``rank_order``; inline pieces run at the first stage's forward of their micro-batch)."""
+    not a hang). With ``owners`` (module -> the ranks holding it) a module's pieces go to its owners only, and
+    what does not fit a gap of an owner runs before that owner's first action when the first stage does not
+    hold the module (an edge from a slot with no predecessor: still acyclic). Returns per rank its
+    ``(slot, Chunk, inline)`` pieces in execution order (slot k = before action k of ``rank_order``; inline
+    pieces run at the first stage's forward of their micro-batch)."""
     S, mb_size = len(bounds), profile.mb_size
     orders = schedule_orders(schedule, S, n_mb)
     stage_f, stage_b, comm = _stage_times(profile, bounds)
@@ -280,14 +286,18 @@ def current_plan(profile: Profile, bounds: Sequence[tuple[int, int]], n_mb: int,
     gaps.sort()
     pieces: dict[int, list] = {r: [] for r in range(S)}
     f_slot = {i: k for k, (kind, i, _) in enumerate(orders[0]) if kind == "F"}
+    owners = owners or {}
     for i in range(n_mb):
         deadline = starts[("F", i, 0)]
         for f in profile.frozen:
             per = f.fwd / mb_size
             done = 0
+            mine = owners.get(f.name, set(range(S)))
             for g in gaps:
                 if done == mb_size:
                     break
+                if g[2] not in mine:
+                    continue
                 room = min(g[1], deadline) - g[0]
                 fit = min(mb_size - done, int(room / per + 1e-9) if per else mb_size - done)
                 if room <= 0 or fit <= 0:
@@ -295,9 +305,11 @@ def current_plan(profile: Profile, bounds: Sequence[tuple[int, int]], n_mb: int,
                 pieces[g[2]].append((g[3], Chunk(f.name, i, done, done + fit), False))
                 g[0] += fit * per
                 done += fit
-            if done < mb_size:
+            if done < mb_size and 0 in mine:
                 pieces[0].append((f_slot[i], Chunk(f.name, i, done, mb_size), True))
-    return {r: sorted(p, key=lambda x: (x[0], x[2])) for r, p in pieces.items()}
+            elif done < mb_size:
+                pieces[min(mine)].append((0, Chunk(f.name, i, done, mb_size), False))
+    return {r: sorted(p, key=lambda x: (x[0], x[2], x[1].mb)) for r, p in pieces.items()}
 
 
 def _chunk_time(profile: Profile, c: Chunk) -> float:
@@ -306,12 +318,14 @@ def _chunk_time(profile: Profile, c: Chunk) -> float:
 
 
 def fill_plan(profile: Profile, orders: list[list[tuple[str, int]]], starts: dict, ends: dict, n_mb: int,
-              T: float) -> tuple[dict, float, list[float]]:
+              T: float, owners: dict[str, set[int]] | None = None) -> tuple[dict, float, list[float]]:
     """Pack the next iteration's frozen work (module by module, micro-batch by micro-batch, in whole samples)
-    into each rank's idle gaps, earliest gap first. Returns ``{(rank, slot): [Chunk]}`` (slot k = run before the
-    rank's k-th action; slot ``len(order)`` = after its last), the seconds left unplaced (then spread over the
-    ranks' tails) and the extra tail time per rank."""
+    into each rank's idle gaps, earliest gap first; with ``owners`` (module -> the ranks holding its weights) a
+    module's pieces go to its owners only. Returns ``{(rank, slot): [Chunk]}`` (slot k = run before the rank's
+    k-th action; slot ``len(order)`` = after its last), the seconds left unplaced (then spread over the owners'
+    tails) and the extra tail time per rank."""
     S = len(orders)
+    owners = owners or {}
     gaps = []  # (start, length, rank, slot)
     for r in range(S):
         prev_end = 0.0
@@ -325,38 +339,61 @@ def fill_plan(profile: Profile, orders: list[list[tuple[str, int]]], starts: dic
     gaps.sort()
     per_sample = {f.name: f.fwd / profile.mb_size for f in profile.frozen}
     work = [(f.name, mb) for f in profile.frozen for mb in range(n_mb)]
+    done = {w: 0 for w in work}  # samples of each (module, micro-batch) placed so far
     placement: dict = {}
-    w, done = 0, 0  # current (module, mb) and samples of it already placed
     for start, length, r, slot in gaps:
         room = length
-        while w < len(work) and room > 0:
-            name, mb = work[w]
-            fit = min(profile.mb_size - done, int(room / per_sample[name] + 1e-9) if per_sample[name] else
-                      profile.mb_size - done)
+        for name, mb in work:
+            left = profile.mb_size - done[(name, mb)]
+            if left == 0 or (name in owners and r not in owners[name]):
+                continue
+            fit = min(left, int(room / per_sample[name] + 1e-9) if per_sample[name] else left)
             if fit <= 0:
-                break
-            placement.setdefault((r, slot), []).append(Chunk(name, mb, done, done + fit))
+                break  # keep the order: the gap is full for this piece
+            lo = done[(name, mb)]
+            placement.setdefault((r, slot), []).append(Chunk(name, mb, lo, lo + fit))
             room -= fit * per_sample[name]
-            done += fit
-            if done == profile.mb_size:
-                w, done = w + 1, 0
-    # leftovers: whole remaining pieces, each to the rank whose tail ends first
+            done[(name, mb)] += fit
+    # leftovers: whole remaining pieces, each to the (owner) rank whose tail ends first
     tail = [0.0] * S
     finish = []
     for r in range(S):
         finish.append(ends[orders[r][-1]] + sum(_chunk_time(profile, c) for (rr, sl), cs in placement.items()
                                              if rr == r and sl == len(orders[r]) for c in cs))
     unplaced = 0.0
-    while w < len(work):
-        name, mb = work[w]
-        r = min(range(S), key=lambda q: finish[q] + tail[q])
-        placement.setdefault((r, len(orders[r])), []).append(Chunk(name, mb, done, profile.mb_size))
-        d = per_sample[name] * (profile.mb_size - done)
+    for name, mb in work:
+        lo = done[(name, mb)]
+        if lo == profile.mb_size:
+            continue
+        r = min(sorted(owners.get(name, range(S))), key=lambda q: finish[q] + tail[q])
+        placement.setdefault((r, len(orders[r])), []).append(Chunk(name, mb, lo, profile.mb_size))
+        d = per_sample[name] * (profile.mb_size - lo)
         tail[r] += d
         unplaced += d
-        w, done = w + 1, 0
     extra_end = [finish[r] + tail[r] - ends[orders[r][-1]] for r in range(S)]
     return placement, unplaced, extra_end
+
+
+def choose_owners(profile: Profile, bounds: Sequence[tuple[int, int]], n_mb: int, schedule: str = "1f1b",
+                  tolerance: float = 0.02) -> dict[str, set[int]]:
+    """Partition the frozen modules across the pp ranks: each module held by every rank or by one, whichever
+    assignment has the smallest largest per-rank frozen footprint among those within ``tolerance`` of the
+    fastest simulated fill step (DiffusionPipe, sec. 4.2: the frozen part is partitioned over the devices whose
+    bubbles run it)."""
+    import itertools
+
+    S = len(bounds)
+    names = [f.name for f in profile.frozen]
+    params = {f.name: f.params for f in profile.frozen}
+    choices = [None, *range(S)]  # None: every rank
+    cands = []
+    for combo in itertools.product(choices, repeat=len(names)):
+        owners = {n: ({c} if c is not None else set(range(S))) for n, c in zip(names, combo)}
+        res = simulate(profile, bounds, n_mb, schedule, "fill", owners=owners)
+        held = max(sum(params[n] for n in names if r in owners[n]) for r in range(S))
+        cands.append((res.time, held, combo.count(None), owners))
+    best = min(c[0] for c in cands)
+    return min((c for c in cands if c[0] <= best * (1 + tolerance)), key=lambda c: (c[1], c[0], c[2]))[3]
 
 
 def simulate_dp(profile: Profile, n_mb: int, dp: int, dp_bw: float = float("inf"), bytes_per_param: float = 16.0,
