@@ -130,6 +130,10 @@ class ParallelConfig:
     # fill: the next step's frozen work (VAE, text encoder) in the bubbles (gpipe, 1f1b); balanced: computed up
     # front, an equal share per pp rank (any schedule); auto: fill where it applies, else balanced
     pp_frozen: str = choice("auto", ["auto", "fill", "balanced"])
+    # replicate: every pp rank holds every frozen module; partition: each module on the ranks the simulator
+    # picks (simulate.choose_owners), the others keep it in host memory outside sampling and validation
+    pp_frozen_owners: str = choice("replicate", ["replicate", "partition"])
+    pp_frozen_tolerance: float = 0.02  # partition: the simulated slowdown accepted to hold a module on one rank
     pp_bounds: list = field(default_factory=list)  # first block of stages 1..n-1; empty: DP over FLOP costs
     mixed_precision: str = choice("auto", ["auto", "bf16", "fp32"])  # auto: bf16 on CUDA, fp32 on CPU
     activation_checkpointing: bool = False

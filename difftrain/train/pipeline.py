@@ -88,6 +88,7 @@ class PipelineEngine(TorchEngine):
         self.p2p_group, _ = dist.new_subgroups_by_enumeration([grid[:, c].tolist() for c in range(grid.shape[1])])
         super().__init__(self.pipe.union(), meshes, pcfg, cfg.optim, device, total_steps, wrapped=True)
         self.last_owner = 0 if pcfg.pp_schedule == "zero_bubble" else self.pp - 1
+        self.offloaded: list[nn.Module] = []
 
     @torch.no_grad()
     def sync_grads(self) -> None:
@@ -120,10 +121,22 @@ class PipelineEngine(TorchEngine):
         full = copy.deepcopy(self.whole)
         full.load_state_dict(state, strict=False)
         live, self.model = self.model, full.to(self.device).eval()
+        for m in self.offloaded:
+            m.to(self.device)
         try:
             yield
         finally:
             self.model = live
+            for m in self.offloaded:
+                m.to("cpu")
+
+    def offload(self, modules: list[nn.Module]) -> None:
+        """Frozen modules this rank does not hold: in host memory during training steps (their work runs on
+        other pp ranks), on the device inside :meth:`ema_swapped_in` (sampling and validation run on every
+        rank)."""
+        self.offloaded = modules
+        for m in modules:
+            m.to("cpu")
 
 
 class PipelinedStep:
@@ -140,6 +153,7 @@ class PipelinedStep:
         self.next = None  # the next step's frozen outputs, computed in this step's bubbles (fill)
         self.placement = None  # this rank's slots for the next step's frozen work (fill)
         self.current = None  # every rank's pieces of a step's own frozen work when nothing was prefetched (fill)
+        self.owners = None  # frozen piece -> the pp ranks holding its module (None: every rank holds every one)
         self.per_sample: list[torch.Tensor] = []
         self.sample_shape = None
 
@@ -148,32 +162,62 @@ class PipelinedStep:
         return cond_keys(self.engine.whole)
 
     def _frozen(self, step: int, placement=None):
-        """The stage's ``frozen`` as one piece of frozen work returning ``(x0, *cond)`` batch-first."""
+        """The stage's ``frozen`` work by module (``Stage.frozen_pieces``), each returning its part of
+        ``(x0, *cond)`` batch-first; a module this rank does not hold (``pp_frozen_owners=partition``) is not
+        callable here."""
         from difftrain.parallelism.pipeline.fill import FrozenFill, FrozenModule
 
-        def run(mb: dict) -> tuple:
-            fb = self.t.stage.frozen(mb, step)
-            return (fb["x0"], *[fb["cond"][k] for k in self.keys])
+        mods = []
+        for piece in self.t.stage.frozen_pieces(step):
+            def run(mb: dict, piece=piece) -> tuple:
+                out = piece.fn(mb)
+                return tuple(t for key in piece.provides for t in
+                             ([out["x0"]] if key == "x0" else [out["cond"][k] for k in self.keys]))
 
-        return FrozenFill([FrozenModule("frozen", run)], placement or {}, self.engine.pp_group, self.t.device)
+            held = self.owners is None or self.engine.pp_rank in self.owners[piece.name]
+            mods.append(FrozenModule(piece.name, run if held else None))
+        return FrozenFill(mods, placement or {}, self.engine.pp_group, self.t.device)
+
+    def _unpack(self, o: dict[str, tuple]) -> tuple[torch.Tensor, dict]:
+        """One micro-batch's frozen outputs by piece -> (x0, cond)."""
+        x0, cond = None, {}
+        for name, provides in self.provides:
+            vals = list(o[name])
+            for key in provides:
+                if key == "x0":
+                    x0 = vals.pop(0)
+                else:
+                    cond, vals = dict(zip(self.keys, vals)), vals[len(self.keys):]
+        return x0, cond
 
     def _plan(self, mbs: list[dict], step: int) -> None:
-        """Where the next step's frozen work goes: the simulator's fill placement over FLOP costs (identical on
-        every rank), from the first micro-batch."""
-        from difftrain.parallelism.pipeline.simulate import simulate
-
-        from difftrain.parallelism.pipeline.simulate import current_plan
+        """Which pp ranks hold which frozen module (``pp_frozen_owners``) and where the frozen work goes: the
+        simulator's placement over FLOP costs (identical on every rank), from the first micro-batch. Modules
+        this rank does not hold move to host memory (back on the device for sampling and validation)."""
+        from difftrain.parallelism.pipeline.simulate import choose_owners, current_plan, simulate
 
         self.placement = {}
+        size = len(mbs[0]["index"])
+        pieces = self.t.stage.frozen_pieces(step)
+        self.provides = [(p.name, p.provides) for p in pieces]
+        costs = [profile_frozen(p.name, lambda p=p: p.fn(mbs[0]), "flops", _HW,
+                                params=sum(q.numel() for q in p.module.parameters()) if p.module else 0)
+                 for p in pieces]
+        prof = Profile(block_costs(self.t.cfg, self.engine.whole, size), costs, size)
+        schedule, bounds = self.t.cfg.parallel.pp_schedule, self.engine.bounds
+        if self.t.cfg.parallel.pp_frozen_owners == "partition":
+            if self.engine.fill:
+                self.owners = choose_owners(prof, bounds, self.M, schedule, self.t.cfg.parallel.pp_frozen_tolerance)
+            else:  # balanced: one module per rank, round robin by size
+                order = sorted(costs, key=lambda c: -c.params)
+                self.owners = {c.name: {i % self.engine.pp} for i, c in enumerate(order)}
+            self.engine.offload([p.module for p in pieces if p.module is not None
+                                 and self.engine.pp_rank not in self.owners[p.name]])
         if not self.engine.fill:
             return
-        size = len(mbs[0]["index"])
-        fz = profile_frozen("frozen", lambda: self._frozen(step).run_all(mbs[:1]), "flops", _HW)
-        prof = Profile(block_costs(self.t.cfg, self.engine.whole, size), [fz], size)
-        schedule = self.t.cfg.parallel.pp_schedule
-        plan = simulate(prof, self.engine.bounds, self.M, schedule, "fill")
+        plan = simulate(prof, bounds, self.M, schedule, "fill", owners=self.owners)
         self.placement = {slot: cs for (r, slot), cs in plan.placement.items() if r == self.engine.pp_rank}
-        self.current = current_plan(prof, self.engine.bounds, self.M, schedule)
+        self.current = current_plan(prof, bounds, self.M, schedule, self.owners)
 
     def _split(self, batch: dict) -> list[dict]:
         """``M`` equal micro-batches. A rank slice short of dropped samples is padded by repeating its samples with
@@ -199,8 +243,8 @@ class PipelinedStep:
 
         def prep_of(i: int, o: dict) -> dict:  # prepare once per micro-batch (first and last stage share a rank)
             if i not in preps:
-                x0, *cond = o["frozen"]
-                prep = t.stage.prepare({**mbs[i], "x0": x0, "cond": dict(zip(self.keys, cond))}, step)
+                x0, cond = self._unpack(o)
+                prep = t.stage.prepare({**mbs[i], "x0": x0, "cond": cond}, step)
                 prep["valid"] = mbs[i]["valid"].to(x0.device)
                 preps[i] = prep
             return preps[i]
@@ -218,7 +262,8 @@ class PipelinedStep:
             if fill is not None:
                 fill.expect_like(cur.frozen)
         else:  # prefetched in the previous step's bubbles, or the balanced fallback now
-            outs = self.next if self.next is not None else self._frozen(step).balanced(mbs, eng.pp_rank, eng.pp)
+            outs = (self.next if self.next is not None else
+                    self._frozen(step).balanced(mbs, eng.pp_rank, eng.pp, self.owners))
             inputs = [make_input(i, o) for i, o in enumerate(outs)]
             targets = [self._pack(prep_of(i, o)) for i, o in enumerate(outs)]
             if fill is not None:

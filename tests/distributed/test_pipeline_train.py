@@ -22,6 +22,11 @@ CASES = {
     "dit_interleaved": ("dit", f"{PP} parallel.pp_schedule=interleaved_1f1b {DEEP}"),
     "dit_zero_bubble": ("dit", f"{PP} parallel.pp_schedule=zero_bubble {DEEP}"),
     "unet_1f1b_fill": ("unet", f"{PP} parallel.pp_schedule=1f1b"),
+    # the text encoder held by one pp rank (a tolerance that accepts any slowdown forces it), sampled at step 5
+    "dit_1f1b_partition": ("dit", f"{PP} parallel.pp_frozen_owners=partition parallel.pp_frozen_tolerance=10 "
+                                  "run.sample_every=5 run.sample_num=4 run.sample_steps=2"),
+    "dit_zero_bubble_partition": ("dit", f"{PP} parallel.pp_schedule=zero_bubble {DEEP} "
+                                         "parallel.pp_frozen_owners=partition"),
 }
 
 
@@ -101,3 +106,22 @@ def test_pipelined_run_logs_losses_and_samples(runs):
     ref, got = losses(runs / "single_dit"), losses(runs / "dit_1f1b_fill")
     assert len(got) == len(ref) == 5
     torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["dit_1f1b_partition", "dit_zero_bubble_partition"])
+def test_frozen_modules_partitioned_across_pp_ranks(runs, case):
+    """``pp_frozen_owners=partition``: the text encoder is held by one pp rank, only that rank runs its pieces
+    (both the next step's and, at the first step, the step's own), the other keeps it in host memory; the run
+    still equals a single process (test above) and samples (the module comes back for sampling)."""
+    import json
+
+    plans = json.loads((runs / "two" / f"{case}.pp.json").read_text())
+    owners = plans[0]["owners"]
+    assert all(p["owners"] == owners for p in plans) and len(owners["text"]) == 1
+    holder = owners["text"][0]
+    for rank, p in enumerate(plans):
+        ran = set(p["placement"]) | set(p["current"])
+        assert ("text" in ran) == (rank == holder) or case.startswith("dit_zero")
+        assert p["offloaded"] == (rank != holder)
+    if case == "dit_1f1b_partition":
+        assert (runs / case / "samples" / "step_00000005.png").stat().st_size > 0

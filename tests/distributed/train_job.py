@@ -31,8 +31,17 @@ def main():
         local = sum((t.to_local() if isinstance(t, DTensor) else t).numel() for t in ema)
         sizes = [None] * dist.get_world_size()
         dist.all_gather_object(sizes, {"local": local, "full": sum(t.numel() for t in ema)})
+        pp = trainer.pp_step
+        plan = None if pp is None else {  # where the pipeline put the frozen work, and what this rank holds
+            "owners": {k: sorted(v) for k, v in (pp.owners or {}).items()},
+            "offloaded": len(trainer.engine.offloaded),
+            "placement": sorted({c.name for cs in (pp.placement or {}).values() for c in cs}),
+            "current": sorted({c.name for _, c, _ in (pp.current or {}).get(trainer.engine.pp_rank, [])})}
+        plans = [None] * dist.get_world_size()
+        dist.all_gather_object(plans, plan)
         if dist.get_rank() == 0:
             (out / f"{name}.ema_numel.json").write_text(json.dumps(sizes))
+            (out / f"{name}.pp.json").write_text(json.dumps(plans))
             save_file({k: v.contiguous() for k, v in sd.items()}, str(out / f"{name}.safetensors"))
         dist.barrier()
     dist.destroy_process_group()

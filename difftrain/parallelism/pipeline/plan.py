@@ -48,6 +48,8 @@ class Candidate:
     fits: bool
     throughput: float  # samples/s over the cluster
     schedule: str = "1f1b"
+    profile: Profile | None = None  # the per-micro-batch costs it was simulated with
+    dp_bw: float = float("inf")
 
     def describe(self) -> str:
         eng = "fsdp" if self.fsdp else "ddp"
@@ -175,7 +177,8 @@ def candidates(profile: Profile, gpus: int, global_batch: int, hw: Hardware, hea
                 for fsdp in ((False, True) if D > 1 else (False,)):
                     r = simulate(prof, bounds, M, schedule, mode, D, dp_bw, fsdp=fsdp)
                     fits = max(m["total"] for m in r.memory) <= headroom * hw.memory
-                    out.append(Candidate(S, D, M, mode, fsdp, bounds, r, fits, global_batch / r.time, schedule))
+                    out.append(Candidate(S, D, M, mode, fsdp, bounds, r, fits, global_batch / r.time, schedule,
+                                         prof, dp_bw))
     return out
 
 
@@ -218,7 +221,30 @@ def explain(cands: list[Candidate], gpus: int, hw: Hardware, about: str, profile
             if multi is not None:
                 lines.append(f"  two stages per rank: {multi.schedule} frozen={multi.mode} is "
                              f"{multi.throughput / f.throughput:.2f}x 1f1b with fill")
+    fills = [c for c in fit if c.mode == "fill"]
+    if fills:
+        lines.append(_partitioned(max(fills, key=lambda c: c.throughput)))
     return "\n".join(lines)
+
+
+def _partitioned(c: Candidate) -> str:
+    """The fill plan with the frozen modules partitioned across the pp ranks (``simulate.choose_owners``)."""
+    from difftrain.parallelism.pipeline.simulate import choose_owners
+
+    prof = c.profile
+    sim = dict(dp=c.dp, dp_bw=c.dp_bw, fsdp=c.fsdp)
+    owners = choose_owners(prof, c.bounds, c.n_mb, c.schedule, **sim)
+    head = f"frozen weights in the best fill plan (pp={c.stages} M={c.n_mb})"
+    if all(len(rs) == c.stages for rs in owners.values()):
+        return (f"{head}: kept on every rank (holding a module on one rank lowers no rank's peak memory or slows "
+                "the step by more than 2%)")
+    part = simulate(prof, c.bounds, c.n_mb, c.schedule, "fill", owners=owners, **sim)
+    where = ", ".join(f"{n} on {'every rank' if len(rs) == c.stages else f'rank {min(rs)}'}"
+                      for n, rs in owners.items())
+    frozen = [f"{m['frozen'] / 1e9:.1f}" for m in part.memory]
+    peak = [max(m["total"] for m in r.memory) / 1e9 for r in (c.result, part)]
+    return (f"{head}: partitioned ({where}); frozen GB per rank {' '.join(frozen)}; peak memory {peak[1]:.1f} GB "
+            f"instead of {peak[0]:.1f} GB, step {part.time / c.result.time:.3f}x")
 
 
 def _hidden(c: Candidate) -> float:

@@ -341,9 +341,12 @@ def fill_plan(profile: Profile, orders: list[list[tuple[str, int]]], starts: dic
     work = [(f.name, mb) for f in profile.frozen for mb in range(n_mb)]
     done = {w: 0 for w in work}  # samples of each (module, micro-batch) placed so far
     placement: dict = {}
+    first = 0  # work before this index is fully placed
     for start, length, r, slot in gaps:
         room = length
-        for name, mb in work:
+        while first < len(work) and done[work[first]] == profile.mb_size:
+            first += 1
+        for name, mb in work[first:]:
             left = profile.mb_size - done[(name, mb)]
             if left == 0 or (name in owners and r not in owners[name]):
                 continue
@@ -375,25 +378,28 @@ def fill_plan(profile: Profile, orders: list[list[tuple[str, int]]], starts: dic
 
 
 def choose_owners(profile: Profile, bounds: Sequence[tuple[int, int]], n_mb: int, schedule: str = "1f1b",
-                  tolerance: float = 0.02) -> dict[str, set[int]]:
-    """Partition the frozen modules across the pp ranks: each module held by every rank or by one, whichever
-    assignment has the smallest largest per-rank frozen footprint among those within ``tolerance`` of the
-    fastest simulated fill step (DiffusionPipe, sec. 4.2: the frozen part is partitioned over the devices whose
-    bubbles run it)."""
-    import itertools
-
+                  tolerance: float = 0.02, **sim) -> dict[str, set[int]]:
+    """Partition the frozen modules across the pp ranks (DiffusionPipe, sec. 4.2: the frozen part is partitioned
+    over the devices whose bubbles run it). Each module is held by every rank or by one; modules are taken
+    largest first and each is given the single owner that keeps the simulated fill step within ``tolerance`` of
+    the best so far and gives the smallest peak memory of any rank (then the fewest frozen copies); replicated if
+    none does: ``len(frozen) x S`` simulations (``sim``: ``simulate``'s data-parallel arguments)."""
     S = len(bounds)
-    names = [f.name for f in profile.frozen]
     params = {f.name: f.params for f in profile.frozen}
-    choices = [None, *range(S)]  # None: every rank
-    cands = []
-    for combo in itertools.product(choices, repeat=len(names)):
-        owners = {n: ({c} if c is not None else set(range(S))) for n, c in zip(names, combo)}
-        res = simulate(profile, bounds, n_mb, schedule, "fill", owners=owners)
-        held = max(sum(params[n] for n in names if r in owners[n]) for r in range(S))
-        cands.append((res.time, held, combo.count(None), owners))
-    best = min(c[0] for c in cands)
-    return min((c for c in cands if c[0] <= best * (1 + tolerance)), key=lambda c: (c[1], c[0], c[2]))[3]
+    owners = {n: set(range(S)) for n in params}
+
+    def score(o):  # (step time, (largest per-rank memory, frozen parameters held over all ranks))
+        res = simulate(profile, bounds, n_mb, schedule, "fill", owners=o, **sim)
+        return res.time, (max(m["total"] for m in res.memory), sum(params[n] * len(o[n]) for n in params))
+
+    best_t, best_held = score(owners)
+    for name in sorted(params, key=lambda n: -params[n]):
+        for r in range(S):
+            trial = {**owners, name: {r}}
+            t, held = score(trial)
+            if t <= best_t * (1 + tolerance) and (held, t) < (best_held, best_t):
+                owners, best_held, best_t = trial, held, min(t, best_t)
+    return owners
 
 
 def simulate_dp(profile: Profile, n_mb: int, dp: int, dp_bw: float = float("inf"), bytes_per_param: float = 16.0,

@@ -13,9 +13,22 @@ optimizer state.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
+
+
+@dataclass
+class FrozenPiece:
+    """Part of a stage's ``frozen`` work done by one frozen module, for a pipeline to place (and hold) apart from
+    the rest: ``fn(batch)`` returns the ``provides`` keys of ``frozen``'s output (``"x0"``: a tensor, ``"cond"``: the
+    cond dict); ``module`` holds its weights (None: no weights worth placing apart)."""
+    name: str
+    fn: Callable[[dict], dict]
+    module: nn.Module | None
+    provides: tuple[str, ...]
 
 
 class Stage(ABC):
@@ -29,6 +42,10 @@ class Stage(ABC):
 
     @abstractmethod
     def frozen(self, batch: dict, step: int) -> dict: ...
+
+    def frozen_pieces(self, step: int) -> list[FrozenPiece]:
+        """``frozen`` split by module (DiffusionPipe places and partitions them apart). Default: one piece."""
+        return [FrozenPiece("frozen", lambda b: self.frozen(b, step), None, ("x0", "cond"))]
 
     @abstractmethod
     def prepare(self, batch: dict, step: int) -> dict: ...

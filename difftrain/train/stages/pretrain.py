@@ -20,7 +20,7 @@ from difftrain.data.images import to_unit
 from difftrain.diffusion.assign import build_assigner
 from difftrain.diffusion.diffusion import Diffusion
 from difftrain.diffusion.keyed import keyed_rand, keyed_randn
-from difftrain.train.stages.base import Stage
+from difftrain.train.stages.base import FrozenPiece, Stage
 
 
 class Conditioner:
@@ -118,9 +118,27 @@ class PretrainStage(Stage):
 
     @torch.no_grad()
     def frozen(self, batch: dict, step: int) -> dict:
-        idx = batch["index"]
+        return {**batch, "x0": self._x0(batch, step), "cond": self._cond(batch, step)}
+
+    def frozen_pieces(self, step: int) -> list[FrozenPiece]:
+        """The VAE's part (x0) and the text encoder's (cond), each with the module holding its weights."""
+        vae = None  # PixelSpace: nothing to hold
+        if hasattr(self.vae, "vae"):  # a diffusers AutoencoderKL: the encoder side
+            vae = nn.ModuleList([m for m in (self.vae.vae.encoder, getattr(self.vae.vae, "quant_conv", None))
+                                 if m is not None])
+        return [FrozenPiece("latents", lambda b: {"x0": self._x0(b, step)}, vae, ("x0",)),
+                FrozenPiece("text", lambda b: {"cond": self._cond(b, step)}, self.conditioner.text_encoder,
+                            ("cond",))]
+
+    @torch.no_grad()
+    def _cond(self, batch: dict, step: int) -> dict:
         p = self.cfg.data.caption_dropout
-        drop = keyed_rand(self.seed, step, idx, "dropout") < p if p > 0 else None
+        drop = keyed_rand(self.seed, step, batch["index"], "dropout") < p if p > 0 else None
+        text = (batch["text_states"], batch["text_mask"]) if "text_states" in batch else None
+        return self.conditioner(batch.get("captions"), batch.get("labels"), drop, text=text)
+
+    @torch.no_grad()
+    def _x0(self, batch: dict, step: int) -> torch.Tensor:
         name = "latent_mean" if "latent_mean" in batch else "pixels"
         data = batch[name]
         want = 5 if self.cfg.model.frames > 0 else 4
@@ -129,12 +147,8 @@ class PretrainStage(Stage):
                               f"{'video [B, T, C, H, W]' if want == 5 else 'image [B, C, H, W]'} batches, "
                               f"but the data gives {name} of shape {tuple(data.shape)}")
         if name == "latent_mean":
-            x0 = self._posterior_sample(batch, step)
-        else:
-            x0 = self.vae.encode(to_unit(data.to(self.device, non_blocking=True)))  # uint8 images -> [-1, 1] here
-        text = (batch["text_states"], batch["text_mask"]) if "text_states" in batch else None
-        cond = self.conditioner(batch.get("captions"), batch.get("labels"), drop, text=text)
-        return {**batch, "x0": x0, "cond": cond}
+            return self._posterior_sample(batch, step)
+        return self.vae.encode(to_unit(data.to(self.device, non_blocking=True)))  # uint8 images -> [-1, 1] here
 
     def _posterior_sample(self, batch: dict, step: int) -> torch.Tensor:
         """Pre-encoded latents: ``mean + std * xi``, xi ~ N(0, I) keyed by (seed, step, sample index) on a stream
