@@ -7,10 +7,12 @@ schedule (``sync_grads``), and it is run by the chosen schedule. The optimizer, 
 checkpoints see the stages under the whole model's parameter names, so a pipelined checkpoint resumes in a plain
 run and back (DCP reshards by name). The gradient norm for clipping is summed over the pp ranks.
 
-:class:`PipelinedStep` is one training step: the stage's ``frozen`` work of every micro-batch (computed in the
-previous step's bubbles with ``pp_frozen=fill``, or an equal share per pp rank up front with ``balanced``), then
-``prepare`` on every pp rank (the same keyed noise everywhere), the schedule, and the per-sample losses sent from
-the last stage to the other pp ranks for the metrics.
+:class:`PipelinedStep` is one training step: the stage's ``frozen`` work of every micro-batch, by module
+(``Stage.frozen_pieces``; computed in the previous step's bubbles with ``pp_frozen=fill``, in the step's own
+bubbles when nothing was prefetched, or an equal share per pp rank up front with ``balanced``; with
+``pp_frozen_owners=partition`` each module only on the pp ranks holding it), then ``prepare`` where the outputs
+are (the same keyed noise everywhere), the schedule, and the per-sample losses and times sent from the last
+stage to the other pp ranks for the metrics.
 """
 from __future__ import annotations
 
