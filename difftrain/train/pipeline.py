@@ -156,6 +156,7 @@ class PipelinedStep:
         self.placement = None  # this rank's slots for the next step's frozen work (fill)
         self.current = None  # every rank's pieces of a step's own frozen work when nothing was prefetched (fill)
         self.owners = None  # frozen piece -> the pp ranks holding its module (None: every rank holds every one)
+        self.provides: list[tuple[str, tuple]] = []  # (piece, what it provides) in Stage.frozen_pieces order
         self.per_sample: list[torch.Tensor] = []
         self.sample_shape = None
 
@@ -199,15 +200,18 @@ class PipelinedStep:
         from difftrain.parallelism.pipeline.simulate import choose_owners, current_plan, simulate
 
         self.placement = {}
-        size = len(mbs[0]["index"])
         pieces = self.t.stage.frozen_pieces(step)
         self.provides = [(p.name, p.provides) for p in pieces]
+        partition = self.t.cfg.parallel.pp_frozen_owners == "partition"
+        if not (self.engine.fill or partition):
+            return
+        size = len(mbs[0]["index"])
         costs = [profile_frozen(p.name, lambda p=p: p.fn(mbs[0]), "flops", _HW,
                                 params=sum(q.numel() for q in p.module.parameters()) if p.module else 0)
                  for p in pieces]
         prof = Profile(block_costs(self.t.cfg, self.engine.whole, size), costs, size)
         schedule, bounds = self.t.cfg.parallel.pp_schedule, self.engine.bounds
-        if self.t.cfg.parallel.pp_frozen_owners == "partition":
+        if partition:
             if self.engine.fill:
                 self.owners = choose_owners(prof, bounds, self.M, schedule, self.t.cfg.parallel.pp_frozen_tolerance)
             else:  # balanced: one module per rank, round robin by size
