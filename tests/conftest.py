@@ -10,6 +10,20 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 
 
+def tiny_vae(path: Path, seed: int = 0, channels: int = 1) -> Path:
+    """A small randomly initialised diffusers AutoencoderKL (downsample 2, 4 latent channels) saved at ``path``,
+    loaded by the same code as a pretrained one."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(in_channels=channels, out_channels=channels, block_out_channels=(8, 16), latent_channels=4,
+                        norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, scaling_factor=0.5, shift_factor=0.25)
+    vae.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def digits(tmp_path_factory):
     """The demo data set (real scikit-learn digits as img2dataset-layout shards)."""

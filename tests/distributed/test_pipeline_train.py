@@ -9,7 +9,7 @@ import torch
 
 from difftrain.models import registry
 from difftrain.train.build import load_run_weights, read_model_config
-from tests.conftest import torchrun
+from tests.conftest import tiny_vae, torchrun
 from tests.distributed.test_equivalence import COMMON, MODELS
 
 DEEP = "model.args.depth=4"  # 4 blocks: two stages per rank for interleaved 1F1B and ZB-V
@@ -37,14 +37,19 @@ FOUR = {"dit_pp2_ddp2": "parallel.engine=ddp", "dit_pp2_fsdp2": "parallel.engine
 def runs(digits, tmp_path_factory):
     out = tmp_path_factory.mktemp("pptrain")
     base = f"{COMMON} data.train={digits['train']}"
+    vae = f"encoders.vae={tiny_vae(out / 'vae')} model.in_channels=4 model.image_size=8"  # latent space
     single = []
-    for m, extra in (("dit", ""), ("dit_deep", DEEP), ("unet", "")):
+    for m, extra in (("dit", ""), ("dit_deep", DEEP), ("unet", ""), ("dit_vae", vae)):
         single += [m, f"{base} {MODELS[m.split('_')[0]]} {extra} run.dir={out}/single_{m}"]
     torchrun(1, ["tests/distributed/train_job.py", str(out / "single"), *single], timeout=400)
     two = []
     for name, (m, extra) in CASES.items():
         two += [name, f"{base} {MODELS[m]} {extra} run.dir={out}/{name}"]
     dit = f"{base} {MODELS['dit']}"
+    # the VAE encoder and the text encoder each held by one pp rank, sampled (decoded) at step 5
+    two += ["dit_vae_partition", f"{dit} {vae} {PP} parallel.pp_frozen_owners=partition "
+            f"parallel.pp_frozen_tolerance=10 run.sample_every=5 run.sample_num=4 run.sample_steps=2 "
+            f"run.dir={out}/dit_vae_partition"]
     # checkpoints across: 3 steps pipelined, resumed plain (DDP on 2 ranks) to 5; and the other way round
     two += ["pp_then_plain_a", f"{dit} {PP} run.steps=3 run.dir={out}/pp_then_plain",
             "pp_then_plain_b", f"{dit} run.dir={out}/pp_then_plain",
@@ -106,6 +111,21 @@ def test_pipelined_run_logs_losses_and_samples(runs):
     ref, got = losses(runs / "single_dit"), losses(runs / "dit_1f1b_fill")
     assert len(got) == len(ref) == 5
     torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-4, atol=1e-5)
+
+
+def test_latent_space_run_with_partitioned_vae_and_text_encoder(runs):
+    """A real (tiny, random) diffusers VAE: its encoder and the text encoder go to different pp ranks; the run
+    equals a single process and decodes samples."""
+    import json
+
+    _same(runs / "single_dit_vae", runs / "dit_vae_partition")
+    plans = json.loads((runs / "two" / "dit_vae_partition.pp.json").read_text())
+    owners = plans[0]["owners"]
+    assert len(owners["text"]) == len(owners["latents"]) == 1 and owners["text"] != owners["latents"]
+    for rank, p in enumerate(plans):
+        assert p["offloaded"] == 1  # the module the other rank holds
+        assert set(p["placement"]) | set(p["current"]) == {n for n, rs in owners.items() if rank in rs}
+    assert (runs / "dit_vae_partition" / "samples" / "step_00000005.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("case", ["dit_1f1b_partition", "dit_zero_bubble_partition"])

@@ -20,7 +20,7 @@ from difftrain.diffusion.diffusion import build_diffusion
 from difftrain.diffusion.keyed import keyed_randn
 from difftrain.train.build import build_backbone, build_encoders, model_config
 from difftrain.train.stages.pretrain import Conditioner, PretrainStage
-from tests.conftest import REPO, run_cmd
+from tests.conftest import REPO, run_cmd, tiny_vae
 
 CPU = torch.device("cpu")
 SHARDS = "{00000..00002}.tar"  # 3 x 256 digits
@@ -170,18 +170,7 @@ def test_latent_losses_equal_online(digits, encoders, latent32, assign):
 
 @pytest.fixture(scope="module")
 def vae_dirs(tmp_path_factory):
-    from diffusers import AutoencoderKL
-
-    out = []
-    for seed in (0, 1):
-        torch.manual_seed(seed)
-        vae = AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(8, 16), latent_channels=4,
-                            norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 2,
-                            up_block_types=("UpDecoderBlock2D",) * 2, scaling_factor=0.5, shift_factor=0.25)
-        path = tmp_path_factory.mktemp(f"vae{seed}")
-        vae.save_pretrained(path)
-        out.append(path)
-    return out
+    return [tiny_vae(tmp_path_factory.mktemp(f"vae{seed}"), seed) for seed in (0, 1)]
 
 
 def test_vae_posterior_and_encoder_checks(digits, vae_dirs, tmp_path):
