@@ -79,7 +79,8 @@ class PipelineEngine(TorchEngine):
         self.bounds = stage_bounds(cfg, module, self.pp * per_rank)
         self.fill = frozen_mode(cfg) == "fill"
         self.device = device
-        self.whole = copy.deepcopy(module).cpu()  # for sampling with the gathered EMA weights
+        with torch.device("meta"):  # the architecture only: sampling fills it with the gathered EMA weights
+            self.whole = type(module)(module.config)
         self.block_costs = block_costs(cfg, module)
         self.pipe = build_pipeline(module, self.bounds, pcfg.pp_schedule, pcfg.pp_microbatches, loss_fn,
                                    self.pp_group, device, fill=self.fill,
@@ -120,9 +121,9 @@ class PipelineEngine(TorchEngine):
         names = {n for n, _ in self.whole.named_parameters()}
         if names - state.keys():
             raise RuntimeError(f"EMA gathered over the pipeline lacks {sorted(names - state.keys())[:3]}")
-        full = copy.deepcopy(self.whole)
+        full = copy.deepcopy(self.whole).to_empty(device=self.device)  # every parameter is in the state
         full.load_state_dict(state, strict=False)
-        live, self.model = self.model, full.to(self.device).eval()
+        live, self.model = self.model, full.eval()
         for m in self.offloaded:
             m.to(self.device)
         try:

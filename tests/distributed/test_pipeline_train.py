@@ -39,7 +39,8 @@ def runs(digits, tmp_path_factory):
     base = f"{COMMON} data.train={digits['train']}"
     vae = f"encoders.vae={tiny_vae(out / 'vae')} model.in_channels=4 model.image_size=8"  # latent space
     single = []
-    for m, extra in (("dit", ""), ("dit_deep", DEEP), ("unet", ""), ("dit_vae", vae)):
+    samples = "run.sample_every=5 run.sample_num=4 run.sample_steps=2"
+    for m, extra in (("dit", samples), ("dit_deep", DEEP), ("unet", ""), ("dit_vae", vae)):
         single += [m, f"{base} {MODELS[m.split('_')[0]]} {extra} run.dir={out}/single_{m}"]
     torchrun(1, ["tests/distributed/train_job.py", str(out / "single"), *single], timeout=400)
     two = []
@@ -106,8 +107,13 @@ def test_pipelined_run_logs_losses_and_samples(runs):
         acc.Reload()
         return [e.value for e in acc.Scalars("loss")]
 
-    # sampling gathers the stages' EMA weights into a whole model
-    assert (runs / "dit_1f1b_fill" / "samples" / "step_00000005.png").stat().st_size > 0
+    # sampling gathers the stages' EMA weights into a whole model: the single process's grid
+    import numpy as np
+    from PIL import Image
+
+    grids = [np.asarray(Image.open(runs / d / "samples" / "step_00000005.png"), dtype=np.int16)
+             for d in ("single_dit", "dit_1f1b_fill")]
+    assert grids[0].std() > 10 and np.abs(grids[0] - grids[1]).max() <= 2
     ref, got = losses(runs / "single_dit"), losses(runs / "dit_1f1b_fill")
     assert len(got) == len(ref) == 5
     torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-4, atol=1e-5)
