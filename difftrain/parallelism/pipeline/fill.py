@@ -281,8 +281,8 @@ class CurrentFill:
         self.parts[c.mb].append((c, outs))
         for dst in sorted({self.first, self.last} - {self.rank}):
             for o in outs:
-                wire = o.to(_wire_dtype(o.dtype)).contiguous()
-                self.sends.append(dist.isend(wire, dst=self.global_rank[dst], group=self.p2p))
+                wire = o.to(_wire_dtype(o.dtype)).contiguous()  # kept alive until the send completes
+                self.sends.append((dist.isend(wire, dst=self.global_rank[dst], group=self.p2p), wire))
 
     def slots(self, tag: str = "") -> dict[int, list[tuple[str, Callable]]]:
         out: dict[int, list] = {}
@@ -319,7 +319,7 @@ class CurrentFill:
 
     def finish(self) -> None:
         """Wait for this rank's sends (after the step)."""
-        for w in self.sends:
+        for w, _ in self.sends:
             w.wait()
         self.sends = []
 
