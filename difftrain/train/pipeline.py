@@ -66,9 +66,28 @@ def block_costs(cfg: Config, model: nn.Module, batch: int = 1):
                           "flops", _HW)
 
 
+@torch.no_grad()
+def broadcast_init(modules: list[nn.Module], whole_meta: nn.Module, source, device: torch.device) -> None:
+    """Fill this rank's empty stage modules with the run's initial weights: global rank 0 builds the whole model
+    once in host memory (``source()``: the seeded init and ``init_from``, as a plain run builds it on the CPU)
+    and broadcasts it tensor by tensor; every rank keeps the tensors of its stages and drops the rest, so no other
+    rank ever holds the whole model."""
+    whole = source() if dist.get_rank() == 0 else None
+    src = {**dict(whole.named_parameters()), **dict(whole.named_buffers())} if whole is not None else {}
+    mine = {n: t for m in modules for n, t in (*m.named_parameters(), *m.named_buffers())}
+    for name, meta in (*whole_meta.named_parameters(), *whole_meta.named_buffers()):
+        buf = mine[name].data if name in mine else torch.empty(meta.shape, dtype=meta.dtype, device=device)
+        if whole is not None:
+            buf.copy_(src[name])
+        dist.broadcast(buf, src=0)
+    del whole, src
+
+
 class PipelineEngine(TorchEngine):
     def __init__(self, module: nn.Module, meshes: Meshes, cfg: Config, device: torch.device, total_steps: int,
-                 loss_fn):
+                 loss_fn, source=None):
+        """``module``: the whole backbone, materialised or on the meta device; then ``source()`` builds the
+        initial weights once, on global rank 0 (:func:`broadcast_init`)."""
         from difftrain.parallelism.pipeline.runtime import build_pipeline
 
         pcfg = cfg.parallel
@@ -81,10 +100,10 @@ class PipelineEngine(TorchEngine):
         self.device = device
         with torch.device("meta"):  # the architecture only: sampling fills it with the gathered EMA weights
             self.whole = type(module)(module.config)
-        self.block_costs = block_costs(cfg, module)
+        init = (lambda mods: broadcast_init(mods, self.whole, source, device)) if source is not None else None
         self.pipe = build_pipeline(module, self.bounds, pcfg.pp_schedule, pcfg.pp_microbatches, loss_fn,
                                    self.pp_group, device, fill=self.fill,
-                                   wrap=lambda m: parallelize(m, meshes, pcfg, device, ddp=False))
+                                   wrap=lambda m: parallelize(m, meshes, pcfg, device, ddp=False), init=init)
         self.dp_group = meshes.dp.get_group() if pcfg.engine == "ddp" and meshes.dims.dp > 1 else None
         # the pp ranks again, as a group of their own for frozen outputs delivered mid-step (fill.CurrentFill)
         grid = meshes.world.mesh.reshape(self.pp, -1)

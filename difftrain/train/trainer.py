@@ -74,15 +74,18 @@ class Trainer:
         self.arch, self.acfg = model_config(cfg, text.dim if text is not None else 0, latent_ch)
         if self.rank == 0:
             write_model_config(self.arch, self.acfg, self.run_dir)
-        module = build_backbone(cfg, self.arch, self.acfg, self.device)
         self.pp_step = None
-        if self.dims.pp > 1:  # pipeline parallel (docs/PIPELINE.md)
+        if self.dims.pp > 1:  # pipeline parallel (docs/PIPELINE.md): each rank allocates only its stages
+            from difftrain.models import registry
             from difftrain.train.pipeline import PipelinedStep, PipelineEngine
 
             self.pp_step = PipelinedStep(self)
-            self.engine = PipelineEngine(module, self.meshes, cfg, self.device, cfg.run.steps, self.pp_step.loss_fn)
+            module = registry.build(self.arch, self.acfg)  # meta; cut in place into this rank's stages
+            self.engine = PipelineEngine(module, self.meshes, cfg, self.device, cfg.run.steps, self.pp_step.loss_fn,
+                                         source=lambda: build_backbone(cfg, self.arch, self.acfg, torch.device("cpu")))
             self.pp_step.engine = self.engine
         else:
+            module = build_backbone(cfg, self.arch, self.acfg, self.device)
             self.engine = TorchEngine(module, self.meshes, cfg.parallel, cfg.optim, self.device, cfg.run.steps)
         self.diffusion = build_diffusion(cfg.diffusion, pixel_space=not cfg.encoders.vae)
         null_text = None

@@ -132,12 +132,14 @@ class _Union(nn.Module):
 
 def build_pipeline(model: nn.Module, bounds: list[tuple[int, int]], schedule: str, n_microbatches: int,
                    loss_fn: Callable, pp_group, device: torch.device, fill: bool = False,
-                   wrap: Callable[[nn.Module], nn.Module] | None = None) -> Pipeline:
-    """Cut ``model`` (whole, materialised) at ``bounds`` (one ``(lo, hi)`` block range per stage, covering the
-    trunk) and keep the stages this rank owns in ``pp_group``. ``fill``: run GPipe / 1F1B with
-    ``fill.FillSchedule`` (frozen work in the bubbles; the only private-API path). ``wrap``: data parallelism
-    for each stage module (DDP / FSDP2 on the dp mesh); ``PipelineStage`` skips its gradient sync until the last
-    backward of the step."""
+                   wrap: Callable[[nn.Module], nn.Module] | None = None,
+                   init: Callable[[list[nn.Module]], None] | None = None) -> Pipeline:
+    """Cut ``model`` (whole: materialised, or on the meta device) at ``bounds`` (one ``(lo, hi)`` block range per
+    stage, covering the trunk) and keep the stages this rank owns in ``pp_group``. Stages cut from a meta model
+    are allocated empty on ``device`` and filled by ``init(modules)`` (so no rank holds the whole model).
+    ``fill``: run GPipe / 1F1B with ``fill.FillSchedule`` (frozen work in the bubbles; the only private-API
+    path). ``wrap``: data parallelism for each stage module (DDP / FSDP2 on the dp mesh); ``PipelineStage`` skips
+    its gradient sync until the last backward of the step."""
     if fill and schedule not in ("gpipe", "1f1b"):
         raise ValueError(f"bubble filling covers gpipe and 1f1b; schedule {schedule!r} takes frozen work computed "
                          "up front (balanced) instead")
@@ -151,14 +153,17 @@ def build_pipeline(model: nn.Module, bounds: list[tuple[int, int]], schedule: st
         raise ValueError(f"pipeline bounds {bounds} must cover blocks 0..{n} contiguously")
     pp, rank = dist.get_world_size(pp_group), dist.get_rank(pp_group)
     ids = stage_ids(schedule, rank, pp, len(bounds))
-    modules, stages = [], []
+    modules = []
     for i, sid in enumerate(ids):
         # the last stage owned keeps the original object; others cut a copy (the model is modified in place)
         owner = model if i == len(ids) - 1 else copy.deepcopy(model)
-        mod = make_stage(owner, *bounds[sid]).to(device)
-        modules.append(mod)
-        stages.append(PipelineStage(wrap(mod) if wrap is not None else mod, sid, len(bounds), device,
-                                    group=pp_group))
+        mod = make_stage(owner, *bounds[sid])
+        on_meta = any(t.is_meta for t in (*mod.parameters(), *mod.buffers()))
+        modules.append(mod.to_empty(device=device) if on_meta else mod.to(device))
+    if init is not None:
+        init(modules)
+    stages = [PipelineStage(wrap(mod) if wrap is not None else mod, sid, len(bounds), device, group=pp_group)
+              for mod, sid in zip(modules, ids)]
     cls = _schedule_class(schedule)
     if fill:
         from difftrain.parallelism.pipeline.fill import FillSchedule
