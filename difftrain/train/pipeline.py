@@ -80,7 +80,6 @@ def broadcast_init(modules: list[nn.Module], whole_meta: nn.Module, source, devi
         if whole is not None:
             buf.copy_(src[name])
         dist.broadcast(buf, src=0)
-    del whole, src
 
 
 class PipelineEngine(TorchEngine):
@@ -177,6 +176,7 @@ class PipelinedStep:
         self.current = None  # every rank's pieces of a step's own frozen work when nothing was prefetched (fill)
         self.owners = None  # frozen piece -> the pp ranks holding its module (None: every rank holds every one)
         self.provides: list[tuple[str, tuple]] = []  # (piece, what it provides) in Stage.frozen_pieces order
+        self.spec: dict = {}  # frozen output shapes, shared by every step's FrozenFill
         self.per_sample: list[torch.Tensor] = []
         self.sample_shape = None
 
@@ -199,7 +199,7 @@ class PipelinedStep:
 
             held = self.owners is None or self.engine.pp_rank in self.owners[piece.name]
             mods.append(FrozenModule(piece.name, run if held else None))
-        return FrozenFill(mods, placement or {}, self.engine.pp_group, self.t.device)
+        return FrozenFill(mods, placement or {}, self.engine.pp_group, self.t.device, self.spec)
 
     def _unpack(self, o: dict[str, tuple]) -> tuple[torch.Tensor, dict]:
         """One micro-batch's frozen outputs by piece -> (x0, cond)."""
@@ -285,15 +285,11 @@ class PipelinedStep:
             cur = CurrentFill(self._frozen(step), self.current, mbs, eng.pp_group, eng.p2p_group, make_input,
                               lambda i, o: self._pack(prep_of(i, o)))
             slots = cur.slots(tag=f"step{step}:")
-            if fill is not None:
-                fill.expect_like(cur.frozen)
         else:  # prefetched in the previous step's bubbles, or the balanced fallback now
             outs = (self.next if self.next is not None else
                     self._frozen(step).balanced(mbs, eng.pp_rank, eng.pp, self.owners))
             inputs = [make_input(i, o) for i, o in enumerate(outs)]
             targets = [self._pack(prep_of(i, o)) for i, o in enumerate(outs)]
-            if fill is not None:
-                fill.expect(outs)
         if fill is not None:
             for k, work in fill.slots(self._split(next_batch), tag=f"step{step + 1}:").items():
                 slots.setdefault(k, []).extend(work)

@@ -144,13 +144,15 @@ class FrozenFill:
     part of ``simulate.fill_plan``) and delivers every micro-batch's outputs to all ranks of ``group``."""
 
     def __init__(self, modules: list[FrozenModule], placement: dict[int, list[Chunk]], group=None,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, spec: dict | None = None):
+        """``spec``: output shapes per module, learned as modules run (pass the same dict to every step's
+        FrozenFill so they are learned once)."""
         self.modules = {m.name: m for m in modules}
         self.device = device or torch.device("cpu")  # of outputs received from other ranks
         self.placement = placement
         self.group = group
         self._parts: list[tuple[Chunk, tuple]] = []
-        self._spec: dict[str, list[tuple[torch.Size, torch.dtype, torch.device]]] = {}
+        self._spec: dict[str, list[tuple[torch.Size, torch.dtype, torch.device]]] = {} if spec is None else spec
 
     def run_all(self, mbs: list[dict]) -> list[dict[str, tuple]]:
         """Every micro-batch's frozen work on this rank (the first iteration, and the inline/balanced baselines)."""
@@ -162,16 +164,6 @@ class FrozenFill:
                     self._learn(name, r)
                 out.append(res)
         return out
-
-    def expect(self, like: list[dict[str, tuple]]) -> None:
-        """Output shapes from earlier outputs (a rank with no chunk of a module still allocates its buffers)."""
-        for name, outs in like[0].items():
-            self._learn(name, outs)
-
-    def expect_like(self, other: "FrozenFill") -> None:
-        """Output shapes from another step's frozen work (the same modules)."""
-        for name, spec in other._spec.items():
-            self._spec.setdefault(name, spec)
 
     def share_spec(self, group) -> None:
         """Output shapes of the modules other ranks ran (partitioned modules): one exchange over ``group``."""
@@ -218,7 +210,7 @@ class FrozenFill:
         """Assemble the chunks of all ranks: zero buffers, own pieces written in, one SUM all-reduce per output."""
         if set(self._spec) != set(self.modules):
             raise RuntimeError(f"FrozenFill.deliver: output shapes of {sorted(set(self.modules) - set(self._spec))} "
-                               "unknown on this rank (run the first iteration with run_all)")
+                               "unknown on this rank (run a first iteration with run_all, balanced or CurrentFill)")
         bufs = {name: [torch.zeros((n_mb, self._mb_size, *shape), dtype=_wire_dtype(dtype), device=dev)
                        for shape, dtype, dev in spec] for name, spec in self._spec.items()}
         for c, outs in self._parts:

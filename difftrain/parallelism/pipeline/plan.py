@@ -227,17 +227,20 @@ def explain(cands: list[Candidate], gpus: int, hw: Hardware, about: str, profile
     return "\n".join(lines)
 
 
+TOLERANCE = 0.02  # the simulated slowdown accepted to hold a frozen module on one rank
+
+
 def _partitioned(c: Candidate) -> str:
     """The fill plan with the frozen modules partitioned across the pp ranks (``simulate.choose_owners``)."""
     from difftrain.parallelism.pipeline.simulate import choose_owners
 
     prof = c.profile
     sim = dict(dp=c.dp, dp_bw=c.dp_bw, fsdp=c.fsdp)
-    owners = choose_owners(prof, c.bounds, c.n_mb, c.schedule, **sim)
+    owners = choose_owners(prof, c.bounds, c.n_mb, c.schedule, TOLERANCE, **sim)
     head = f"frozen weights in the best fill plan (pp={c.stages} M={c.n_mb})"
     if all(len(rs) == c.stages for rs in owners.values()):
         return (f"{head}: kept on every rank (holding a module on one rank lowers no rank's peak memory or slows "
-                "the step by more than 2%)")
+                f"the step by more than {TOLERANCE:.0%})")
     part = simulate(prof, c.bounds, c.n_mb, c.schedule, "fill", owners=owners, **sim)
     where = ", ".join(f"{n} on {'every rank' if len(rs) == c.stages else f'rank {min(rs)}'}"
                       for n, rs in owners.items())

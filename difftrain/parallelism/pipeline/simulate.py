@@ -273,17 +273,9 @@ def current_plan(profile: Profile, bounds: Sequence[tuple[int, int]], n_mb: int,
     pieces run at the first stage's forward of their micro-batch)."""
     S, mb_size = len(bounds), profile.mb_size
     orders = schedule_orders(schedule, S, n_mb)
-    stage_f, stage_b, comm = _stage_times(profile, bounds)
-    times = _backbone(stage_f, stage_b, comm, orders, [0.0] * S, profile.frozen_time)
-    starts, ends = times["starts"], times["ends"]
-    gaps = []  # [cursor, end, rank, slot]
-    for r in range(S):
-        prev = 0.0
-        for k, action in enumerate(orders[r]):
-            if starts[action] - prev > 1e-12:
-                gaps.append([prev, starts[action], r, k])
-            prev = ends[action]
-    gaps.sort()
+    times = _backbone(*_stage_times(profile, bounds), orders, [0.0] * S, profile.frozen_time)
+    starts = times["starts"]
+    gaps = [[start, start + length, r, k] for start, length, r, k in _gaps(orders, starts, times["ends"])]
     pieces: dict[int, list] = {r: [] for r in range(S)}
     f_slot = {i: k for k, (kind, i, _) in enumerate(orders[0]) if kind == "F"}
     owners = owners or {}
@@ -312,6 +304,21 @@ def current_plan(profile: Profile, bounds: Sequence[tuple[int, int]], n_mb: int,
     return {r: sorted(p, key=lambda x: (x[0], x[2], x[1].mb)) for r, p in pieces.items()}
 
 
+def _gaps(orders: list, starts: dict, ends: dict, T: float | None = None) -> list[tuple[float, float, int, int]]:
+    """Every rank's idle gaps before its actions (and up to ``T`` after its last), as ``(start, length, rank,
+    slot)`` sorted by start; slot k = before the rank's k-th action."""
+    gaps = []
+    for r, order in enumerate(orders):
+        prev = 0.0
+        for k, action in enumerate(order):
+            if starts[action] - prev > 1e-12:
+                gaps.append((prev, starts[action] - prev, r, k))
+            prev = ends[action]
+        if T is not None and T - prev > 1e-12:
+            gaps.append((prev, T - prev, r, len(order)))
+    return sorted(gaps)
+
+
 def _chunk_time(profile: Profile, c: Chunk) -> float:
     f = next(f for f in profile.frozen if f.name == c.name)
     return f.fwd * (c.hi - c.lo) / profile.mb_size
@@ -326,17 +333,7 @@ def fill_plan(profile: Profile, orders: list[list[tuple[str, int]]], starts: dic
     tails) and the extra tail time per rank."""
     S = len(orders)
     owners = owners or {}
-    gaps = []  # (start, length, rank, slot)
-    for r in range(S):
-        prev_end = 0.0
-        for k, action in enumerate(orders[r]):
-            s = starts[action]
-            if s - prev_end > 1e-12:
-                gaps.append((prev_end, s - prev_end, r, k))
-            prev_end = ends[action]
-        if T - prev_end > 1e-12:
-            gaps.append((prev_end, T - prev_end, r, len(orders[r])))
-    gaps.sort()
+    gaps = _gaps(orders, starts, ends, T)
     per_sample = {f.name: f.fwd / profile.mb_size for f in profile.frozen}
     work = [(f.name, mb) for f in profile.frozen for mb in range(n_mb)]
     done = {w: 0 for w in work}  # samples of each (module, micro-batch) placed so far
