@@ -168,12 +168,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from difftrain.errors import DifftrainError
+
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
     except ConfigError as e:
-        print(f"difftrain: error: {e}", file=sys.stderr)
+        print(f"difftrain: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except DifftrainError as e:
+        print(f"difftrain: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,11 @@
+"""The errors difftrain reports as one line (``difftrain: error: ...``) and a non-zero exit.
+
+Each names what is wrong (config key, shard, sample, checkpoint file, rank and phase); ``cli.main`` prints
+the message alone, no traceback. Anything else is a bug and keeps its traceback."""
+from __future__ import annotations
+
+
+class DifftrainError(RuntimeError):
+    """A fault of the run's inputs or of its environment, explained in one line."""
+
+    exit_code = 1
