@@ -43,6 +43,9 @@ def _lazy(module: str, fn: str):
 def _cmd_train(args) -> None:
     from difftrain.config import load_config
 
+    from difftrain.train.supervise import StopSignal
+
+    signals = StopSignal().install()  # first: a signal at any later moment ends the run cleanly
     cfg = load_config(args.config, args.overrides)  # config errors surface before any process group
     from difftrain.launch.env import shutdown
     from difftrain.eval.validate import Validation
@@ -50,7 +53,7 @@ def _cmd_train(args) -> None:
     from difftrain.train.trainer import Trainer
 
     try:
-        trainer = Trainer(cfg, callbacks=[SampleGrid(), Validation()])
+        trainer = Trainer(cfg, callbacks=[SampleGrid(), Validation()], signals=signals)
         out = trainer.fit()
         if trainer.rank == 0 and out:
             print("final " + " ".join(f"{k}={v:.5g}" for k, v in out.items() if "/" not in k), flush=True)
@@ -177,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"difftrain: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     except DifftrainError as e:
-        print(f"difftrain: error: {e}", file=sys.stderr, flush=True)
+        print(e.headline(), file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
 
 

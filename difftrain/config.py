@@ -42,6 +42,10 @@ class RunConfig:
     sample_prompts: list = field(default_factory=list)  # text models; class models use labels 0..
     progress: bool = True
     device: str = choice("auto", ["auto", "cpu", "cuda"])
+    # seconds without progress on any rank before the job is ended, naming the stalled rank and phase
+    # (difftrain/train/supervise.py); must exceed the longest step and save; 0 = off
+    timeout: float = 600.0
+    trace_samples: bool = False  # write each step's sample keys to RUN/trace/rank_R.jsonl (data-order audits)
 
 
 @dataclass

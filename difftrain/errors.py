@@ -9,3 +9,7 @@ class DifftrainError(RuntimeError):
     """A fault of the run's inputs or of its environment, explained in one line."""
 
     exit_code = 1
+    label = "error: "
+
+    def headline(self) -> str:
+        return f"difftrain: {self.label}{self}"

@@ -17,6 +17,7 @@ from difftrain.diffusion.diffusion import Diffusion
 from difftrain.diffusion.guidance import guided_denoiser
 from difftrain.diffusion.keyed import keyed_randn
 from difftrain.diffusion.samplers import SAMPLERS, time_grid
+from difftrain.train.supervise import point
 
 
 def default_conditions(kind: str, n: int, prompts: list[str], num_classes: int):
@@ -55,7 +56,11 @@ def generate(model, diffusion: Diffusion, conditioner, vae, *, n: int, shape: tu
         uncond = conditioner.null(hi - lo) if cond else {}
         x_T = keyed_randn(seed, 0, range(start + lo, start + hi), shape, "sample").to(device)
         fn = guided_denoiser(model, cond, uncond, guidance if cond else 1.0, to_x0=diffusion.sample_x0)
-        x0 = SAMPLERS[sampler](lambda x, t: fn(x, t).float(), x_T, ts, path=diffusion.path, progress=progress)
+        def denoise(x, t, fn=fn):
+            point()  # where a training run may stop on an agreed signal, and shows it is alive
+            return fn(x, t).float()
+
+        x0 = SAMPLERS[sampler](denoise, x_T, ts, path=diffusion.path, progress=progress)
         pixels = vae.decode(x0).float().clamp(-1, 1)
         channels_last = (0, 2, 3, 1) if pixels.ndim == 4 else (0, 1, 3, 4, 2)  # [.., C, H, W] -> [.., H, W, C]
         out.append(((pixels + 1) * 127.5).round().to(torch.uint8).permute(*channels_last).cpu())

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from difftrain.diffusion.samplers import _Grid
+from difftrain.train.supervise import point
 
 
 @torch.no_grad()
@@ -23,6 +24,7 @@ def straightness(denoise_fn, x_T: torch.Tensor, ts: torch.Tensor, *, path) -> to
     g, x = _Grid(ts, path, x_T), x_T
     velocities, steps = [], []
     for i in range(g.n):
+        point()
         x0 = denoise_fn(x, g.t_batch(i))
         v = g.velocity(x, x0, i)
         velocities.append(v)

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from difftrain.config import ConfigError
+from difftrain.train.supervise import point
 
 
 class Validation:
@@ -133,6 +134,7 @@ class Validation:
         sums = torch.zeros(2 * T_BINS, dtype=torch.float64, device=dev)
         keep = v["keep"].to(dev)
         for b in range(T_BINS):
+            point()
             t = torch.full((len(x0),), (b + 0.5) / T_BINS, device=dev)
             pred = trainer.engine.model(trainer.diffusion.add_noise(x0, eps, t), t, cond)
             per = trainer.diffusion.loss(pred.float(), x0, eps, t).double()

@@ -94,7 +94,7 @@ class _FaultyWriter(FileSystemWriter):
 def fault(kind: str, step: int) -> bool:
     """True when the DIFFTRAIN_FAULT test hook asks this rank to die at ``kind`` of ``step``."""
     spec = os.environ.get("DIFFTRAIN_FAULT", "")
-    if not spec:
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":  # once: not again after a restart
         return False
     k, s, r = spec.split(":")
     rank = dist.get_rank() if dist.is_initialized() else 0

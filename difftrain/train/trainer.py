@@ -8,6 +8,7 @@ step:  next batch (the one after it is already fetched: ``LookAhead``) -> per mi
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -27,6 +28,8 @@ from difftrain.train.engine import TorchEngine
 from difftrain.train.metrics import Metrics
 from difftrain.train.stages import STAGES
 from difftrain.train.stages.pretrain import Conditioner
+from difftrain.train.supervise import (Preempted, StopAgreement, StopSignal, Watchdog, default_store,
+                                      hooked)
 
 
 class LookAhead:
@@ -51,12 +54,15 @@ class LookAhead:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, callbacks: list | None = None):
+    def __init__(self, cfg: Config, callbacks: list | None = None, signals: StopSignal | None = None):
+        """``signals``: the train command's handler, installed before anything else (else one is installed here)."""
         self.cfg = cfg
+        self.signals = signals or StopSignal().install()
         env = discover()
         self.device = pick_device(cfg.run.device, env.local_rank)
         init_distributed(self.device)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.agreement = StopAgreement(self.signals)
         self.dims = ParallelDims.from_config(cfg.parallel, self.world)
         self.meshes = Meshes(self.dims, self.dims.build_mesh(self.device.type))
         self.dp, self.dp_rank = self.dims.dp, self.meshes.dp_rank
@@ -101,7 +107,6 @@ class Trainer:
         self.callbacks = list(callbacks or [])
         self.step = 0
         self._data = None
-        self._stop_requested = False
         self.autocast = self._autocast_dtype()
 
     def _autocast_dtype(self):
@@ -139,14 +144,6 @@ class Trainer:
             print(f"resumed from {last} (step {self.step}, saved by {state['world_size']} ranks)", flush=True)
         return True
 
-    def _on_sigterm(self, signum, frame):
-        self._stop_requested = True
-
-    def _agree_to_stop(self) -> bool:
-        flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
     # ------------------------------------------------------------------------------------ loop
     def train_step(self, batch: dict) -> None:
         # batch["index"]: each sample's global position in the stream (the key of its randomness).
@@ -175,36 +172,82 @@ class Trainer:
         self.metrics.add_step(gnorm, fwd_bwd=t1 - t0, optim=t2 - t1)
 
     def fit(self) -> dict:
+        """Train to ``run.steps``. Stops early, after saving, when a signal is agreed (raises ``Preempted``)."""
         cfg = self.cfg
         self.maybe_resume()
-        prev = signal.signal(signal.SIGTERM, self._on_sigterm)
         self.metrics = Metrics(self.run_dir, self.rank, self.meshes.dp, self.device, cfg.run, self.step)
-        data = self._data = LookAhead(self.loader)
-        last_log = {}
+        watchdog = Watchdog(default_store(), self.rank, self.world, cfg.run.timeout) if cfg.run.timeout > 0 else None
+        last_log, stopped = {}, False
+        trace = None
+        if cfg.run.trace_samples:  # an audit of the data order: the keys each step trained on, per rank
+            (self.run_dir / "trace").mkdir(parents=True, exist_ok=True)
+            trace = open(self.run_dir / "trace" / f"rank_{self.rank:05d}.jsonl", "a")
+        self.signals.immediate = False  # from here on a signal stops the run at an agreed step, after saving it
         try:
-            while self.step < cfg.run.steps:
-                t_data = time.perf_counter()
-                batch = next(data)
-                self.metrics.add_data_time(time.perf_counter() - t_data)
-                self.train_step(batch)
-                self.step += 1
-                if ckpt.fault("kill_at_step", self.step):
-                    os.kill(os.getpid(), signal.SIGKILL)
-                is_log = self.step % cfg.run.log_every == 0 or self.step == cfg.run.steps
-                if is_log:
-                    last_log = self.metrics.log(self.step, lr=self.engine.lr(), batch_size=cfg.data.batch_size,
-                                                data_counts=self.loader.counts())
+            with hooked(watchdog.beat if watchdog is not None else _nothing):
+                while self.step < cfg.run.steps:
+                    self._phase(watchdog, "data")
+                    t_data = time.perf_counter()
+                    if self._data is None:
+                        self._data = LookAhead(self.loader)
+                    batch = next(self._data)
+                    self.metrics.add_data_time(time.perf_counter() - t_data)
+                    self._phase(watchdog, "step")
+                    self.train_step(batch)
+                    self.step += 1
+                    if trace is not None:
+                        trace.write(json.dumps({"step": self.step, "keys": list(batch["keys"])}) + "\n")
+                        trace.flush()
+                    if ckpt.fault("kill_at_step", self.step):
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    stopped = self.agreement.after_step()
+                    is_log = self.step % cfg.run.log_every == 0 or self.step == cfg.run.steps
+                    if is_log:
+                        self._phase(watchdog, "log")
+                        last_log = self.metrics.log(self.step, lr=self.engine.lr(), batch_size=cfg.data.batch_size,
+                                                    data_counts=self.loader.counts())
+                    if not stopped:
+                        self._phase(watchdog, "callbacks")
+                        stopped = self._callbacks()
+                    if stopped or self.step == cfg.run.steps or (cfg.run.ckpt_every and self.step % cfg.run.ckpt_every == 0):
+                        self._phase(watchdog, "save")
+                        saved = self.save()
+                    if stopped:
+                        raise self.signals.stopped(f"saved step {self.step} ({saved})")
+        finally:
+            if trace is not None:
+                trace.close()
+            self.agreement.close()
+            if watchdog is not None:
+                watchdog.close()
+            self.metrics.close()
+            if self._data is not None:
+                self._data.close()
+        return last_log
+
+    def _phase(self, watchdog, name: str) -> None:
+        if watchdog is not None:
+            watchdog.enter(name, self.step)
+        if ckpt.fault(f"stall_in_{name}", self.step):  # test hooks: this rank stops making progress here,
+            time.sleep(1e9)
+        if ckpt.fault(f"slow_in_{name}", self.step):  # or takes 4 s longer
+            time.sleep(4)
+
+    def _callbacks(self) -> bool:
+        """Sample grids, validation: every rank in lockstep, stopped together at a model call when a signal is
+        agreed there (``supervise.point``). Returns whether it was."""
+        def poll():
+            if self.agreement.now():
+                raise self.signals.stopped("agreed during callbacks")
+
+        try:
+            with hooked(poll):
                 for cb in self.callbacks:
                     cb.on_step_end(self, self.step)
-                stop = is_log and self._agree_to_stop()
-                if stop or self.step == cfg.run.steps or (cfg.run.ckpt_every and self.step % cfg.run.ckpt_every == 0):
-                    self.save()
-                if stop:
-                    if self.rank == 0:
-                        print(f"SIGTERM: saved step {self.step}, stopping", flush=True)
-                    break
-        finally:
-            signal.signal(signal.SIGTERM, prev)
-            self.metrics.close()
-            data.close()
-        return last_log
+        except Preempted:
+            return True
+        return False
+
+
+def _nothing() -> None:
+    pass

@@ -1,0 +1,208 @@
+"""Keeping a job honest about time: stop on SIGTERM / SIGINT at any moment with every rank agreeing where, and
+end a stalled job instead of hanging.
+
+**Signals.** ``StopSignal`` is installed by ``difftrain train`` before anything else. Until the first step starts
+(startup: rendezvous, building, loading, resuming) a signal raises :class:`Preempted` at once: no step has finished
+since the newest checkpoint, so there is nothing to save. From then on it only records the signal, and the ranks
+agree on it without waiting for a log step: at the end of every step each rank starts an asynchronous all-reduce
+(MAX) of its flag on a gloo group of its own (host memory only: no device sync) and reads the result of the
+previous step's one, so every rank sees the same value after the same step and they stop together, one step
+after the signal, and save that step. Inside work between steps that runs on every rank in lockstep (sample
+grids, validation) :func:`point` polls the flag with a blocking all-reduce of the same group at each model call,
+so a signal there unwinds every rank at the same call (the EMA swap is undone by its context manager) and the last
+finished step is saved. A save in progress finishes, then the run stops.
+
+**Stalls.** ``Watchdog`` is a thread on every rank. The main loop marks its phase (data, step, log, callbacks,
+save) and long work between steps beats at each :func:`point`; the thread publishes a beat counter, phase and
+step in the job's rendezvous store every few seconds. Global rank 0's thread reads every rank's; when *no* rank
+has advanced for ``run.timeout`` seconds (the job runs in lockstep, so one stuck rank — a loader that produces
+nothing, a collective missing a peer — soon stops every other), it names the rank that has been still the
+longest and its phase, writes that line into the store, where every rank's thread finds it, and each process
+exits. A rank that works alone (rank 0 scoring a validation, writing a checkpoint's marker) keeps beating, so
+the ranks waiting for it never time out.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from difftrain.errors import DifftrainError
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_hooks: list = []
+
+
+def point() -> None:
+    """A place in long work between steps (a sampler's model call, a validation batch) where the run may be
+    stopped by an agreed signal and where it shows it is alive. Does nothing outside a training run."""
+    for h in list(_hooks):
+        h()
+
+
+@contextlib.contextmanager
+def hooked(fn):
+    _hooks.append(fn)
+    try:
+        yield
+    finally:
+        _hooks.remove(fn)
+
+
+class Preempted(DifftrainError):
+    """A signal ended the run; the exit code is 128 + the signal number, as a shell reports a killed process."""
+
+    label = ""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class StopSignal:
+    """SIGTERM / SIGINT handler: raises during startup, records afterwards (see the module docstring)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.immediate = True
+        self._prev: dict = {}
+
+    def install(self) -> "StopSignal":
+        for s in SIGNALS:
+            self._prev[s] = signal.signal(s, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for s, prev in self._prev.items():
+            signal.signal(s, prev)
+        self._prev.clear()
+
+    def stopped(self, what: str) -> Preempted:
+        """The error that ends the run after an agreed stop (a rank that got no signal itself reports SIGTERM)."""
+        signum = self.signum or signal.SIGTERM
+        return Preempted(signum, f"stopped by {signal.Signals(signum).name}: {what}")
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+        if self.immediate:
+            raise Preempted(signum, f"stopped by {signal.Signals(signum).name} during startup: no step trained since "
+                                    "the newest checkpoint, nothing to save")
+
+
+class StopAgreement:
+    """Every rank's stop flag, all-reduced (MAX) on a gloo group of its own, asynchronously between steps."""
+
+    def __init__(self, stop: StopSignal):
+        self.stop = stop
+        self.group = dist.new_group(backend="gloo")
+        self._flag = np.zeros(1, dtype=np.int32)  # read through numpy: no tensor op, no dispatch
+        self._tensor = torch.from_numpy(self._flag)
+        self._work = None
+
+    def _start(self) -> None:
+        self._flag[0] = 1 if self.stop.signum is not None else 0
+        self._work = dist.all_reduce(self._tensor, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+
+    def _result(self) -> bool:
+        if self._work is None:
+            return False
+        self._work.wait()
+        self._work = None
+        return bool(self._flag[0])
+
+    def after_step(self) -> bool:
+        """End of a step: the agreed flag as of the previous step's end; starts this step's all-reduce."""
+        agreed = self._result()
+        self._start()
+        return agreed
+
+    def now(self) -> bool:
+        """Blocking: has any rank been signalled (by now, or as of the pending all-reduce)?"""
+        agreed = self._result()
+        self._start()
+        return self._result() or agreed
+
+    def close(self) -> None:
+        self._result()
+
+
+class Watchdog:
+    """Ends the job when no rank has advanced for ``timeout`` seconds (see the module docstring)."""
+
+    PREFIX = "difftrain/watchdog/"
+
+    def __init__(self, store, rank: int, world: int, timeout: float, interval: float | None = None):
+        self.store, self.rank, self.world, self.timeout = store, rank, world, float(timeout)
+        self.interval = interval if interval is not None else min(10.0, max(0.2, self.timeout / 10))
+        self.phase, self.step, self.beats = "startup", 0, 0
+        self._done = threading.Event()
+        self._publish()
+        self._thread = threading.Thread(target=self._run, name="difftrain-watchdog", daemon=True)
+        self._thread.start()
+
+    def enter(self, phase: str, step: int | None = None) -> None:
+        self.phase = phase
+        if step is not None:
+            self.step = step
+        self.beats += 1
+
+    def beat(self) -> None:
+        self.beats += 1
+
+    def close(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=5)
+
+    def _key(self, rank: int) -> str:
+        return f"{self.PREFIX}{rank}"
+
+    def _publish(self) -> None:
+        self.store.set(self._key(self.rank), f"{self.beats} {self.phase} {self.step}")
+
+    def _run(self) -> None:
+        seen: dict[int, tuple[bytes, float]] = {}
+        store_ok = time.monotonic()
+        keys = [self._key(r) for r in range(self.world)]
+        abort = self.PREFIX + "abort"
+        while not self._done.wait(self.interval):
+            now = time.monotonic()
+            try:
+                self._publish()
+                if self.store.check([abort]):
+                    self._exit(self.store.get(abort).decode())
+                if self.rank == 0 and self.store.check(keys):
+                    for r, v in enumerate(self.store.multi_get(keys)):
+                        if r not in seen or seen[r][0] != v:
+                            seen[r] = (v, now)
+                    still = {r: now - t for r, (_, t) in seen.items()}
+                    if min(still.values()) > self.timeout:
+                        r = max(still, key=still.get)
+                        _, phase, step = seen[r][0].decode().split()
+                        msg = (f"rank {r} stalled in phase '{phase}' at step {step}: no rank has made progress for "
+                               f"{still[r]:.0f} s (run.timeout={self.timeout:g}); ending the job")
+                        self.store.set(abort, msg)
+                        self._exit(msg)
+                store_ok = now
+            except Exception as e:  # the store (torchrun's agent, or rank 0) is gone
+                if self._done.is_set():
+                    return
+                if now - store_ok > self.timeout:
+                    self._exit(f"rank {self.rank} lost the job's rendezvous store for {now - store_ok:.0f} s "
+                               f"(run.timeout={self.timeout:g}; {type(e).__name__}: {e}); ending the job")
+
+    def _exit(self, message: str) -> None:
+        print(f"difftrain: error: {message}", file=sys.stderr, flush=True)
+        os._exit(1)
+
+
+def default_store():
+    """The job's rendezvous store (torchrun's agent store, or the env:// TCPStore)."""
+    return dist.distributed_c10d._get_default_store()
