@@ -16,10 +16,10 @@ finished step is saved. A save in progress finishes, then the run stops.
 save) and long work between steps beats at each :func:`point`; the thread publishes a beat counter, phase and
 step in the job's rendezvous store every few seconds. Global rank 0's thread reads every rank's; when *no* rank
 has advanced for ``run.timeout`` seconds (the job runs in lockstep, so one stuck rank — a loader that produces
-nothing, a collective missing a peer — soon stops every other), it names the rank that has been still the
-longest and its phase, writes that line into the store, where every rank's thread finds it, and each process
+nothing, a collective missing a peer — soon stops every other), it names the rank whose last beat is the oldest
+(each rank publishes its wall-clock time; progress itself is judged on rank 0's clock alone) and its phase, writes that line into the store, where every rank's thread finds it, and each process
 exits. A rank that works alone (rank 0 scoring a validation, writing a checkpoint's marker) keeps beating, so
-the ranks waiting for it never time out.
+the ranks waiting for it never time out (its thread beats for it inside :func:`alone`).
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ from difftrain.errors import DifftrainError
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _hooks: list = []
+_alone = [0]  # depth of alone() sections on this rank
 
 
 def point() -> None:
@@ -54,6 +55,17 @@ def hooked(fn):
         yield
     finally:
         _hooks.remove(fn)
+
+
+@contextlib.contextmanager
+def alone():
+    """Work this rank does by itself while the others wait for it (rank 0 scoring a validation, pruning
+    checkpoints): the watchdog counts the rank as alive throughout, so the waiting ranks never time out."""
+    _alone[0] += 1
+    try:
+        yield
+    finally:
+        _alone[0] -= 1
 
 
 class Preempted(DifftrainError):
@@ -142,7 +154,7 @@ class Watchdog:
     def __init__(self, store, rank: int, world: int, timeout: float, interval: float | None = None):
         self.store, self.rank, self.world, self.timeout = store, rank, world, float(timeout)
         self.interval = interval if interval is not None else min(10.0, max(0.2, self.timeout / 10))
-        self.phase, self.step, self.beats = "startup", 0, 0
+        self.phase, self.step, self.beats, self.last = "startup", 0, 0, time.time()
         self._done = threading.Event()
         self._publish()
         self._thread = threading.Thread(target=self._run, name="difftrain-watchdog", daemon=True)
@@ -152,10 +164,11 @@ class Watchdog:
         self.phase = phase
         if step is not None:
             self.step = step
-        self.beats += 1
+        self.beat()
 
     def beat(self) -> None:
         self.beats += 1
+        self.last = time.time()
 
     def close(self) -> None:
         self._done.set()
@@ -165,7 +178,7 @@ class Watchdog:
         return f"{self.PREFIX}{rank}"
 
     def _publish(self) -> None:
-        self.store.set(self._key(self.rank), f"{self.beats} {self.phase} {self.step}")
+        self.store.set(self._key(self.rank), f"{self.beats} {self.phase} {self.step} {self.last!r}")
 
     def _run(self) -> None:
         seen: dict[int, tuple[bytes, float]] = {}
@@ -174,6 +187,8 @@ class Watchdog:
         abort = self.PREFIX + "abort"
         while not self._done.wait(self.interval):
             now = time.monotonic()
+            if _alone[0]:
+                self.beat()
             try:
                 self._publish()
                 if self.store.check([abort]):
@@ -184,8 +199,9 @@ class Watchdog:
                             seen[r] = (v, now)
                     still = {r: now - t for r, (_, t) in seen.items()}
                     if min(still.values()) > self.timeout:
-                        r = max(still, key=still.get)
-                        _, phase, step = seen[r][0].decode().split()
+                        fields = {r: v.decode().split() for r, (v, _) in seen.items()}
+                        r = min(fields, key=lambda r: float(fields[r][3]))  # the one that has been still longest
+                        _, phase, step, _ = fields[r]
                         msg = (f"rank {r} stalled in phase '{phase}' at step {step}: no rank has made progress for "
                                f"{still[r]:.0f} s (run.timeout={self.timeout:g}); ending the job")
                         self.store.set(abort, msg)
