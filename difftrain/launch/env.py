@@ -63,7 +63,14 @@ def init_distributed(device: torch.device) -> ProcessEnv:
             raise RuntimeError(f"{env.launcher} launch with {env.world_size} ranks needs MASTER_ADDR and MASTER_PORT")
         os.environ["MASTER_PORT"] = str(_free_port())
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
+    store = None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is not None:
+        # torchrun's agent keeps one store across its restarts: without a prefix of their own, the ranks of a
+        # restarted attempt read the previous attempt's addresses and fail to connect
+        store, _, _ = next(dist.rendezvous("env://", rank=env.rank, world_size=env.world_size))
+        store = dist.PrefixStore(f"difftrain/attempt_{attempt}", store)
+    dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size,
                             device_id=device if device.type == "cuda" else None)
     return env
 

@@ -17,7 +17,7 @@ class Job:
     """``difftrain train`` on the small test config, started at once; ``torchrun`` with ``nproc`` > 0 ranks."""
 
     def __init__(self, run_dir: Path, digits: dict, *overrides: str, nproc: int = 2, env: dict | None = None,
-                 launcher: tuple[str, ...] = ()):
+                 launcher: tuple[str, ...] = (), log: str = ""):
         self.run_dir = Path(run_dir)
         train = ["-m", "difftrain", "train", *COMMON, f"data.train={digits['train']}", f"run.dir={run_dir}",
                  *overrides]
@@ -27,13 +27,15 @@ class Job:
         else:
             args = [sys.executable, *train]
         e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
-        self.log = open(self.run_dir.parent / f"{self.run_dir.name}.log", "w+")
+        self.log = open(self.run_dir.parent / f"{log or self.run_dir.name}.log", "w+")
         self.proc = subprocess.Popen(args, cwd=REPO, env=e, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         self.t0 = time.monotonic()
+        self.seen: set[int] = set()
 
     def wait_for(self, cond, what: str, timeout: float = 240) -> None:
         while not cond():
+            self.descendants()
             if self.proc.poll() is not None:
                 raise AssertionError(f"job ended (rc {self.proc.returncode}) before {what}:\n{self.output()[-4000:]}")
             if time.monotonic() - self.t0 > timeout:
@@ -48,6 +50,7 @@ class Job:
 
     def signal(self, sig=signal.SIGTERM, group: bool = False) -> float:
         """Send ``sig`` to the launcher (``group``: to its whole process group, as a batch scheduler does)."""
+        self.descendants()
         (os.killpg if group else os.kill)(self.proc.pid, sig)
         return time.monotonic()
 
@@ -59,10 +62,7 @@ class Job:
             raise AssertionError(f"job still running {timeout} s later:\n{self.output()[-4000:]}")
 
     def kill(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        self.kill_all()
 
     def output(self) -> str:
         self.log.flush()
@@ -72,17 +72,42 @@ class Job:
         """difftrain's own one-line messages, in order (torchrun's report is around them)."""
         return [ln.strip() for ln in self.output().splitlines() if ln.strip().startswith("difftrain: ")]
 
-    def alive_children(self) -> list[int]:
-        """Processes still in the job's process group (workers, loader workers)."""
-        out = []
+    def descendants(self) -> set[int]:
+        """The launcher's processes now: itself, its ranks (torchrun starts each in a session of its own) and their
+        loader workers; remembered, so that :meth:`leftovers` finds them after their parents are gone."""
+        parent = {}
         for p in Path("/proc").iterdir():
             if p.name.isdigit():
                 try:
-                    if os.getpgid(int(p.name)) == self.proc.pid and (p / "stat").read_text().split()[2] != "Z":
-                        out.append(int(p.name))
-                except (ProcessLookupError, FileNotFoundError, PermissionError):
+                    parent[int(p.name)] = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
                     pass
+        out, todo = set(), [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            out.add(pid)
+            todo += [c for c, pp in parent.items() if pp == pid and c not in out]
+        self.seen |= out
         return out
+
+    def leftovers(self) -> list[int]:
+        """Processes of this job (ever seen by :meth:`descendants`) still alive: none may outlive the job."""
+        alive = []
+        for pid in self.seen:
+            try:
+                if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                    alive.append(pid)
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+        return alive
+
+    def kill_all(self) -> None:
+        """SIGKILL the launcher and every process it started (a node lost at once)."""
+        for pid in self.descendants():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def trace(run_dir: Path, rank: int = 0) -> dict[int, list[str]]:

@@ -1,0 +1,70 @@
+"""A job restarts by itself: under ``torchrun --max-restarts`` a rank SIGKILLed mid-step brings the job back from the
+newest complete checkpoint through torchrun's elastic agent, and the final weights and the order of samples equal an
+uninterrupted run's bit for bit; with ``--nnodes 1:2``, losing one of two agents (a node: the agent and its ranks)
+continues on the other with every remaining sample of the epoch exactly once."""
+import pytest
+
+from difftrain.train.checkpoint import complete_checkpoints
+from tests.chaos.jobs import Job, trace
+from tests.distributed.test_resume import assert_same, weights
+
+pytestmark = pytest.mark.slow
+TRACE = "run.trace_samples=true"
+
+
+def test_a_killed_rank_restarts_and_finishes_like_an_uninterrupted_run(digits, tmp_path):
+    straight = Job(tmp_path / "straight", digits, TRACE)
+    assert straight.wait(300) == 0, straight.output()[-3000:]
+    job = Job(tmp_path / "restarted", digits, TRACE, env={"DIFFTRAIN_FAULT": "kill_at_step:12:1"},
+              launcher=("--standalone", "--max-restarts=1"))
+    assert job.wait(300) == 0, job.output()[-3000:]
+    out = job.output()
+    assert "resumed from" in out and "step_00000010" in out  # through the agent's restart, from the newest checkpoint
+    for which in ("model", "ema"):
+        s1, w1 = weights(straight.run_dir, which)
+        s2, w2 = weights(job.run_dir, which)
+        assert s1 == s2 == 20
+        assert_same(w1, w2)
+    for rank in (0, 1):
+        assert trace(job.run_dir, rank) == trace(straight.run_dir, rank)
+    assert not job.leftovers()
+
+
+def test_losing_one_of_two_agents_continues_on_the_other(digits, tmp_path):
+    run = tmp_path / "elastic"
+    launcher = ("--nnodes=1:2", "--rdzv_backend=c10d", "--rdzv_endpoint=127.0.0.1:29731", f"--rdzv_id={tmp_path.name}",
+                "--max-restarts=3", "--rdzv_conf=last_call_timeout=3,keep_alive_interval=1,keep_alive_max_attempt=3")
+    epoch = _train_samples(digits)
+    steps = epoch // 8  # the whole first epoch but its last partial batch
+    args = (TRACE, f"run.steps={steps}", "run.ckpt_every=5", "run.log_every=1000")
+    a = Job(run, digits, *args, nproc=1, launcher=launcher, log="agent_a")
+    b = Job(run, digits, *args, nproc=1, launcher=launcher, log="agent_b")
+    a.wait_for(lambda: _last_step(run, 1) >= 12, "step 12 on two nodes")
+    b.kill_all()  # node B is lost: its agent and its rank
+    assert a.wait(400) == 0, a.output()[-4000:]
+    assert "resumed from" in a.output()
+    assert complete_checkpoints(run / "checkpoints")[-1][0] == steps
+    # each step's batch as finally trained: both ranks' halves before the loss, rank 0's whole batch after it
+    t0, t1 = trace(run, 0), trace(run, 1)
+    assert {len(t0[s]) for s in t0} == {4, 8}  # it did continue on one rank
+    keys = [k for s in range(1, steps + 1) for k in (t0[s] if len(t0[s]) == 8 else t0[s] + t1[s])]
+    assert len(keys) == steps * 8
+    assert len(set(keys)) == len(keys)  # nothing repeated; so nothing lost: a lost sample would end the epoch early
+    assert not a.leftovers() and not b.leftovers()
+
+
+def _train_samples(digits) -> int:
+    import glob
+    import tarfile
+
+    from braceexpand import braceexpand
+
+    return sum(sum(1 for m in tarfile.open(f).getmembers() if m.name.endswith(".json"))
+               for p in braceexpand(digits["train"]) for f in glob.glob(p))
+
+
+def _last_step(run, rank) -> int:
+    try:
+        return max(trace(run, rank), default=0)
+    except FileNotFoundError:
+        return 0
