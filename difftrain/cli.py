@@ -46,8 +46,10 @@ def _cmd_train(args) -> None:
     from difftrain.train.supervise import StopSignal
 
     signals = StopSignal().install()  # first: a signal at any later moment ends the run cleanly
-    cfg = load_config(args.config, args.overrides)  # config errors surface before any process group
-    from difftrain.launch.env import shutdown
+    from difftrain.launch.env import discover, shutdown
+
+    # every config error before any process group: values, and the layout and files for this launch's world size
+    cfg = load_config(args.config, args.overrides, world_size=discover().world_size)
     from difftrain.eval.validate import Validation
     from difftrain.sampling import SampleGrid
     from difftrain.train.trainer import Trainer

@@ -2,18 +2,29 @@
 
 What a model *is* (architecture kwargs) travels with its weights as ``config.json``; how a run
 *executes* lives here. Every error is one line naming the offending key and what is valid, and is
-raised before any process group starts.
+raised before any process group starts: types and choices while building, value ranges and
+cross-checks in :func:`validate`, and for a training launch (``world_size`` given) the layout
+against the launcher's world size and the files the run reads.
+
+Every field is tagged (``identity``, ``budget`` or ``execution``: docs/RELIABILITY.md) and may carry
+its valid range (``ge``/``gt``/``le``/``lt``) in its metadata, next to its default. A resume compares
+the checkpoint's config with the run's (:func:`config_changes`): a changed *identity* field is refused.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import hashlib
 import json
+import math
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -22,155 +33,188 @@ class ConfigError(ValueError):
     """A config key, value or type is wrong; the message names the key."""
 
 
-def choice(default, choices):
-    return field(default=default, metadata={"choices": tuple(choices)})
+IDENTITY, BUDGET, EXECUTION = "identity", "budget", "execution"
+TAGS = (IDENTITY, BUDGET, EXECUTION)
+
+
+def _tagged(tag: str, default, choices=None, **bounds):
+    meta: dict = {"tag": tag}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    if bounds:
+        assert set(bounds) <= {"ge", "gt", "le", "lt"}, bounds
+        meta["bounds"] = bounds
+    if isinstance(default, (list, dict)):
+        return field(default_factory=functools.partial(copy.deepcopy, default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def identity(default, choices=None, **bounds) -> Any:
+    """A field that changes what is trained (model, objective, data): a resume refuses to change it."""
+    return _tagged(IDENTITY, default, choices, **bounds)
+
+
+def budget(default, choices=None, **bounds) -> Any:
+    """How long and how hard it is trained (steps, learning rate and its schedule, EMA): a resume may change it."""
+    return _tagged(BUDGET, default, choices, **bounds)
+
+
+def execution(default, choices=None, **bounds) -> Any:
+    """How the run executes (layout, workers, logging, checkpoints, evaluation): a resume may change it."""
+    return _tagged(EXECUTION, default, choices, **bounds)
+
+
+SAMPLERS = ("euler", "heun", "ddim", "dpmpp_2m")
 
 
 @dataclass
 class RunConfig:
-    dir: str = "runs/default"
-    seed: int = 0
-    steps: int = 1000
-    log_every: int = 10
-    ckpt_every: int = 500  # 0 = only at the end and on SIGTERM
-    keep_last: int = 3
-    sample_every: int = 0  # 0 = never during training
-    sample_num: int = 16
-    sample_steps: int = 25
-    sample_sampler: str = choice("dpmpp_2m", ["euler", "heun", "ddim", "dpmpp_2m"])
-    sample_guidance: float = 3.0
-    sample_prompts: list = field(default_factory=list)  # text models; class models use labels 0..
-    progress: bool = True
-    device: str = choice("auto", ["auto", "cpu", "cuda"])
+    dir: str = execution("runs/default")
+    seed: int = identity(0, ge=0)
+    steps: int = budget(1000, ge=1)
+    log_every: int = execution(10, ge=1)
+    ckpt_every: int = execution(500, ge=0)  # 0 = only at the end and on SIGTERM
+    keep_last: int = execution(3, ge=0)  # 0 = keep every checkpoint
+    sample_every: int = execution(0, ge=0)  # 0 = never during training
+    sample_num: int = execution(16, ge=1)
+    sample_steps: int = execution(25, ge=1)
+    sample_sampler: str = execution("dpmpp_2m", SAMPLERS)
+    sample_guidance: float = execution(3.0)
+    sample_prompts: list = execution([])  # text models; class models use labels 0..
+    progress: bool = execution(True)
+    device: str = execution("auto", ["auto", "cpu", "cuda"])
     # seconds without progress on any rank before the job is ended, naming the stalled rank and phase
     # (difftrain/train/supervise.py); must exceed the longest step and save; 0 = off
-    timeout: float = 600.0
-    trace_samples: bool = False  # write each step's sample keys to RUN/trace/rank_R.jsonl (data-order audits)
+    timeout: float = execution(600.0, ge=0)
+    trace_samples: bool = execution(False)  # write each step's sample keys to RUN/trace/rank_R.jsonl (data-order audits)
+    allow_config_change: bool = execution(False)  # resume even when an identity field changed (docs/RELIABILITY.md)
 
 
 @dataclass
 class ModelConfig:
-    name: str = "DiT-S/2"  # a key of difftrain.models.registry.MODELS
-    image_size: int = 32  # in model space (latent size when a VAE is used)
-    in_channels: int = 3
-    cond: str = choice("none", ["none", "class", "text"])
-    num_classes: int = 0
+    name: str = identity("DiT-S/2")  # a key of difftrain.models.registry.MODELS
+    image_size: int = identity(32, ge=1)  # in model space (latent size when a VAE is used)
+    in_channels: int = identity(3, ge=1)
+    cond: str = identity("none", ["none", "class", "text"])
+    num_classes: int = identity(0, ge=0)
     # video: 0 = an image model; > 0 = a video model of the same name trained on clips of this many frames (in model
     # space). Position embeddings follow the input's shape, so other clip lengths work at inference.
-    frames: int = 0
-    temporal_patch: int = 1  # video: frames per patch (patch = temporal_patch x p x p)
-    attention: str = choice("full", ["full", "factorized"])  # video: joint space-time, or space then time per block
-    args: dict = field(default_factory=dict)  # architecture overrides, checked by the model's config
+    frames: int = identity(0, ge=0)
+    temporal_patch: int = identity(1, ge=1)  # video: frames per patch (patch = temporal_patch x p x p)
+    attention: str = identity("full", ["full", "factorized"])  # video: joint space-time, or space then time per block
+    args: dict = identity({})  # architecture overrides, checked by the model's config
 
 
 @dataclass
 class DiffusionConfig:
-    path: str = choice("vp_cosine", ["vp_cosine", "vp_linear", "rf"])
-    density: str = choice("uniform", ["uniform", "logit_normal", "u_shaped", "cosine", "laplace", "edm"])
-    density_args: dict = field(default_factory=dict)
+    path: str = identity("vp_cosine", ["vp_cosine", "vp_linear", "rf"])
+    density: str = identity("uniform", ["uniform", "logit_normal", "u_shaped", "cosine", "laplace", "edm"])
+    density_args: dict = identity({})
     # loss weighting (difftrain/diffusion/weightings.py); docs/DIFFUSION.md
-    weighting: str = choice("none", ["none", "min_snr", "sd3", "truncated_snr"])
-    weighting_args: dict = field(default_factory=dict)
-    target: str = choice("v", ["eps", "v", "x", "velocity"])
-    t_min: float = 1e-4
-    t_max: float = 1.0 - 1e-4
+    weighting: str = identity("none", ["none", "min_snr", "sd3", "truncated_snr"])
+    weighting_args: dict = identity({})
+    target: str = identity("v", ["eps", "v", "x", "velocity"])
+    t_min: float = identity(1e-4, ge=0.0, lt=1.0)
+    t_max: float = identity(1.0 - 1e-4, gt=0.0, le=1.0)
     # noise assignment (difftrain/diffusion/assign.py): none, linear (Immiscible diffusion, Hungarian), knn
-    assign: str = choice("none", ["none", "linear", "knn"])
-    assign_scope: str = choice("rank", ["rank", "global"])  # linear: per-rank batch or gathered over dp ranks
-    assign_k: int = 4  # knn: candidate noises per sample
+    assign: str = identity("none", ["none", "linear", "knn"])
+    assign_scope: str = identity("rank", ["rank", "global"])  # linear: per-rank batch or gathered over dp ranks
+    assign_k: int = identity(4, ge=1)  # knn: candidate noises per sample
 
 
 @dataclass
 class DataConfig:
     # shard spec (difftrain/data/spec.py): a brace pattern, a list of patterns, or a list of
     # {shards, weight, name} mixed per sample by weight; pipe: URLs work
-    train: Any = ""
-    kind: str = choice("image", ["image", "video", "latent"])
-    batch_size: int = 64  # global, over all data-parallel ranks and accumulation steps
-    num_workers: int = 1
-    channels: int = 3
-    image_size: int = 32  # pixels (square); see buckets
-    buckets: list = field(default_factory=list)  # [[h, w], ...] aspect-ratio buckets; empty: image_size^2
-    crop: str = choice("center", ["center", "random"])
-    flip: bool = False  # random horizontal flip
-    frames: int = 16  # video: frames per clip
-    frame_stride: int = 1  # video: take every n-th frame (when fps = 0)
-    fps: float = 0.0  # video: sample frames at this rate instead of a stride
-    caption_dropout: float = 0.1  # probability of the null condition (classifier-free guidance)
-    require_caption: bool = True  # skip samples without a caption (missing_caption)
-    min_image_size: int = 8  # skip images whose shorter side is smaller (too_small)
-    filters: dict = field(default_factory=dict)  # json key -> "<op><number>", e.g. {punsafe: "<0.5"}
-    shuffle_buffer: int = 0  # samples per stream; 0 = shard order only
-    resampled: bool = False  # draw shards with replacement (no epochs) instead of per-epoch permutations
-    streams: int = 0  # streams per batch group (difftrain/data/loader.py); 0 = data-parallel world size
-    max_skip_rate: float = 0.5  # stop the run when more of the samples seen are broken
+    train: Any = identity("")
+    kind: str = identity("image", ["image", "video", "latent"])
+    batch_size: int = identity(64, ge=1)  # global, over all data-parallel ranks and accumulation steps
+    num_workers: int = execution(1, ge=0)
+    channels: int = identity(3, ge=1)
+    image_size: int = identity(32, ge=1)  # pixels (square); see buckets
+    buckets: list = identity([])  # [[h, w], ...] aspect-ratio buckets; empty: image_size^2
+    crop: str = identity("center", ["center", "random"])
+    flip: bool = identity(False)  # random horizontal flip
+    frames: int = identity(16, ge=1)  # video: frames per clip
+    frame_stride: int = identity(1, ge=1)  # video: take every n-th frame (when fps = 0)
+    fps: float = identity(0.0, ge=0.0)  # video: sample frames at this rate instead of a stride
+    caption_dropout: float = identity(0.1, ge=0.0, lt=1.0)  # probability of the null condition (classifier-free guidance)
+    require_caption: bool = identity(True)  # skip samples without a caption (missing_caption)
+    min_image_size: int = identity(8, ge=0)  # skip images whose shorter side is smaller (too_small)
+    filters: dict = identity({})  # json key -> "<op><number>", e.g. {punsafe: "<0.5"}
+    shuffle_buffer: int = identity(0, ge=0)  # samples per stream; 0 = shard order only
+    resampled: bool = identity(False)  # draw shards with replacement (no epochs) instead of per-epoch permutations
+    streams: int = execution(0, ge=0)  # streams per batch group (difftrain/data/loader.py); 0 = data-parallel world size
+    max_skip_rate: float = execution(0.5, gt=0.0, le=1.0)  # stop the run when more of the samples seen are broken
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4
-    betas: list = field(default_factory=lambda: [0.9, 0.999])
-    weight_decay: float = 0.0
-    eps: float = 1e-8
-    warmup_steps: int = 0
-    schedule: str = choice("cosine", ["cosine", "constant"])
-    min_lr_ratio: float = 0.0
-    grad_clip: float = 1.0  # 0 = off
-    grad_accum: int = 1
-    ema_decay: float = 0.999
+    lr: float = budget(1e-4, gt=0.0)
+    betas: list = budget([0.9, 0.999])  # two numbers in [0, 1)
+    weight_decay: float = budget(0.0, ge=0.0)
+    eps: float = budget(1e-8, gt=0.0)
+    warmup_steps: int = budget(0, ge=0)
+    schedule: str = budget("cosine", ["cosine", "constant"])
+    min_lr_ratio: float = budget(0.0, ge=0.0, le=1.0)
+    grad_clip: float = budget(1.0, ge=0.0)  # 0 = off
+    grad_accum: int = execution(1, ge=1)  # splits data.batch_size into micro-batches: the same update, less memory
+    ema_decay: float = budget(0.999, ge=0.0, lt=1.0)
+    # consecutive steps skipped for a non-finite loss or gradient before the run stops (train/engine.py)
+    max_bad_steps: int = execution(10, ge=1)
 
 
 @dataclass
 class ParallelConfig:
-    engine: str = choice("ddp", ["ddp", "fsdp2"])
+    engine: str = execution("ddp", ["ddp", "fsdp2"])
     # -1 = whatever the other dimensions leave. Defaults: ddp replicates over all ranks; fsdp2 shards
     # over all ranks; set both for HSDP (e.g. dp_replicate=nodes, dp_shard=gpus per node).
-    dp_replicate: int = -1
-    dp_shard: int = -1
-    tp: int = 1
-    pp: int = 1  # pipeline stages (docs/PIPELINE.md); every pp rank of a data-parallel slice reads the same batch
-    pp_schedule: str = choice("1f1b", ["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"])
-    pp_microbatches: int = 4  # per step and data-parallel rank (with pp > 1 it replaces optim.grad_accum)
+    dp_replicate: int = execution(-1, ge=-1)  # -1 or >= 1
+    dp_shard: int = execution(-1, ge=-1)  # -1 or >= 1
+    tp: int = execution(1, ge=1)
+    pp: int = execution(1, ge=1)  # pipeline stages (docs/PIPELINE.md); every pp rank of a data-parallel slice reads the same batch
+    pp_schedule: str = execution("1f1b", ["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"])
+    pp_microbatches: int = execution(4, ge=1)  # per step and data-parallel rank (with pp > 1 it replaces optim.grad_accum)
     # fill: the next step's frozen work (VAE, text encoder) in the bubbles (gpipe, 1f1b); balanced: computed up
     # front, an equal share per pp rank (any schedule); auto: fill where it applies, else balanced
-    pp_frozen: str = choice("auto", ["auto", "fill", "balanced"])
+    pp_frozen: str = execution("auto", ["auto", "fill", "balanced"])
     # replicate: every pp rank holds every frozen module; partition: each module on the ranks the simulator
     # picks (simulate.choose_owners), the others keep it in host memory outside sampling and validation
-    pp_frozen_owners: str = choice("replicate", ["replicate", "partition"])
-    pp_frozen_tolerance: float = 0.02  # partition: the simulated slowdown accepted to hold a module on one rank
-    pp_bounds: list = field(default_factory=list)  # first block of stages 1..n-1; empty: DP over FLOP costs
-    mixed_precision: str = choice("auto", ["auto", "bf16", "fp32"])  # auto: bf16 on CUDA, fp32 on CPU
-    activation_checkpointing: bool = False
-    compile: bool = False
-    compile_backend: str = "inductor"
+    pp_frozen_owners: str = execution("replicate", ["replicate", "partition"])
+    pp_frozen_tolerance: float = execution(0.02, ge=0.0)  # partition: the simulated slowdown accepted to hold a module on one rank
+    pp_bounds: list = execution([])  # first block of stages 1..n-1; empty: DP over FLOP costs
+    mixed_precision: str = execution("auto", ["auto", "bf16", "fp32"])  # auto: bf16 on CUDA, fp32 on CPU
+    activation_checkpointing: bool = execution(False)
+    compile: bool = execution(False)
+    compile_backend: str = execution("inductor")
 
 
 @dataclass
 class EncodersConfig:
-    text: str = ""  # "" none; "minilm" (the packaged MiniLM); or a local HF folder (CLIP/T5/BERT)
-    text_max_length: int = 32
-    text_cache: int = 0  # LRU entries of per-caption states; > 0 pays off when captions repeat
-    vae: str = ""  # "" = pixel space; else a local diffusers AutoencoderKL folder
+    text: str = identity("")  # "" none; "minilm" (the packaged MiniLM); or a local HF folder (CLIP/T5/BERT)
+    text_max_length: int = identity(32, ge=1)
+    text_cache: int = execution(0, ge=0)  # LRU entries of per-caption states; > 0 pays off when captions repeat
+    vae: str = identity("")  # "" = pixel space; else a local diffusers AutoencoderKL folder
 
 
 @dataclass
 class EvalConfig:
     """Validation during training (``difftrain.eval.validate``); ``difftrain eval`` takes flags instead."""
-    every: int = 0  # steps between validations; 0 = off
-    ref: str = ""  # held-out shard spec or image folder: reference images and the held-out loss
-    num: int = 500  # generated samples (and reference images) per validation
-    extractor: str = "inception"  # digits | inception[:FILE] | clip:PATH (see difftrain.eval.extractors)
-    steps: int = 25
-    sampler: str = choice("dpmpp_2m", ["euler", "heun", "ddim", "dpmpp_2m"])
-    guidance: float = -1.0  # CFG scale; < 0: run.sample_guidance
-    loss_samples: int = 256  # held-out samples for the loss binned by t; 0 = off
-    seed: int = 0
+    every: int = execution(0, ge=0)  # steps between validations; 0 = off
+    ref: str = execution("")  # held-out shard spec or image folder: reference images and the held-out loss
+    num: int = execution(500, ge=2)  # generated samples (and reference images) per validation
+    extractor: str = execution("inception")  # digits | inception[:FILE] | clip:PATH (see difftrain.eval.extractors)
+    steps: int = execution(25, ge=1)
+    sampler: str = execution("dpmpp_2m", SAMPLERS)
+    guidance: float = execution(-1.0)  # CFG scale; < 0: run.sample_guidance
+    loss_samples: int = execution(256, ge=0)  # held-out samples for the loss binned by t; 0 = off
+    seed: int = execution(0, ge=0)
 
 
 @dataclass
 class Config:
-    stage: str = choice("pretrain", ["pretrain"])
-    init_from: str = ""  # weights only (our export or a diffusers folder); never a resume
+    stage: str = identity("pretrain", ["pretrain"])
+    init_from: str = identity("")  # weights only (our export or a diffusers folder); never a resume
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -189,6 +233,15 @@ def _fields(cls) -> dict[str, dataclasses.Field]:
         f.type = hints[f.name]
         out[f.name] = f
     return out
+
+
+def leaf_fields(cls=Config, prefix: str = ""):
+    """(dotted key, field) of every setting, sections walked in order (a dict field such as model.args is one)."""
+    for name, f in _fields(cls).items():
+        if dataclasses.is_dataclass(f.type):
+            yield from leaf_fields(f.type, prefix + name + ".")
+        else:
+            yield prefix + name, f
 
 
 def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
@@ -249,39 +302,175 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+# A brace-expansion group of a shard pattern ({00000..00099}, {a,b}): no blank, no colon, so never a YAML flow
+# mapping anyone means. YAML would read it as a mapping ({0..5} -> {'0..5': None}) or fail on what follows it
+# ({0..5}.tar), so each group is swapped for a plain token while the value is parsed, and put back after.
+_BRACE_GROUP = re.compile(r"\{[^{}\s:]*(?:\.\.|,)[^{}\s:]*\}")
+
+
+def _hide_braces(raw: str) -> tuple[str, list[str]]:
+    groups: list[str] = []
+
+    def swap(m):
+        groups.append(m.group(0))
+        return f"DIFFTRAINBRACE{len(groups) - 1}X"
+
+    while True:
+        new = _BRACE_GROUP.sub(swap, raw)
+        if new == raw:
+            return raw, groups
+        raw = new
+
+
+def _restore_braces(value, groups: list[str]):
+    if isinstance(value, str):
+        for i in reversed(range(len(groups))):
+            value = value.replace(f"DIFFTRAINBRACE{i}X", groups[i])
+        return value
+    if isinstance(value, list):
+        return [_restore_braces(v, groups) for v in value]
+    if isinstance(value, dict):
+        return {_restore_braces(k, groups): _restore_braces(v, groups) for k, v in value.items()}
+    return value
+
+
+def _keyless(value) -> str | None:
+    """A mapping key without a value anywhere in ``value`` ({depth:2} is {'depth:2': None} to YAML)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if v is None:
+                return str(k)
+            found = _keyless(v)
+            if found is not None:
+                return found
+    if isinstance(value, list):
+        for v in value:
+            found = _keyless(v)
+            if found is not None:
+                return found
+    return None
+
+
 def parse_override(text: str) -> tuple[str, Any]:
+    """``section.key=VALUE`` -> (key, value), VALUE read as YAML. Brace patterns stay strings (also inside a list:
+    ``data.train=[/a/{0..5}.tar, /b.tar]``); a value that is not valid YAML is an error, never a raw string."""
     if "=" not in text:
         raise ConfigError(f"config override '{text}' must look like section.key=value")
     key, raw = text.split("=", 1)
+    key = key.strip()
+    if raw == "":
+        return key, ""
+    hidden, groups = _hide_braces(raw)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    if value is None:
-        value = ""
-    return key.strip(), value
+        value = _restore_braces(yaml.safe_load(hidden), groups)
+    except yaml.YAMLError as e:
+        why = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
+        raise ConfigError(f"config override '{text}' is not valid YAML ({why}); quote a string that holds YAML "
+                          f"punctuation, also inside a list: {key}='\"...\"', {key}='[\"...\", \"...\"]'") from None
+    missing = _keyless(value)
+    if missing is not None:
+        raise ConfigError(f"config override '{text}': mapping key '{missing}' has no value "
+                          "(write 'key: value', with a blank after the colon)")
+    return key, "" if value is None else value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (),
+                world_size: int | None = None) -> Config:
+    """The config of ``path`` (YAML) with ``overrides``, validated. ``world_size``: the job is a training launch of
+    that many processes: also check the layout against it and the files the run will read (:func:`validate`)."""
     tree: dict = {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file '{p}' does not exist")
-        tree = yaml.safe_load(p.read_text()) or {}
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            why = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
+            raise ConfigError(f"config file '{p}' is not valid YAML{where}: {why}") from None
     for o in overrides:
         key, value = parse_override(o)
         _set_dotted(tree, key, value)
     cfg = _build(Config, tree)
-    validate(cfg)
+    validate(cfg, world_size)
     return cfg
 
 
-def validate(cfg: Config) -> None:
-    if cfg.data.batch_size <= 0:
-        raise ConfigError("config key 'data.batch_size' must be > 0")
-    if cfg.optim.grad_accum <= 0:
-        raise ConfigError("config key 'optim.grad_accum' must be > 0")
+# ------------------------------------------------------------------------------------ validation
+def _range_text(b: dict) -> str:
+    lo = ("[", b["ge"]) if "ge" in b else ("(", b["gt"]) if "gt" in b else None
+    hi = (b["le"], "]") if "le" in b else (b["lt"], ")") if "lt" in b else None
+    if lo and hi:
+        return f"in {lo[0]}{lo[1]}, {hi[0]}{hi[1]}"
+    if lo:
+        return f"{'>=' if lo[0] == '[' else '>'} {lo[1]}"
+    return f"{'<=' if hi[1] == ']' else '<'} {hi[0]}"
+
+
+def _in_range(v, b: dict) -> bool:
+    return (("ge" not in b or v >= b["ge"]) and ("gt" not in b or v > b["gt"])
+            and ("le" not in b or v <= b["le"]) and ("lt" not in b or v < b["lt"]))
+
+
+def _get(cfg: Config, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _check_ranges(cfg: Config) -> None:
+    for key, f in leaf_fields():
+        v = _get(cfg, key)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"config key '{key}' must be a finite number, got {v}")
+        b = f.metadata.get("bounds")
+        if b and isinstance(v, (int, float)) and not _in_range(v, b):
+            raise ConfigError(f"config key '{key}' must be {_range_text(b)}, got {v}")
+
+
+def _parsed(fn, *args):
+    """A data parser's ``ValueError`` (its message names the key) as a ``ConfigError``."""
+    try:
+        return fn(*args)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Value ranges (each field's metadata) and cross-checks; with ``world_size`` (a training launch of that many
+    processes, from the launcher's environment) also the parallel layout and the batch split against it and the
+    files the run reads (:func:`check_launch`). Raises ``ConfigError`` naming the key."""
+    _check_ranges(cfg)
+    for name in ("dp_replicate", "dp_shard"):
+        if getattr(cfg.parallel, name) == 0:
+            raise ConfigError(f"config key 'parallel.{name}' must be >= 1 or -1 (inferred), got 0")
+    b = cfg.optim.betas
+    if (len(b) != 2 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in b)
+            or not all(0.0 <= x < 1.0 for x in b)):
+        raise ConfigError(f"config key 'optim.betas' must be two numbers in [0, 1), got {b!r}")
+    if not all(isinstance(p, str) for p in cfg.run.sample_prompts):
+        raise ConfigError(f"config key 'run.sample_prompts' must be a list of strings, got {cfg.run.sample_prompts!r}")
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in cfg.parallel.pp_bounds):
+        raise ConfigError(f"config key 'parallel.pp_bounds' must be a list of block indices >= 1, "
+                          f"got {cfg.parallel.pp_bounds!r}")
+    if cfg.diffusion.t_min >= cfg.diffusion.t_max:
+        raise ConfigError(f"config keys 'diffusion.t_min' = {cfg.diffusion.t_min} and 'diffusion.t_max' = "
+                          f"{cfg.diffusion.t_max}: t_min must be < t_max")
+    if cfg.data.buckets:  # (the data modules import torch: only when there is something to parse)
+        from difftrain.data.images import parse_buckets
+
+        _parsed(parse_buckets, cfg.data.buckets, cfg.data.image_size)
+    if cfg.data.filters:
+        from difftrain.data.samples import parse_filters
+
+        _parsed(parse_filters, cfg.data.filters)
+    if cfg.data.train != "":
+        from difftrain.data.spec import parse_spec
+
+        _parsed(parse_spec, cfg.data.train, "data.train")
     if cfg.model.cond == "class" and cfg.model.num_classes <= 0:
         raise ConfigError("config key 'model.num_classes' must be > 0 when model.cond=class")
     if cfg.model.cond == "text" and not cfg.encoders.text:
@@ -289,26 +478,84 @@ def validate(cfg: Config) -> None:
     if (cfg.data.kind == "video" and cfg.model.frames <= 0) or (cfg.data.kind == "image" and cfg.model.frames > 0):
         raise ConfigError(f"config key 'model.frames' = {cfg.model.frames} does not fit data.kind = "
                           f"{cfg.data.kind!r}: video data needs a video model (model.frames > 0) and vice versa")
-    if cfg.eval.every < 0 or cfg.eval.num < 2 or cfg.eval.loss_samples < 0:
-        raise ConfigError("config keys 'eval.every' and 'eval.loss_samples' must be >= 0 and 'eval.num' >= 2")
     if cfg.eval.every and not cfg.eval.ref:
         raise ConfigError("config key 'eval.ref' must name held-out shards (or an image folder) when eval.every > 0")
-    if not 0.0 <= cfg.data.caption_dropout < 1.0:
-        raise ConfigError("config key 'data.caption_dropout' must be in [0, 1)")
     pc = cfg.parallel
     if pc.pp > 1:
         if cfg.optim.grad_accum != 1:
             raise ConfigError("config key 'optim.grad_accum' must be 1 with parallel.pp > 1: the pipeline's "
                               "micro-batches (parallel.pp_microbatches) are the accumulation")
-        if pc.pp_microbatches < 1:
-            raise ConfigError("config key 'parallel.pp_microbatches' must be >= 1")
         if pc.pp_frozen == "fill" and pc.pp_schedule not in ("gpipe", "1f1b"):
             raise ConfigError(f"config key 'parallel.pp_frozen' = fill works with pp_schedule gpipe or 1f1b, not "
                               f"{pc.pp_schedule!r}; use balanced (or auto)")
         if pc.tp != 1:
             raise ConfigError("config key 'parallel.tp' must be 1 (tensor parallelism is not built yet)")
+    if world_size is not None:
+        check_launch(cfg, world_size)
 
 
+def check_launch(cfg: Config, world_size: int) -> None:
+    """What a training launch of ``world_size`` processes needs, checked before any process group: the parallel
+    layout (``ParallelDims.from_config``'s arithmetic), the batch split over data-parallel ranks, accumulation,
+    pipeline micro-batches and loader streams, the model and diffusion sections, and the files the run reads
+    (local shards, the held-out set, ``init_from``, encoder folders)."""
+    from difftrain.parallelism.dims import ParallelDims
+
+    dims = ParallelDims.from_config(cfg.parallel, world_size)
+    dp, B, d = dims.dp, cfg.data.batch_size, cfg.data
+    of = f"the data-parallel size {dp} (world size {world_size}" + (f" / parallel.pp {dims.pp})" if dims.pp > 1 else ")")
+    if B % (dp * cfg.optim.grad_accum):
+        raise ConfigError(f"config key 'data.batch_size' = {B} must be a multiple of {of} x optim.grad_accum "
+                          f"{cfg.optim.grad_accum}")
+    if dims.pp > 1 and (B // dp) % cfg.parallel.pp_microbatches:
+        raise ConfigError(f"config key 'parallel.pp_microbatches' = {cfg.parallel.pp_microbatches} must divide the "
+                          f"per-rank batch {B // dp} (data.batch_size / {of})")
+    streams = d.streams or dp
+    if streams % dp or B % streams:
+        raise ConfigError(f"config key 'data.streams' = {d.streams} must be a multiple of {of} and divide "
+                          f"data.batch_size = {B}")
+    from difftrain.data.images import parse_buckets
+
+    if len(parse_buckets(d.buckets, d.image_size)) > 1 and streams != dp:
+        raise ConfigError(f"config key 'data.buckets' needs one stream per rank: data.streams = {d.streams} must be 0 "
+                          f"or {of}")
+
+    from difftrain.diffusion.diffusion import build_diffusion
+    from difftrain.models import registry
+
+    registry.arch_config(cfg.model, text_dim=1)  # the encoder's width is known only once it is loaded
+    build_diffusion(cfg.diffusion, pixel_space=not cfg.encoders.vae)
+
+    from difftrain.data.spec import check_local
+
+    if d.train == "":
+        raise ConfigError("config key 'data.train' must name the training shards")
+    check_local(d.train, "data.train")
+    ev = cfg.eval
+    if 0 < ev.every <= cfg.run.steps and not Path(ev.ref).is_dir():  # a folder of images, else a shard spec
+        check_local(ev.ref, "eval.ref")
+    if cfg.init_from:
+        from difftrain.train.build import check_init_from
+
+        check_init_from(cfg.init_from)
+    enc = cfg.encoders
+    if cfg.model.cond == "text":
+        from difftrain.models.encoders import TEXT_ALIASES
+
+        if enc.text not in TEXT_ALIASES and not _model_folder(enc.text, "text_encoder"):
+            raise ConfigError(f"config key 'encoders.text' = '{enc.text}' is neither a known alias "
+                              f"({', '.join(TEXT_ALIASES)}) nor a folder with config.json (or text_encoder/config.json)")
+    if enc.vae and not _model_folder(enc.vae, "vae"):
+        raise ConfigError(f"config key 'encoders.vae' = '{enc.vae}' is not a folder with config.json "
+                          "(or vae/config.json): expected a diffusers AutoencoderKL")
+
+
+def _model_folder(path: str, sub: str) -> bool:
+    p = Path(path)
+    return (p / "config.json").is_file() or (p / sub / "config.json").is_file()
+
+
+# ------------------------------------------------------------------------------ saving, resuming
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
@@ -318,13 +565,84 @@ def config_hash(cfg: Config) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def _config_text(cfg: Config, note: str = "") -> tuple[str, str]:
+    h = config_hash(cfg)
+    return h, f"# config hash {h}\n" + note + yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def save_config(cfg: Config, run_dir: str | Path) -> str:
-    """Write the resolved config and its hash into the run dir; returns the hash."""
+    """Write the resolved config and its hash as ``RUN/config.yaml``; returns the hash. The trainer writes it
+    while the run has no checkpoint; a resume writes :func:`save_resume_config` beside it instead."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    h = config_hash(cfg)
-    text = f"# config hash {h}\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    h, text = _config_text(cfg)
     tmp = run_dir / "config.yaml.tmp"
     tmp.write_text(text)
     tmp.replace(run_dir / "config.yaml")
     return h
+
+
+def save_resume_config(cfg: Config, run_dir: str | Path, step: int) -> Path:
+    """Write the config of a resume from ``step`` as ``RUN/config.resume-STEP.yaml`` (``-STEP.2.yaml``, ... when
+    the step was resumed from before): never overwrites a file. Returns its path."""
+    run_dir = Path(run_dir)
+    _, text = _config_text(cfg, f"# resumed from the checkpoint of step {step}; config.yaml holds the first run's\n")
+    tmp = run_dir / f"config.resume-{step}.yaml.tmp"
+    tmp.write_text(text)
+    try:
+        for n in range(1, 10_000):
+            target = run_dir / (f"config.resume-{step}.yaml" if n == 1 else f"config.resume-{step}.{n}.yaml")
+            try:
+                os.link(tmp, target)  # atomic, and fails where the name exists
+                return target
+            except FileExistsError:
+                continue
+        raise ConfigError(f"'{run_dir}' holds 9999 configs of resumes from step {step}")
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class Change(NamedTuple):
+    key: str
+    tag: str
+    old: Any
+    new: Any
+
+    def __str__(self) -> str:
+        return f"{self.key} {_show(self.old)} -> {_show(self.new)}"
+
+
+def _show(v) -> str:
+    text = repr(v)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+_ABSENT = object()
+
+
+def _lookup(tree, key: str):
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return _ABSENT
+        tree = tree[part]
+    return tree
+
+
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def config_changes(saved: dict, cfg: Config) -> list[Change]:
+    """Every setting of ``cfg`` that differs from ``saved`` (a checkpoint's ``to_dict`` as JSON), with its tag.
+    A key the saved config lacks (a field added since) is compared with the field's default; keys it has that no
+    longer exist are ignored."""
+    now = json.loads(json.dumps(to_dict(cfg)))
+    out = []
+    for key, f in leaf_fields():
+        old = _lookup(saved, key)
+        if old is _ABSENT:
+            old = json.loads(json.dumps(_default(f)))
+        new = _lookup(now, key)
+        if old != new:
+            out.append(Change(key, f.metadata["tag"], old, new))
+    return out

@@ -125,7 +125,8 @@ def build_hf_clip(path: str) -> HFClipExtractor:
     model_type = json.loads((root / "config.json").read_text()).get("model_type")
     if model_type != "clip":
         raise ValueError(f"clip:{path}: model_type is {model_type!r}, expected 'clip' (a CLIPModel checkpoint)")
-    model = tf.CLIPModel.from_pretrained(str(root), local_files_only=True, dtype=torch.float32)
+    model = tf.CLIPModel.from_pretrained(str(root), local_files_only=True, dtype=torch.float32,
+                                         use_safetensors=True)  # never a pickle .bin
     tok_dir = root / "tokenizer" if (root / "tokenizer").is_dir() else root
     tokenizer = tf.AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
     return HFClipExtractor(model, tokenizer, _clip_preprocess_config(root, model))

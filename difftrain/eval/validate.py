@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from difftrain.config import ConfigError
-from difftrain.train.supervise import point
+from difftrain.train.supervise import alone, point
 
 
 class Validation:
@@ -51,10 +51,11 @@ class Validation:
             from difftrain.sampling import grid
 
             parts["wanted"] = self.wanted
-            values = {f"eval/{k}": v for k, v in score(self.ref, parts,
-                                                       kid_subset_size=min(1000, ec.num, self.n_ref)).items()}
-            trainer.metrics.add_scalars({**values, **losses}, step)
-            trainer.metrics.add_image("eval/samples", grid(images[:64]), step)
+            with alone():  # the other ranks wait for this in their next step
+                values = {f"eval/{k}": v for k, v in score(self.ref, parts,
+                                                           kid_subset_size=min(1000, ec.num, self.n_ref)).items()}
+                trainer.metrics.add_scalars({**values, **losses}, step)
+                trainer.metrics.add_image("eval/samples", grid(images[:64]), step)
 
     # ------------------------------------------------------------------------------------------
     def _setup(self, trainer) -> None:

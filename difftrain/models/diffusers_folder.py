@@ -22,28 +22,79 @@ NOT_COMPARED = frozenset({"dropout", "norm_eps", "upcast_attention", "sample_siz
 def read_diffusers_folder(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config.json as a dict, the diffusers state dict) from a model folder: one safetensors file or an index of
     shards. A folder holding only pickle ``.bin`` weights is refused (loading those can run arbitrary code)."""
-    from safetensors.torch import load_file
-
     p = Path(folder)
-    cfg_file = p / "config.json"
-    if not cfg_file.is_file():
-        raise ValueError(f"'{p}' is not a diffusers model folder: no config.json")
-    config = json.loads(cfg_file.read_text())
+    config = read_json(p / "config.json", what="a diffusers model folder")
+    state: dict[str, torch.Tensor] = {}
+    for f in weight_files(p):
+        state.update(load_safetensors(f))
+    return config, state
+
+
+def weight_files(folder: str | Path) -> list[Path]:
+    """The safetensors files of a diffusers model folder (one file, or the shards its index names), without opening
+    them; ``ValueError`` naming what is missing or refused."""
+    p = Path(folder)
     if (p / WEIGHTS_NAME).is_file():
-        return config, load_file(str(p / WEIGHTS_NAME))
+        return [p / WEIGHTS_NAME]
     if (p / INDEX_NAME).is_file():
-        shards = sorted(set(json.loads((p / INDEX_NAME).read_text())["weight_map"].values()))
-        state: dict[str, torch.Tensor] = {}
-        for name in shards:
+        index = read_json(p / INDEX_NAME, what="a shard index")
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"'{p / INDEX_NAME}' has no weight_map of key -> shard file name")
+        files = []
+        for name in sorted(set(weight_map.values())):
             if Path(name).name != name or not name.endswith(".safetensors"):
                 raise ValueError(f"'{p / INDEX_NAME}' names shard {name!r}: expected a .safetensors file in the folder")
-            state.update(load_file(str(p / name)))
-        return config, state
+            if not (p / name).is_file():
+                raise ValueError(f"'{p / INDEX_NAME}' names shard {name!r}, which is not in the folder")
+            files.append(p / name)
+        return files
     pickles = sorted(p.glob("*.bin"))
     if pickles:
         raise ValueError(f"'{pickles[0]}' is a pickle checkpoint, which is never loaded (it can run code); "
                          f"convert it to {WEIGHTS_NAME}")
     raise ValueError(f"'{p}' has no {WEIGHTS_NAME} (nor {INDEX_NAME})")
+
+
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from ``path``; ``ValueError`` naming the file when it is missing, unreadable or not an object."""
+    if not path.is_file():
+        raise ValueError(f"'{path.parent}' is not {what}: no {path.name}")
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"'{path}' is not readable JSON ({_first_line(e)})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"'{path}' is not a JSON object")
+    return value
+
+
+def check_safetensors(path: Path) -> None:
+    """Parse the header of a safetensors file (no tensor is read): its JSON, the dtypes and shapes against the data
+    offsets, and that the data covers the file exactly (a truncated file fails here). ``ValueError`` naming it."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt"):
+            pass
+    except Exception as e:  # SafetensorError, OSError
+        raise ValueError(f"'{path}' is not a readable safetensors file ({_first_line(e)})") from None
+
+
+def load_safetensors(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file`` with a one-line ``ValueError`` naming the file when it is unreadable."""
+    from safetensors.torch import load_file
+
+    check_safetensors(path)
+    try:
+        return load_file(str(path), device=device)
+    except Exception as e:
+        raise ValueError(f"'{path}' is not a readable safetensors file ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:300]
 
 
 def _defaults(cls_name: str) -> dict:

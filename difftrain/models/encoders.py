@@ -77,7 +77,8 @@ class TextEncoder(_Frozen):
             model_cls = tf.T5EncoderModel
         else:
             model_cls = tf.AutoModel
-        model = model_cls.from_pretrained(str(model_dir), local_files_only=True, dtype=dtype)
+        model = model_cls.from_pretrained(str(model_dir), local_files_only=True, dtype=dtype,
+                                          use_safetensors=True)  # never a pickle .bin
         tokenizer = tf.AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
         return cls(model, tokenizer, max_length=max_length, cache_size=cache_size)
 
@@ -158,7 +159,8 @@ class VAE(_Frozen):
         root = Path(path)
         if not (root / "config.json").is_file() and not (root / "vae" / "config.json").is_file():
             raise FileNotFoundError(f"VAE '{path}': no config.json (expected a diffusers AutoencoderKL folder)")
-        vae = AutoencoderKL.from_pretrained(str(_sub(root, "vae")), local_files_only=True, torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(str(_sub(root, "vae")), local_files_only=True, torch_dtype=dtype,
+                                            use_safetensors=True)  # never a pickle .bin
         return cls(vae)
 
     @property

@@ -120,7 +120,7 @@ def save_pretrained(model: nn.Module, state: dict[str, torch.Tensor], out_dir: s
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Load what ``save_pretrained`` wrote (safetensors only: nothing is unpickled)."""
-    from safetensors.torch import load_file
+    from difftrain.models.diffusers_folder import load_safetensors
 
     p = Path(path)
     cfg_file = p / "config.json"
@@ -132,7 +132,8 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> nn.
         raise ValueError(f"'{cfg_file}' has no _difftrain_arch: not a difftrain export")
     cls = arch_class(arch)
     model = materialize(build(arch, cls.config_class(**cfg)), device, seed=0)  # buffers get initialised too
-    missing, unexpected = model.load_state_dict(load_file(str(p / "model.safetensors"), device=str(device)), strict=False)
+    state = load_safetensors(p / "model.safetensors", device=str(device))
+    missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"'{p}': weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model

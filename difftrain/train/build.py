@@ -43,29 +43,56 @@ def build_backbone(cfg: Config, arch: str, acfg, device: torch.device) -> nn.Mod
     return model
 
 
+def check_init_from(path: str) -> None:
+    """Check config key ``init_from`` without reading a tensor (cheap enough for config validation): a folder with a
+    readable ``config.json`` naming our export (``_difftrain_arch``) or a diffusers class (``_class_name``), and a
+    sound header in every safetensors file it would load (a truncated or garbage file fails here). ``ConfigError``
+    naming the file; that the weights fit the run's model is checked when they load (:func:`load_weights_only`)."""
+    _init_from_files(path)
+
+
+def _init_from_files(path: str) -> tuple[dict, list[Path]]:
+    """(config.json, the safetensors files, headers checked) of an ``init_from`` folder, or ``ConfigError``."""
+    from difftrain.models.diffusers_folder import check_safetensors, read_json, weight_files
+
+    p = Path(path)
+    if not p.is_dir():
+        raise ConfigError(f"config key 'init_from' = '{path}' is not a folder")
+    if not (p / "config.json").is_file():
+        raise ConfigError(f"config key 'init_from' = '{path}' has no config.json")
+    try:
+        meta = read_json(p / "config.json", what="a model folder")
+        if "_difftrain_arch" in meta:
+            if not (p / "model.safetensors").is_file():
+                raise ValueError("it has no model.safetensors")
+            files = [p / "model.safetensors"]
+        elif "_class_name" in meta:
+            files = weight_files(p)
+        else:
+            raise ValueError("it is neither a difftrain nor a diffusers model folder")
+        for f in files:
+            check_safetensors(f)
+    except ValueError as e:
+        raise ConfigError(f"config key 'init_from' = '{path}': {e}") from None
+    return meta, files
+
+
 def load_weights_only(model: nn.Module, path: str) -> None:
     """``init_from``: our export (config.json with _difftrain_arch + model.safetensors) or a diffusers
     model folder (``model.load_diffusers``). Weights only: never optimizer state, step or data position
-    (that is resume). Every key and shape must match the model; the resolution may differ."""
-    from safetensors.torch import load_file
+    (that is resume). Every key and shape must match the model; the resolution may differ. Safetensors and JSON
+    only (nothing is unpickled); an unreadable file is a ``ConfigError`` naming it."""
+    from difftrain.models.diffusers_folder import load_safetensors
 
-    p = Path(path)
-    cfg_file = p / "config.json"
-    if not cfg_file.is_file():
-        raise ConfigError(f"config key 'init_from' = '{path}' has no config.json")
-    meta = json.loads(cfg_file.read_text())
+    meta, files = _init_from_files(path)
     try:
         if "_difftrain_arch" in meta:
             arch = meta["_difftrain_arch"]
             if type(model) is not registry.arch_class(arch):  # exact: a video DiT is a DiT subclass
                 raise ValueError(f"it holds a '{arch}' model, but the run builds a {type(model).__name__}")
-            if not (p / "model.safetensors").is_file():
-                raise ValueError("it has no model.safetensors")
-            state = load_file(str(p / "model.safetensors"))
-        elif "_class_name" in meta:
-            state = model.load_diffusers(p)
+            state = load_safetensors(files[0])
         else:
-            raise ValueError("it is neither a difftrain nor a diffusers model folder")
+            state = model.load_diffusers(Path(path))
     except ConfigError:
         raise
     except ValueError as e:
@@ -99,18 +126,19 @@ def read_model_config(run_dir: Path):
 
 def load_run_weights(run_dir: Path, model: nn.Module, which: str = "ema") -> int:
     """Load a run's newest complete checkpoint into a plain single-process ``model`` (any world size
-    wrote it). ``which="ema"`` overlays the EMA parameters on the saved model state. Returns the step."""
-    from difftrain.train.checkpoint import latest_checkpoint, load
+    wrote it). ``which="ema"`` overlays the EMA parameters on the saved model state. Returns the step.
+    A corrupt newest checkpoint is named in a warning and the previous complete one is used
+    (``checkpoint.resume_newest``); ``CheckpointError`` when none loads."""
+    from difftrain.train.checkpoint import CheckpointError, resume_newest
 
-    last = latest_checkpoint(Path(run_dir) / "checkpoints")
-    if last is None:
-        raise FileNotFoundError(f"'{run_dir}' has no complete checkpoint")
     tensors = {"model": {k: v.detach() for k, v in model.state_dict().items()}}
     if which == "ema":
         tensors["ema"] = {n: torch.empty_like(p) for n, p in model.named_parameters()}
-    state = load(last, tensors)
+    found = resume_newest(Path(run_dir) / "checkpoints", tensors)
+    if found is None:
+        raise CheckpointError(f"'{run_dir}' has no complete checkpoint")
     if which == "ema":
         with torch.no_grad():
             for n, p in model.named_parameters():
                 p.copy_(tensors["ema"][n])
-    return state["step"]
+    return found[1]["step"]

@@ -25,12 +25,21 @@ class EMA:
         self.shadow = {n: p.detach().clone() for n, p in self.params.items()}
 
     @torch.no_grad()
-    def update(self, step: int) -> None:
+    def update(self, step: int, ok: torch.Tensor | None = None) -> None:
+        """``shadow += (1 - decay) * (live - shadow)``; with ``ok`` (a 0-dim bool device tensor) the weight is
+        multiplied by it, so a skipped step leaves the EMA bitwise unchanged without a host sync."""
         # Warm-up as in Karras et al. 2022 / common practice: no averaging over the first steps.
         decay = min(self.decay, (1 + step) / (10 + step))
         shadow = [_local(self.shadow[n]) for n in self.params]
         live = [_local(p) for p in self.params.values()]
-        torch._foreach_lerp_(shadow, live, 1.0 - decay)
+        if ok is None:
+            torch._foreach_lerp_(shadow, live, 1.0 - decay)
+            return
+        weights: dict = {}  # one 0-dim weight per (device, dtype): lerp wants the weight's type to match
+        for s in shadow:
+            if (s.device, s.dtype) not in weights:
+                weights[s.device, s.dtype] = ok.to(device=s.device, dtype=s.dtype) * (1.0 - decay)
+        torch._foreach_lerp_(shadow, live, [weights[s.device, s.dtype] for s in shadow])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow

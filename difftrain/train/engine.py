@@ -4,6 +4,14 @@ the tensors that go into a checkpoint.
 The Trainer only calls the ``Engine`` interface, so an engine that brings its own optimizer,
 backward and checkpoint format (DeepSpeed, a later issue) plugs in without touching the loop.
 ``TorchEngine`` covers DDP and FSDP2 (optionally HSDP) on any device.
+
+**Non-finite steps never reach the weights.** Each step every rank folds "is the global grad norm finite, and this
+rank's loss" into one flag, all-reduced (MAX of "bad") over the whole world on the device, so every data-parallel
+and pipeline rank takes the same decision without a host sync. A bad step is skipped as ``torch.amp.GradScaler``
+skips one: the fused AdamW kernel reads ``optimizer.found_inf`` on the device and then leaves the parameters, both
+moments and its step counter untouched (``torch/optim/adam.py``, ``_fused_adam``). The learning rate is a 0-dim
+device tensor in the param group, set after each step from a table of the schedule indexed by the number of
+*applied* updates, and the EMA's update weight is multiplied by the flag, so neither moves on a skipped step.
 """
 from __future__ import annotations
 
@@ -12,6 +20,7 @@ import math
 from abc import ABC, abstractmethod
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
@@ -20,9 +29,14 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 
 from difftrain.config import OptimConfig, ParallelConfig
+from difftrain.errors import DifftrainError
 from difftrain.parallelism.dims import Meshes
 from difftrain.parallelism.parallelize import parallelize
-from difftrain.train.ema import EMA
+from difftrain.train.ema import EMA, _local
+
+
+class NonFiniteError(DifftrainError):
+    """Too many consecutive non-finite steps, or non-finite weights at a checkpoint (nothing is written)."""
 
 
 class Engine(ABC):
@@ -37,11 +51,18 @@ class Engine(ABC):
         """Context for one micro-batch; gradients are synchronised only when ``last``."""
 
     @abstractmethod
-    def step(self, step: int) -> torch.Tensor:
-        """Clip, update, advance the LR schedule and EMA; returns the pre-clip grad norm (a tensor)."""
+    def step(self, step: int, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Collective. Clip, update, advance the LR schedule and EMA, unless the global grad norm or any rank's
+        ``loss`` (this rank's loss of the step, a device tensor) is non-finite: then nothing changes on any rank.
+        Returns the pre-clip grad norm and whether the step was applied (device tensors: no host sync)."""
 
     @abstractmethod
-    def lr(self) -> float: ...
+    def lr(self) -> float:
+        """The learning rate of the next update (a host sync: log steps only)."""
+
+    @abstractmethod
+    def finite_state(self) -> bool:
+        """Collective, a host sync (checkpoint steps only): every rank's weights and EMA are finite."""
 
     @abstractmethod
     def state_dict(self) -> dict:
@@ -55,7 +76,8 @@ class Engine(ABC):
 
 
 def lr_lambda(ocfg: OptimConfig, total_steps: int):
-    """Linear warm-up, then cosine decay to ``min_lr_ratio`` (or constant)."""
+    """Linear warm-up, then cosine decay to ``min_lr_ratio`` (or constant); the argument is the number of updates
+    applied so far."""
     def f(step: int) -> float:
         if ocfg.warmup_steps and step < ocfg.warmup_steps:
             return (step + 1) / ocfg.warmup_steps
@@ -65,6 +87,13 @@ def lr_lambda(ocfg: OptimConfig, total_steps: int):
         progress = min(1.0, (step - ocfg.warmup_steps) / span)
         return ocfg.min_lr_ratio + (1 - ocfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return f
+
+
+def lr_table(ocfg: OptimConfig, total_steps: int, device: torch.device) -> torch.Tensor:
+    """``lr * lr_lambda(k)`` for ``k = 0 .. total_steps`` updates applied, on the device (float32, the fused
+    optimizer's learning-rate type)."""
+    f = lr_lambda(ocfg, total_steps)
+    return torch.tensor([ocfg.lr * f(k) for k in range(max(total_steps, 0) + 1)], dtype=torch.float32, device=device)
 
 
 @torch.no_grad()
@@ -81,8 +110,6 @@ def clip_grad_norm_(params: list[nn.Parameter], max_norm: float, group=None) -> 
     other parameters), then clip."""
     norm = local_grad_norm(params)
     if group is not None:
-        import torch.distributed as dist
-
         sq = norm.square()
         dist.all_reduce(sq, group=group)
         norm = sq.sqrt()
@@ -91,8 +118,19 @@ def clip_grad_norm_(params: list[nn.Parameter], max_norm: float, group=None) -> 
     return norm
 
 
+@torch.no_grad()
+def agree_finite(norm: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+    """Whether this step may be applied, the same on every rank: the grad norm and every rank's loss are finite.
+    One 1-element all-reduce over the world, queued on the device (no host sync)."""
+    bad = (~torch.isfinite(norm) | ~torch.isfinite(loss)).to(torch.float32).reshape(1)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bad[0] == 0
+
+
 class TorchEngine(Engine):
-    """DDP or FSDP2 with torch's AdamW, a LambdaLR schedule and a (sharded) EMA."""
+    """DDP or FSDP2 with torch's fused AdamW, a learning-rate table indexed by applied updates and a (sharded)
+    EMA; a step with a non-finite loss or gradient is skipped on every rank (see the module docstring)."""
 
     norm_group = None  # ranks whose grad norms add up (the pipeline stages); None = this rank's parameters
 
@@ -100,14 +138,19 @@ class TorchEngine(Engine):
                  device: torch.device, total_steps: int, wrapped: bool = False):
         """``wrapped``: ``module`` is already parallelised (pipeline stages wrap each stage themselves)."""
         self.module = module
+        self.device = device
         self.kind = pcfg.engine
         self.model = module if wrapped else parallelize(module, meshes, pcfg, device)
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.max_norm = ocfg.grad_clip
+        self.lr_table = lr_table(ocfg, total_steps, device)
+        self.updates = torch.zeros((), dtype=torch.long, device=device)  # applied updates (skipped steps excluded)
+        self.lr_t = self.lr_table[:1].clone().reshape(())  # the param group's lr, rewritten in place each step
         self.optimizer = torch.optim.AdamW(
-            self.params, lr=ocfg.lr, betas=tuple(ocfg.betas), eps=ocfg.eps, weight_decay=ocfg.weight_decay,
-            foreach=True)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(ocfg, total_steps))
+            self.params, lr=self.lr_t, betas=tuple(ocfg.betas), eps=ocfg.eps, weight_decay=ocfg.weight_decay,
+            fused=True)
+        # read by Adam.step and passed to the fused kernel, which skips the update where it is 1.0 (GradScaler's hook)
+        self.optimizer.found_inf = torch.zeros((), dtype=torch.float32, device=device)
         self.ema = EMA(module, ocfg.ema_decay)
         self._sd_options = StateDictOptions()
 
@@ -123,18 +166,36 @@ class TorchEngine(Engine):
             self.model.set_requires_gradient_sync(last)
             yield
 
-    def step(self, step: int) -> torch.Tensor:
+    def step(self, step: int, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         norm = clip_grad_norm_(self.params, self.max_norm, self.norm_group)
+        ok = agree_finite(norm, loss)
+        self.optimizer.found_inf = (~ok).to(torch.float32)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        self.ema.update(step)
-        return norm
+        self.updates += ok
+        self._set_lr()
+        self.ema.update(step, ok)
+        return norm, ok
+
+    def _set_lr(self) -> None:
+        """The next update's learning rate: the schedule at the number of updates applied (``take``: a tensor index
+        that needs no host sync)."""
+        self.lr_t.copy_(self.lr_table.take(self.updates.clamp(max=len(self.lr_table) - 1)))
 
     def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
+        return float(self.lr_t)
 
-    # -- checkpoint state: tensors only; the LR schedule is a function of the step ----------------
+    @torch.no_grad()
+    def finite_state(self) -> bool:
+        local = [_local(t) for t in (*self.module.parameters(), *self.ema.state_dict().values())
+                 if t.is_floating_point()]
+        bad = (~torch.stack([t.isfinite().all() for t in local]).all() if local else torch.tensor(False))
+        bad = bad.to(device=self.device, dtype=torch.float32).reshape(1)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return not bool(bad[0])
+
+    # -- checkpoint state: tensors only; the LR schedule is a function of the applied updates -----
     def state_dict(self) -> dict:
         model_sd = get_model_state_dict(self.model, options=self._sd_options)
         optim_sd = get_optimizer_state_dict(self.model, self.optimizer, options=self._sd_options)
@@ -146,11 +207,15 @@ class TorchEngine(Engine):
         set_optimizer_state_dict(self.model, self.optimizer, {"state": sd["optim"], "param_groups": groups},
                                  options=self._sd_options)
         self.ema.load_state_dict(sd["ema"])
-        self.scheduler.last_epoch = step
-        for group, lr in zip(self.optimizer.param_groups, [b * self.scheduler.lr_lambdas[0](step)
-                                                            for b in self.scheduler.base_lrs]):
-            group["lr"] = lr
-        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:  # load_state_dict put a deep copy of the lr tensor there
+            group["lr"] = self.lr_t
+        # the updates applied so far come back with the optimizer's own step counters (skipped steps excluded)
+        steps = [s["step"] for s in self.optimizer.state.values() if "step" in s]
+        if steps:
+            self.updates.copy_(torch.stack([s.to(self.device) for s in steps]).max())
+        else:
+            self.updates.zero_()
+        self._set_lr()
 
     def ema_swapped_in(self):
         return self.ema.swapped_in()

@@ -29,6 +29,7 @@ from difftrain.parallelism.dims import Meshes
 from difftrain.parallelism.parallelize import parallelize
 from difftrain.parallelism.pipeline.costs import HARDWARE, Profile, meta_inputs, profile_blocks, profile_frozen
 from difftrain.parallelism.pipeline.stages import cond_keys, num_blocks
+from difftrain.train import checkpoint as ckpt
 from difftrain.train.engine import TorchEngine
 
 _HW = HARDWARE["h100"]  # FLOP costs only rank blocks against each other here: any hardware gives the same plan
@@ -178,6 +179,7 @@ class PipelinedStep:
         self.provides: list[tuple[str, tuple]] = []  # (piece, what it provides) in Stage.frozen_pieces order
         self.spec: dict = {}  # frozen output shapes, shared by every step's FrozenFill
         self.per_sample: list[torch.Tensor] = []
+        self.nan = False
         self.sample_shape = None
 
     @property
@@ -294,6 +296,7 @@ class PipelinedStep:
             for k, work in fill.slots(self._split(next_batch), tag=f"step{step + 1}:").items():
                 slots.setdefault(k, []).extend(work)
         self.per_sample = []
+        self.nan = ckpt.fault("nan_loss", step + 1)
         t0 = time.perf_counter()
         eng.pipe.step(inputs, targets, slots=slots if eng.fill else None,
                       input_fn=cur.input_fn if cur is not None and eng.pipe.has_first else None,
@@ -311,10 +314,12 @@ class PipelinedStep:
         if len(preps) == self.M:
             per_t[1] = torch.cat([preps[i]["t"] for i in range(self.M)]).float()
         dist.broadcast(per_t, group=eng.pp_group, group_src=eng.last_owner)
-        valid = torch.cat([mb["valid"] for mb in mbs]).to(t.device)
-        t.metrics.add_samples(per_t[0][valid], per_t[1][valid])
-        gnorm = eng.step(step)
-        t.metrics.add_step(gnorm, fwd_bwd=t1 - t0, optim=time.perf_counter() - t1)
+        n = len(batch["index"])  # the real samples come first (``_split`` pads at the end): no boolean mask, no sync
+        t.metrics.add_samples(per_t[0][:n], per_t[1][:n])
+        loss = per_t[0][:n].sum()  # every pp rank has the losses: all of them agree on a skip with the dp ranks
+        gnorm, ok = eng.step(step, loss)
+        t.metrics.add_step(gnorm, ok, fwd_bwd=t1 - t0, optim=time.perf_counter() - t1, step=step + 1,
+                           keys=batch.get("keys"), loss_ok=torch.isfinite(loss))
 
     def _pack(self, prep: dict) -> torch.Tensor:
         """Everything the loss needs as one tensor (a schedule's target is one tensor): x0, eps, t, weight, valid."""
@@ -332,6 +337,8 @@ class PipelinedStep:
         prep = {"x0": packed[:, :d].reshape(b, *self.sample_shape),
                 "eps": packed[:, d:2 * d].reshape(b, *self.sample_shape),
                 "t": packed[:, 2 * d], "weight": packed[:, 2 * d + 1] * packed[:, 2 * d + 2]}
+        if self.nan:  # test hook (DIFFTRAIN_FAULT=nan_loss:STEP:RANK), on a rank holding the loss
+            pred = pred * float("nan")
         loss, per = self.t.stage.loss(pred, prep)
         self.per_sample.append(per)
         return loss

@@ -11,33 +11,41 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from difftrain.config import Config, ConfigError, save_config
+from difftrain.config import (IDENTITY, Config, ConfigError, config_changes, config_hash, save_config,
+                              save_resume_config, to_dict)
 from difftrain.data.loader import ShardLoader
 from difftrain.diffusion.diffusion import build_diffusion
 from difftrain.launch.env import init_distributed, pick_device, discover
 from difftrain.parallelism.dims import Meshes, ParallelDims
 from difftrain.train import checkpoint as ckpt
 from difftrain.train.build import build_backbone, build_encoders, model_config, write_model_config
-from difftrain.train.engine import TorchEngine
+from difftrain.train.engine import NonFiniteError, TorchEngine
 from difftrain.train.metrics import Metrics
 from difftrain.train.stages import STAGES
 from difftrain.train.stages.pretrain import Conditioner
-from difftrain.train.supervise import (Preempted, StopAgreement, StopSignal, Watchdog, default_store,
-                                      hooked)
+from difftrain.train.supervise import Preempted, StopAgreement, StopSignal, Watchdog, alone, default_store, hooked
 
 
 class LookAhead:
-    """Iterator wrapper that always holds the next batch, so its frozen work can start early."""
+    """Iterator wrapper that always holds the next batch, so its frozen work can start early.
+
+    ``close()`` stops the loader (its workers) and is safe to call more than once; when fetching the first
+    batch fails, the constructor closes it before raising, so nothing is left running."""
 
     def __init__(self, it):
         self._it = iter(it)
-        self._next = next(self._it)
+        try:
+            self._next = next(self._it)
+        except BaseException:
+            self.close()
+            raise
 
     def __next__(self):
         cur, self._next = self._next, next(self._it)
@@ -71,8 +79,11 @@ class Trainer:
                               f"data-parallel size {self.dp} x optim.grad_accum {cfg.optim.grad_accum}")
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_root = self.run_dir / "checkpoints"
-        if self.rank == 0:
-            self.config_hash = save_config(cfg, self.run_dir)
+        # RUN/config.yaml is the config of the run's first checkpoint: written while there is none, then kept;
+        # each resume writes its own beside it (_check_resume)
+        self.config_hash = config_hash(cfg)
+        if self.rank == 0 and not ckpt.complete_checkpoints(self.ckpt_root):
+            save_config(cfg, self.run_dir)
         dist.barrier()
 
         text, vae = build_encoders(cfg, self.device)
@@ -120,29 +131,66 @@ class Trainer:
         return {**self.engine.state_dict(), "rng": {"cpu": torch.get_rng_state()}}
 
     def save(self) -> Path:
+        # Never a checkpoint of a run that has gone bad: stop on a run of skipped steps, refuse non-finite weights
+        # (nothing is written, so the previous checkpoints stay and pruning removes none of them).
+        self.check_health()
+        if not self.engine.finite_state():
+            newest = ckpt.latest_checkpoint(self.ckpt_root)
+            raise NonFiniteError(f"step {self.step}: the weights or their EMA are not finite; no checkpoint written "
+                                 f"(newest complete checkpoint: {newest if newest is not None else 'none'})")
         # The look-ahead batch is fetched but not trained on: resume must start with it.
         data = self.loader.state_dict(self._data.peek()["position"]["g"] if self._data is not None else None)
         state = {"step": self.step, "data_g": data["g"], "world_size": self.world,
-                 "config_hash": getattr(self, "config_hash", None)}
+                 "config_hash": self.config_hash, "config": to_dict(self.cfg)}
         return ckpt.save(self.ckpt_root, self.step, self._tensors(), state, self.cfg.run.keep_last,
                          rank_state={"data": data})
 
     def maybe_resume(self) -> bool:
-        last = ckpt.latest_checkpoint(self.ckpt_root)
-        if last is None:
+        if ckpt.latest_checkpoint(self.ckpt_root) is None:
             return False
         tensors = self._tensors()
-        state = ckpt.load(last, tensors)
+        # the newest complete checkpoint that loads; a corrupt one is named in a warning and the previous is used
+        found = ckpt.resume_newest(self.ckpt_root, tensors, before_load=self._check_resume)
+        if found is None:
+            return False
+        last, state = found
         self.step = state["step"]
         self.engine.load_state_dict(tensors, self.step)
         torch.set_rng_state(tensors["rng"]["cpu"])
-        try:
-            self.loader.load_state_dict([r["data"] for r in ckpt.read_rank_states(last)])
-        except ValueError as e:
+        try:  # the data-loader states of the same checkpoint as the tensors
+            self.loader.load_state_dict([r["data"] for r in ckpt.read_rank_states(last, state.get("world_size"))])
+        except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"checkpoint {last}: {e}") from None
         if self.rank == 0:
-            print(f"resumed from {last} (step {self.step}, saved by {state['world_size']} ranks)", flush=True)
+            print(f"resumed from {last} (step {self.step}, saved by {state.get('world_size')} ranks)", flush=True)
         return True
+
+    def _check_resume(self, state: dict) -> None:
+        """Called with a checkpoint's train state before any of its tensors is read; raising refuses the resume.
+
+        The resume guard (docs/RELIABILITY.md): a changed *identity* field (what is trained) is refused in one line
+        naming every changed key with its old and new values, unless ``run.allow_config_change``; *budget* and
+        *execution* changes are logged, one line each. Every rank reads the same file and decides the same, so none
+        is left waiting. Rank 0 then keeps this resume's config beside the first (``config.resume-STEP.yaml``)."""
+        step, saved = state.get("step"), state.get("config")
+        log = self.rank == 0
+        if not isinstance(saved, dict):  # a checkpoint from before configs were saved in it: the hash only
+            if log and state.get("config_hash") != self.config_hash:
+                print(f"difftrain: warning: resuming step {step}, saved with config hash {state.get('config_hash')}, "
+                      f"with config hash {self.config_hash}; the checkpoint holds no config to tell which keys "
+                      "changed", file=sys.stderr, flush=True)
+        else:
+            changes = config_changes(saved, self.cfg)
+            identity = [c for c in changes if c.tag == IDENTITY]
+            if identity and not self.cfg.run.allow_config_change:
+                raise ConfigError(f"resume of step {step} from '{self.ckpt_root}' refused: the config changes what "
+                                  f"is trained: {'; '.join(map(str, identity))} (resume with the checkpoint's "
+                                  "values, start a new run.dir, or set run.allow_config_change=true)")
+            for c in changes if log else ():
+                allowed = " (allowed by run.allow_config_change)" if c.tag == IDENTITY else ""
+                print(f"resume: {c.tag} change {c}{allowed}", flush=True)
+        if log:
+            save_resume_config(self.cfg, self.run_dir, step)
 
     # ------------------------------------------------------------------------------------ loop
     def train_step(self, batch: dict) -> None:
@@ -155,6 +203,8 @@ class Trainer:
         accum = self.cfg.optim.grad_accum
         n = len(batch["index"])
         bounds = [n * i // accum for i in range(accum + 1)]
+        nan = ckpt.fault("nan_loss", self.step + 1)  # test hook (DIFFTRAIN_FAULT=nan_loss:STEP:RANK)
+        loss_sum = torch.zeros((), device=self.device)
         t0 = time.perf_counter()
         for i in range(accum):
             mb = {k: v[bounds[i]:bounds[i + 1]] for k, v in batch.items() if k != "position"}
@@ -163,13 +213,37 @@ class Trainer:
                 prep = self.stage.prepare(fb, self.step)
                 with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
                     pred = self.stage.forward(self.engine.model, prep)
+                if nan:
+                    pred = pred * float("nan")
                 loss, per_sample = self.stage.loss(pred, prep)
+                loss_sum += loss.detach()
                 self.engine.backward(loss / accum)
             self.metrics.add_samples(per_sample, prep["t"])
         t1 = time.perf_counter()
-        gnorm = self.engine.step(self.step)
+        gnorm, ok = self.engine.step(self.step, loss_sum)  # skipped on every rank when anything is non-finite
         t2 = time.perf_counter()
-        self.metrics.add_step(gnorm, fwd_bwd=t1 - t0, optim=t2 - t1)
+        self.metrics.add_step(gnorm, ok, fwd_bwd=t1 - t0, optim=t2 - t1, step=self.step + 1, keys=batch.get("keys"),
+                              loss_ok=torch.isfinite(loss_sum))
+
+    def check_health(self) -> None:
+        """Collective, a host sync: at log steps and before every checkpoint. Ends the run once ``optim.max_bad_steps``
+        consecutive steps were skipped for a non-finite loss or gradient, naming the step where the limit was reached
+        and the sample keys of its batch (those of the ranks whose own loss was non-finite, else every rank's)."""
+        metrics = getattr(self, "metrics", None)  # None before fit() starts
+        limit = self.cfg.optim.max_bad_steps
+        step = metrics.limit_reached(limit) if metrics is not None else None  # the same on every rank (agreed skips)
+        if step is None:
+            return
+        every = [None] * self.world
+        dist.all_gather_object(every, metrics.batch_of(step))
+        keys = [k for ks, loss_ok in every if not loss_ok for k in ks] or [k for ks, _ in every for k in ks]
+        keys = list(dict.fromkeys(keys))  # pipeline ranks of one data-parallel slice share a batch
+        shown = ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+        newest = ckpt.latest_checkpoint(self.ckpt_root)
+        raise NonFiniteError(
+            f"step {step}: non-finite loss or gradients in {limit} consecutive steps (optim.max_bad_steps={limit}), "
+            f"each skipped; the batch of step {step}: {shown or 'no keys'}; newest complete checkpoint: "
+            f"{newest if newest is not None else 'none'}")
 
     def fit(self) -> dict:
         """Train to ``run.steps``. Stops early, after saving, when a signal is agreed (raises ``Preempted``)."""
@@ -206,6 +280,7 @@ class Trainer:
                         self._phase(watchdog, "log")
                         last_log = self.metrics.log(self.step, lr=self.engine.lr(), batch_size=cfg.data.batch_size,
                                                     data_counts=self.loader.counts())
+                        self.check_health()  # a run of non-finite steps ends the run (logged first)
                     if not stopped:
                         self._phase(watchdog, "callbacks")
                         stopped = self._callbacks()
@@ -230,8 +305,9 @@ class Trainer:
             watchdog.enter(name, self.step)
         if ckpt.fault(f"stall_in_{name}", self.step):  # test hooks: this rank stops making progress here,
             time.sleep(1e9)
-        if ckpt.fault(f"slow_in_{name}", self.step):  # or takes 4 s longer
-            time.sleep(4)
+        if ckpt.fault(f"slow_in_{name}", self.step):  # or works 4 s longer by itself while the others wait
+            with alone():
+                time.sleep(4)
 
     def _callbacks(self) -> bool:
         """Sample grids, validation: every rank in lockstep, stopped together at a model call when a signal is

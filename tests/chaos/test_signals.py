@@ -32,7 +32,7 @@ def test_sigterm_during_startup_ends_at_once(digits, tmp_path):
     assert time.monotonic() - sent < 20
     assert rc != 0
     assert any("during startup" in m or "stopped by SIGTERM" in m for m in job.messages()), job.output()[-3000:]
-    assert not job.alive_children()
+    assert not job.leftovers()
 
 
 def test_sigterm_in_the_first_steps_saves_the_last_step(digits, tmp_path):
@@ -43,7 +43,7 @@ def test_sigterm_in_the_first_steps_saves_the_last_step(digits, tmp_path):
     assert time.monotonic() - sent < 20
     step = stopped_step(job, "SIGTERM")
     assert 1 <= step <= 6
-    assert not job.alive_children()
+    assert not job.leftovers()
 
 
 def test_sigint_during_sampling_stops_every_rank_at_the_same_call(digits, tmp_path):

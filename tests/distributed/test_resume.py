@@ -23,7 +23,7 @@ from tests.conftest import REPO, run_cmd, torchrun
 COMMON = ("configs/demo.yaml run.steps=20 run.ckpt_every=10 run.keep_last=3 run.log_every=1 run.progress=false "
           "run.sample_every=0 model.name=DiT-T/2 model.cond=class model.num_classes=10 model.args.depth=2 "
           "model.args.hidden_size=64 model.args.num_heads=4 data.batch_size=8 data.num_workers=1 data.shuffle_buffer=16 "
-          "optim.schedule=constant optim.warmup_steps=3 optim.lr=1e-3 encoders.text=").split()
+          "optim.schedule=constant optim.warmup_steps=3 optim.lr=1e-3 encoders.text= eval.every=0").split()
 
 
 def train(nproc, run_dir, digits, *extra, env=None, check=True):
