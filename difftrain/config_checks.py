@@ -1,0 +1,166 @@
+"""Config checks, all before any process group: every field's range (from its tag's bounds), the cross-field rules,
+and for a training launch (``world_size`` known from the launcher's environment) the layout against the world size
+and the files the run will read (shards, ``init_from``, encoder folders). Each error is one line naming the key."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from difftrain.config import Config, ConfigError, leaf_fields
+
+def _range_text(b: dict) -> str:
+    lo = ("[", b["ge"]) if "ge" in b else ("(", b["gt"]) if "gt" in b else None
+    hi = (b["le"], "]") if "le" in b else (b["lt"], ")") if "lt" in b else None
+    if lo and hi:
+        return f"in {lo[0]}{lo[1]}, {hi[0]}{hi[1]}"
+    if lo:
+        return f"{'>=' if lo[0] == '[' else '>'} {lo[1]}"
+    return f"{'<=' if hi[1] == ']' else '<'} {hi[0]}"
+
+
+def _in_range(v, b: dict) -> bool:
+    return (("ge" not in b or v >= b["ge"]) and ("gt" not in b or v > b["gt"])
+            and ("le" not in b or v <= b["le"]) and ("lt" not in b or v < b["lt"]))
+
+
+def _get(cfg: Config, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _check_ranges(cfg: Config) -> None:
+    for key, f in leaf_fields():
+        v = _get(cfg, key)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"config key '{key}' must be a finite number, got {v}")
+        b = f.metadata.get("bounds")
+        if b and isinstance(v, (int, float)) and not _in_range(v, b):
+            raise ConfigError(f"config key '{key}' must be {_range_text(b)}, got {v}")
+
+
+def _parsed(fn, *args):
+    """A data parser's ``ValueError`` (its message names the key) as a ``ConfigError``."""
+    try:
+        return fn(*args)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Value ranges (each field's metadata) and cross-checks; with ``world_size`` (a training launch of that many
+    processes, from the launcher's environment) also the parallel layout and the batch split against it and the
+    files the run reads (:func:`check_launch`). Raises ``ConfigError`` naming the key."""
+    _check_ranges(cfg)
+    for name in ("dp_replicate", "dp_shard"):
+        if getattr(cfg.parallel, name) == 0:
+            raise ConfigError(f"config key 'parallel.{name}' must be >= 1 or -1 (inferred), got 0")
+    b = cfg.optim.betas
+    if (len(b) != 2 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in b)
+            or not all(0.0 <= x < 1.0 for x in b)):
+        raise ConfigError(f"config key 'optim.betas' must be two numbers in [0, 1), got {b!r}")
+    if not all(isinstance(p, str) for p in cfg.run.sample_prompts):
+        raise ConfigError(f"config key 'run.sample_prompts' must be a list of strings, got {cfg.run.sample_prompts!r}")
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in cfg.parallel.pp_bounds):
+        raise ConfigError(f"config key 'parallel.pp_bounds' must be a list of block indices >= 1, "
+                          f"got {cfg.parallel.pp_bounds!r}")
+    if cfg.diffusion.t_min >= cfg.diffusion.t_max:
+        raise ConfigError(f"config keys 'diffusion.t_min' = {cfg.diffusion.t_min} and 'diffusion.t_max' = "
+                          f"{cfg.diffusion.t_max}: t_min must be < t_max")
+    if cfg.data.buckets:  # (the data modules import torch: only when there is something to parse)
+        from difftrain.data.images import parse_buckets
+
+        _parsed(parse_buckets, cfg.data.buckets, cfg.data.image_size)
+    if cfg.data.filters:
+        from difftrain.data.samples import parse_filters
+
+        _parsed(parse_filters, cfg.data.filters)
+    if cfg.data.train != "":
+        from difftrain.data.spec import parse_spec
+
+        _parsed(parse_spec, cfg.data.train, "data.train")
+    if cfg.model.cond == "class" and cfg.model.num_classes <= 0:
+        raise ConfigError("config key 'model.num_classes' must be > 0 when model.cond=class")
+    if cfg.model.cond == "text" and not cfg.encoders.text:
+        raise ConfigError("config key 'encoders.text' must name a text encoder when model.cond=text")
+    if (cfg.data.kind == "video" and cfg.model.frames <= 0) or (cfg.data.kind == "image" and cfg.model.frames > 0):
+        raise ConfigError(f"config key 'model.frames' = {cfg.model.frames} does not fit data.kind = "
+                          f"{cfg.data.kind!r}: video data needs a video model (model.frames > 0) and vice versa")
+    if cfg.eval.every and not cfg.eval.ref:
+        raise ConfigError("config key 'eval.ref' must name held-out shards (or an image folder) when eval.every > 0")
+    pc = cfg.parallel
+    if pc.pp > 1:
+        if cfg.optim.grad_accum != 1:
+            raise ConfigError("config key 'optim.grad_accum' must be 1 with parallel.pp > 1: the pipeline's "
+                              "micro-batches (parallel.pp_microbatches) are the accumulation")
+        if pc.pp_frozen == "fill" and pc.pp_schedule not in ("gpipe", "1f1b"):
+            raise ConfigError(f"config key 'parallel.pp_frozen' = fill works with pp_schedule gpipe or 1f1b, not "
+                              f"{pc.pp_schedule!r}; use balanced (or auto)")
+        if pc.tp != 1:
+            raise ConfigError("config key 'parallel.tp' must be 1 (tensor parallelism is not built yet)")
+    if world_size is not None:
+        check_launch(cfg, world_size)
+
+
+def check_launch(cfg: Config, world_size: int) -> None:
+    """What a training launch of ``world_size`` processes needs, checked before any process group: the parallel
+    layout (``ParallelDims.from_config``'s arithmetic), the batch split over data-parallel ranks, accumulation,
+    pipeline micro-batches and loader streams, the model and diffusion sections, and the files the run reads
+    (local shards, the held-out set, ``init_from``, encoder folders)."""
+    from difftrain.parallelism.dims import ParallelDims
+
+    dims = ParallelDims.from_config(cfg.parallel, world_size)
+    dp, B, d = dims.dp, cfg.data.batch_size, cfg.data
+    of = f"the data-parallel size {dp} (world size {world_size}" + (f" / parallel.pp {dims.pp})" if dims.pp > 1 else ")")
+    if B % (dp * cfg.optim.grad_accum):
+        raise ConfigError(f"config key 'data.batch_size' = {B} must be a multiple of {of} x optim.grad_accum "
+                          f"{cfg.optim.grad_accum}")
+    if dims.pp > 1 and (B // dp) % cfg.parallel.pp_microbatches:
+        raise ConfigError(f"config key 'parallel.pp_microbatches' = {cfg.parallel.pp_microbatches} must divide the "
+                          f"per-rank batch {B // dp} (data.batch_size / {of})")
+    streams = d.streams or dp
+    if streams % dp or B % streams:
+        raise ConfigError(f"config key 'data.streams' = {d.streams} must be a multiple of {of} and divide "
+                          f"data.batch_size = {B}")
+    from difftrain.data.images import parse_buckets
+
+    if len(parse_buckets(d.buckets, d.image_size)) > 1 and streams != dp:
+        raise ConfigError(f"config key 'data.buckets' needs one stream per rank: data.streams = {d.streams} must be 0 "
+                          f"or {of}")
+
+    from difftrain.diffusion.diffusion import build_diffusion
+    from difftrain.models import registry
+
+    registry.arch_config(cfg.model, text_dim=1)  # the encoder's width is known only once it is loaded
+    build_diffusion(cfg.diffusion, pixel_space=not cfg.encoders.vae)
+
+    from difftrain.data.spec import check_local
+
+    if d.train == "":
+        raise ConfigError("config key 'data.train' must name the training shards")
+    check_local(d.train, "data.train")
+    ev = cfg.eval
+    if 0 < ev.every <= cfg.run.steps and not Path(ev.ref).is_dir():  # a folder of images, else a shard spec
+        check_local(ev.ref, "eval.ref")
+    if cfg.init_from:
+        from difftrain.train.build import check_init_from
+
+        check_init_from(cfg.init_from)
+    enc = cfg.encoders
+    if cfg.model.cond == "text":
+        from difftrain.models.encoders import TEXT_ALIASES
+
+        if enc.text not in TEXT_ALIASES and not _model_folder(enc.text, "text_encoder"):
+            raise ConfigError(f"config key 'encoders.text' = '{enc.text}' is neither a known alias "
+                              f"({', '.join(TEXT_ALIASES)}) nor a folder with config.json (or text_encoder/config.json)")
+    if enc.vae and not _model_folder(enc.vae, "vae"):
+        raise ConfigError(f"config key 'encoders.vae' = '{enc.vae}' is not a folder with config.json "
+                          "(or vae/config.json): expected a diffusers AutoencoderKL")
+
+
+def _model_folder(path: str, sub: str) -> bool:
+    p = Path(path)
+    return (p / "config.json").is_file() or (p / sub / "config.json").is_file()
+
+
