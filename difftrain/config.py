@@ -144,7 +144,7 @@ class DataConfig:
     shuffle_buffer: int = identity(0, ge=0)  # samples per stream; 0 = shard order only
     resampled: bool = identity(False)  # draw shards with replacement (no epochs) instead of per-epoch permutations
     streams: int = execution(0, ge=0)  # streams per batch group (difftrain/data/loader.py); 0 = data-parallel world size
-    max_skip_rate: float = execution(0.5, gt=0.0, le=1.0)  # stop the run when more of the samples seen are broken
+    max_skip_rate: float = execution(0.5, gt=0.0, le=1.0)  # stop the run when more of the samples (or shards) seen are broken
 
 
 @dataclass

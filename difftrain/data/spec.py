@@ -10,9 +10,15 @@
 
 URLs are whatever ``webdataset.gopen`` opens: paths, ``file:``, ``pipe:CMD`` (object stores:
 ``pipe:aws s3 cp s3://bucket/{000..099}.tar -``), ``http(s)://``.
+
+**Checked up front.** :func:`check_local` refuses a spec naming a local shard (a path or ``file:``) that
+does not exist, before any process starts (config validation, ``ShardLoader``). ``pipe:`` and
+``http(s)://`` URLs cannot be checked without reading them: a shard that fails there is skipped and
+counted when it is read, and ``data.max_skip_rate`` ends the run when most fail (``loader.py``).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 
@@ -59,3 +65,35 @@ def parse_spec(spec, key: str = "data.train") -> list[Source]:
             raise ValueError(f"config key '{k}.weight' must be a positive number, got {weight!r}")
         sources.append(Source(str(entry.get("name", i)), tuple(urls), float(weight)))
     return sources
+
+
+def local_file(url: str) -> str | None:
+    """The path of a shard on this machine (a plain path or ``file:PATH``); None for ``pipe:`` and URLs
+    with a scheme, which only reading can check."""
+    if url.startswith("file:"):
+        return url[5:]
+    if url.startswith("pipe:") or "://" in url:
+        return None
+    return url
+
+
+def check_local(spec, key: str = "data.train") -> None:
+    """Raise :class:`~difftrain.config.ConfigError` (one line naming ``key`` and the first missing shard)
+    when a local shard of ``spec`` does not exist or is a directory; ``pipe:`` and http(s) URLs are not
+    checked. Also raises it for a malformed spec (what :func:`parse_spec` refuses)."""
+    from difftrain.config import ConfigError
+
+    try:
+        sources = parse_spec(spec, key)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for i, src in enumerate(sources):
+        missing = [u for u in src.urls
+                   if (path := local_file(u)) is not None and (not os.path.exists(path) or os.path.isdir(path))]
+        if not missing:
+            continue
+        k = key if isinstance(spec, str) else f"{key}[{i}]" + (".shards" if isinstance(spec[i], dict) else "")
+        n = len(src.urls)
+        what = (f"none of its {n} shard(s) exist" if len(missing) == n
+                else f"{len(missing)} of its {n} shards are missing")
+        raise ConfigError(f"config key '{k}': {what} (first missing: {missing[0]})")

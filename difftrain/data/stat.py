@@ -173,7 +173,8 @@ def stat(d, workers: int | None = None, batch_size: int | None = None, max_sampl
         sentinel = _write_sentinel(Path(tmp) / "end.tar")
         spec = [{"shards": [_escape(u) for u in urls + [sentinel]], "weight": 1.0}]
         ld = ShardLoader(spec, B, 0, 1, num_workers=workers, seed=seed, decoder=_StatDecoder(decoder, sentinel),
-                         shuffle_buffer=0, resampled=False, streams=1, max_skip_rate=1.0, groups=K)
+                         shuffle_buffer=0, resampled=False, streams=1, max_skip_rate=1.0, groups=K,
+                         check_paths=False)  # a report: a missing shard is counted (shard_unreadable)
         ld.load_state_dict(_pass_state(urls, sentinel, K, seed))
         t0 = time.perf_counter()
         bar = tqdm(desc="data stat", unit="sample", disable=not progress, file=sys.stderr)

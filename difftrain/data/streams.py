@@ -81,8 +81,9 @@ class Stream:
     samples is the position of the next one.
 
     Raw samples carry ``__src__`` (source index), ``__epoch__`` and ``__ptr__`` besides tario's
-    keys. Shards that cannot be read are reported to ``on_skip(reason, url, key, message)`` and
-    passed over; a source whose shards all fail in a row raises ``tario.ShardError``."""
+    keys. Shards that cannot be read are reported to ``on_skip(reason, url, key, message)`` (which may
+    raise to stop) and passed over; a source whose shards all fail in a row raises ``tario.ShardError``.
+    ``opened`` counts the shards (and partial shards) it has started to read."""
 
     def __init__(self, state: dict, seqs: list[ShardSequence], weights: list[float], seed: int,
                  buffer_size: int, on_skip: Callable[[str, str, str, str], None]):
@@ -91,6 +92,7 @@ class Stream:
         total = float(sum(weights))
         self.cum = [sum(weights[:i + 1]) / total for i in range(len(weights))]
         self.readers: list[Iterator | None] = [None] * len(seqs)
+        self.opened = 0
         self.buf: list[dict] = []
         if self.st["buf"]:
             ptrs = self.st["buf"]
@@ -129,6 +131,7 @@ class Stream:
             try:
                 if self.readers[i] is None:
                     self.readers[i] = tario.read_shard(url, index, offset)
+                    self.opened += 1
                 raw, nxt = next(self.readers[i])
             except StopIteration:
                 c["cur"], self.readers[i] = None, None

@@ -56,7 +56,7 @@ def read_reference(source: str, n: int, image_size: int, channels: int, progress
 
     decoder = SampleDecoder("image", channels, [(image_size, image_size)])
     batch = 32
-    it = iter(ShardLoader(source, batch, decoder=decoder, seed=0))
+    it = iter(ShardLoader(source, batch, decoder=decoder, seed=0, key="eval.ref"))
     images, labels, captions = [], [], []
     with tqdm(total=n, desc="reference", unit="img", disable=not progress) as bar:
         while len(captions) < n:

@@ -65,6 +65,7 @@ class Trainer:
     def __init__(self, cfg: Config, callbacks: list | None = None, signals: StopSignal | None = None):
         """``signals``: the train command's handler, installed before anything else (else one is installed here)."""
         self.cfg = cfg
+        self._own_signals = signals is None  # installed here: given back when fit() ends
         self.signals = signals or StopSignal().install()
         env = discover()
         self.device = pick_device(cfg.run.device, env.local_rank)
@@ -290,6 +291,8 @@ class Trainer:
                     if stopped:
                         raise self.signals.stopped(f"saved step {self.step} ({saved})")
         finally:
+            if self._own_signals:
+                self.signals.restore()
             if trace is not None:
                 trace.close()
             self.agreement.close()

@@ -312,11 +312,12 @@ def test_every_kind_of_bad_input_is_skipped_and_counted(tmp_path):
     data = open(full, "rb").read()
     s25 = [r for r, _ in tario.read_shard(full)][5]["__offset__"]
     (tmp_path / "00002.tar").write_bytes(data[:s25 + 3 * 512 + 100])  # inside sample 25: 20..24 survive
-    # 00003.tar never exists (a shard that disappeared)
     spec = str(tmp_path / "{00000..00003}.tar")
     dec = SampleDecoder(channels=1, buckets=[(16, 16)], min_image_size=4, require_caption=True,
                         filters={"punsafe": "<0.5"})
+    write_tar(tmp_path / "00003.tar", goods[:1])
     ld = ShardLoader(spec, 5, decoder=dec, max_skip_rate=0.9)
+    (tmp_path / "00003.tar").unlink()  # a shard that disappears after the start is skipped and counted
     batches = take(ld, 6)  # 25 good samples in epoch 0, then 5 from the first shard of epoch 1
     keys = [k for b in batches[:5] for k in b["keys"]]
     assert sorted(keys) == [f"{i:09d}" for i in range(25)] and set(batches[5]["epochs"].tolist()) == {1}
@@ -354,3 +355,36 @@ def test_video_batches_and_broken_clips(tmp_path):
     assert batches[0]["pixels"].shape == (3, 4, 1, 16, 16) and batches[0]["pixels"].dtype == torch.float32
     assert sorted(k for b in batches for k in b["keys"]) == sorted(r["__key__"] for r in raws)
     assert ld.skipped == {"video_decode_error": 1, "video_too_short": 1}
+
+
+def test_skip_budget_rules():
+    """data.max_skip_rate: samples after MIN_SEEN (filtered:* aside), shards after MIN_SHARDS opened; a failed
+    shard is not a broken sample."""
+    from difftrain.data.loader import MIN_SEEN, MIN_SHARDS, over_budget
+
+    assert (MIN_SEEN, MIN_SHARDS) == (200, 16)
+    assert over_budget({"decode_error": 100}, 99, 0, 0.5) is None
+    assert over_budget({"decode_error": 101}, 99, 0, 0.5) == "101 of 200 samples read were broken"
+    assert over_budget({"decode_error": 100, "filtered:punsafe": 500}, 100, 0, 0.5) is None
+    assert over_budget({"shard_unreadable": 300}, 0, 0, 0.5) is None
+    assert over_budget({"shard_unreadable": 9}, 0, 15, 0.5) is None
+    assert over_budget({"shard_unreadable": 8}, 0, 16, 0.5) is None
+    assert over_budget({"shard_unreadable": 5, "shard_truncated": 4}, 0, 16, 0.5) == "9 of 16 shards opened failed"
+    assert over_budget({"shard_truncated": 16}, 0, 16, 1.0) is None  # data stat: never
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_saved_position_whose_shard_vanished_is_one_line(tmp_path, num_workers):
+    for i in range(3):
+        write_tar(tmp_path / f"{i:05d}.tar", [good(10 * i + j) for j in range(10)])
+    spec = str(tmp_path / "{00000..00002}.tar")
+    first = loader(spec, 4, shuffle_buffer=8)
+    take(first, 2)
+    sd = first.state_dict()
+    again = loader(spec, 4, shuffle_buffer=8, num_workers=num_workers)
+    for p in tmp_path.glob("*.tar"):  # gone between the start and the first read
+        p.unlink()
+    again.load_state_dict(sd)
+    with pytest.raises(DataError, match=r"^data.train on rank 0( \(loader worker 0\))?: cannot open shard "
+                                        r"\S+/0000\d.tar: \[Errno 2\] No such file or directory: '\S+'$"):
+        take(again, 1)
