@@ -65,9 +65,11 @@ def init_distributed(device: torch.device) -> ProcessEnv:
     backend = "nccl" if device.type == "cuda" else "gloo"
     store = None
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    if attempt is not None:
-        # torchrun's agent keeps one store across its restarts: without a prefix of their own, the ranks of a
-        # restarted attempt read the previous attempt's addresses and fail to connect
+    if attempt is not None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun's agent shares one store with its ranks across restarts: without a prefix of their own, the ranks
+        # of a restarted attempt read the previous attempt's addresses and fail to connect. (A node that joins after
+        # a restart counts its restarts from 0: such elastic jobs set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for the
+        # agents, so that each attempt's rank 0 hosts a fresh store, and no prefix is used.)
         store, _, _ = next(dist.rendezvous("env://", rank=env.rank, world_size=env.world_size))
         store = dist.PrefixStore(f"difftrain/attempt_{attempt}", store)
     dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size,

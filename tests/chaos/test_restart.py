@@ -12,11 +12,19 @@ pytestmark = pytest.mark.slow
 TRACE = "run.trace_samples=true"
 
 
-def test_a_killed_rank_restarts_and_finishes_like_an_uninterrupted_run(digits, tmp_path):
-    straight = Job(tmp_path / "straight", digits, TRACE)
-    assert straight.wait(300) == 0, straight.output()[-3000:]
-    job = Job(tmp_path / "restarted", digits, TRACE, env={"DIFFTRAIN_FAULT": "kill_at_step:12:1"},
-              launcher=("--standalone", "--max-restarts=1"))
+@pytest.fixture(scope="module")
+def straight(digits, tmp_path_factory):
+    job = Job(tmp_path_factory.mktemp("restart") / "straight", digits, TRACE)
+    assert job.wait(300) == 0, job.output()[-3000:]
+    return job
+
+
+# the agent's store shared with the ranks (torchrun's default: each attempt rendezvouses under a prefix of its own),
+# or a fresh store per attempt hosted by rank 0
+@pytest.mark.parametrize("share", ["0", "1"])
+def test_a_killed_rank_restarts_and_finishes_like_an_uninterrupted_run(straight, digits, tmp_path, share):
+    job = Job(tmp_path / "restarted", digits, TRACE, launcher=("--standalone", "--max-restarts=1"),
+              env={"DIFFTRAIN_FAULT": "kill_at_step:12:1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": share})
     assert job.wait(300) == 0, job.output()[-3000:]
     out = job.output()
     assert "resumed from" in out and "step_00000010" in out  # through the agent's restart, from the newest checkpoint
