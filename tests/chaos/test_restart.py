@@ -6,7 +6,7 @@ import pytest
 
 from difftrain.train.checkpoint import complete_checkpoints
 from tests.chaos.jobs import Job, trace
-from tests.distributed.test_resume import assert_same, weights
+from tests.distributed.test_resume import assert_same_weights
 
 pytestmark = pytest.mark.slow
 TRACE = "run.trace_samples=true"
@@ -28,11 +28,7 @@ def test_a_killed_rank_restarts_and_finishes_like_an_uninterrupted_run(straight,
     assert job.wait(300) == 0, job.output()[-3000:]
     out = job.output()
     assert "resumed from" in out and "step_00000010" in out  # through the agent's restart, from the newest checkpoint
-    for which in ("model", "ema"):
-        s1, w1 = weights(straight.run_dir, which)
-        s2, w2 = weights(job.run_dir, which)
-        assert s1 == s2 == 20
-        assert_same(w1, w2)
+    assert_same_weights(straight.run_dir, job.run_dir, 20)
     for rank in (0, 1):
         assert trace(job.run_dir, rank) == trace(straight.run_dir, rank)
     assert not job.leftovers()

@@ -28,7 +28,7 @@ from difftrain.train import checkpoint as ckpt
 from difftrain.train.build import check_init_from, load_run_weights, load_weights_only, read_model_config
 from difftrain.train.trainer import Trainer
 from tests.conftest import REPO
-from tests.distributed.test_resume import COMMON, assert_same, train, weights
+from tests.distributed.test_resume import COMMON, assert_same, assert_same_weights, train, weights
 from tests.unit.test_init_from import WEIGHTS, model as tiny_model
 
 STEPS = ("step_00000002", "step_00000004")  # the run's two complete checkpoints
@@ -309,30 +309,17 @@ def reference(run, tmp_path) -> Path:
     return d
 
 
-def _run_weights(run_dir: Path, which: str) -> tuple[int, dict]:
-    arch, acfg = read_model_config(run_dir)
-    m = registry.materialize(registry.build(arch, acfg), "cpu", seed=1)
-    step = load_run_weights(run_dir, m, which=which)
-    return step, m.state_dict()
-
-
-def _assert_equal(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-
-
 @pytest.mark.parametrize("what", list(CORRUPTIONS))
 def test_corrupt_newest_is_named_and_the_previous_loads(what, copy, reference, capsys):
     f = _corrupt(copy, STEPS[-1], what)
     for which in ("model", "ema"):
         capsys.readouterr()
-        step, weights = _run_weights(copy, which)
+        step, w = weights(copy, which)
         (warning,) = capsys.readouterr().err.strip().splitlines()
         assert warning.startswith("difftrain: warning: ") and f"'{f}'" in warning, warning
         assert warning.endswith(f"falling back to the previous complete checkpoint {STEPS[0]}"), warning
         assert step == 2
-        _assert_equal(weights, _run_weights(reference, which)[1])
+        assert_same(w, weights(reference, which)[1])
 
 
 def _resumed(run_dir: Path) -> tuple[Trainer, dict, dict]:
@@ -362,7 +349,7 @@ def test_resume_falls_back_to_the_previous_checkpoint_whole(what, copy, referenc
     assert trainer.step == 2 and f"'{f}'" in err and "falling back" in err
     ref_trainer, ref_tensors, ref_loader = _resumed(reference)
     assert ref_trainer.step == 2
-    _assert_equal(tensors, ref_tensors)
+    assert_same(tensors, ref_tensors)
     assert loader == ref_loader
 
 
@@ -380,11 +367,7 @@ def test_two_ranks_fall_back_together_and_finish_like_a_straight_run(digits, tmp
     assert len(warnings) == 1 and f"'{f}' is unreadable" in warnings[0], p.stderr[-3000:]
     assert warnings[0].endswith("falling back to the previous complete checkpoint step_00000010")
     assert f"resumed from {d / 'checkpoints' / 'step_00000010'} (step 10" in p.stdout
-    for which in ("model", "ema"):
-        s1, w1 = weights(straight, which)
-        s2, w2 = weights(d, which)
-        assert s1 == s2 == 20
-        assert_same(w1, w2)
+    assert_same_weights(straight, d, 20)
 
 
 def test_no_complete_checkpoint_left_is_one_line(copy, tmp_path, capsys):

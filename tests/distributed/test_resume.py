@@ -38,6 +38,15 @@ def weights(run_dir, which):
     return step, {k: v.clone() for k, v in m.state_dict().items()}
 
 
+def assert_same_weights(run_a, run_b, step: int, tol=0.0):
+    """Both runs' last checkpoints are of ``step`` and hold the same model and EMA weights."""
+    for which in ("model", "ema"):
+        s1, w1 = weights(run_a, which)
+        s2, w2 = weights(run_b, which)
+        assert s1 == s2 == step
+        assert_same(w1, w2, tol)
+
+
 def assert_same(a, b, tol=0.0):
     assert a.keys() == b.keys()
     for k in a:
@@ -60,11 +69,7 @@ def test_kill_one_rank_then_resume_is_bitwise_identical(straight, digits, tmp_pa
     assert p.returncode != 0
     assert latest_checkpoint(d / "checkpoints").name == "step_00000010"
     train(2, d, digits)
-    for which in ("model", "ema"):
-        s1, w1 = weights(straight, which)
-        s2, w2 = weights(d, which)
-        assert s1 == s2 == 20
-        assert_same(w1, w2)
+    assert_same_weights(straight, d, 20)
 
 
 def test_kill_mid_save_keeps_previous_checkpoint(straight, digits, tmp_path):
