@@ -17,6 +17,7 @@ Every ``eval.every`` steps, with the EMA weights swapped in, on every rank:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -70,9 +71,10 @@ class Validation:
         self.channels = cfg.data.channels
         for turn in (0, 1):  # rank 0 trains / reads and caches first; then the others load the cache
             if (trainer.rank == 0) == (turn == 0):
-                self.extractor = build_extractor(ec.extractor, device=trainer.device)
-                self.ref = reference_features(ec.ref, self.extractor, ec.num, self.size, self.channels,
-                                              progress=trainer.rank == 0 and cfg.run.progress)
+                with alone() if turn == 0 else contextlib.nullcontext():  # the others wait in the barrier
+                    self.extractor = build_extractor(ec.extractor, device=trainer.device)
+                    self.ref = reference_features(ec.ref, self.extractor, ec.num, self.size, self.channels,
+                                                  progress=trainer.rank == 0 and cfg.run.progress)
             dist.barrier()
         self.n_ref = len(self.ref["captions"])
         W, r = trainer.dp, trainer.dp_rank

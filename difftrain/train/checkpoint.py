@@ -53,6 +53,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan
 from torch.futures import Future
 
 from difftrain.errors import DifftrainError
+from difftrain.train.supervise import alone
 
 MARKER = "COMPLETE"
 STATE_FILE = "train_state.json"
@@ -248,12 +249,13 @@ def save(ckpt_root: Path, step: int, tensors: dict, train_state: dict, keep_last
         (d / RANKS_DIR / f"{rank:05d}.json").write_text(json.dumps(rank_state))
     dist.barrier()
     if rank == 0:
-        (d / STATE_FILE).write_text(json.dumps(train_state, indent=1))
-        (d / MARKER).write_text(str(step))  # last: from here on the checkpoint exists
-        tmp = ckpt_root / "latest.tmp"
-        tmp.write_text(d.name)
-        tmp.replace(ckpt_root / "latest")
-        _prune(ckpt_root, keep_last, newest=step)
+        with alone():  # the others wait in the barrier: not a stall however long pruning takes
+            (d / STATE_FILE).write_text(json.dumps(train_state, indent=1))
+            (d / MARKER).write_text(str(step))  # last: from here on the checkpoint exists
+            tmp = ckpt_root / "latest.tmp"
+            tmp.write_text(d.name)
+            tmp.replace(ckpt_root / "latest")
+            _prune(ckpt_root, keep_last, newest=step)
     dist.barrier()
     return d
 
