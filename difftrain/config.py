@@ -393,6 +393,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
     for o in overrides:
         key, value = parse_override(o)
         _set_dotted(tree, key, value)
+    return from_dict(tree, world_size)
+
+
+def from_dict(tree: dict, world_size: int | None = None) -> Config:
+    """A config from its nested dict (YAML's, or ``to_dict``'s as a checkpoint keeps it), validated."""
     cfg = _build(Config, tree)
     from difftrain.config_checks import validate
 

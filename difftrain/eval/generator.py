@@ -56,19 +56,32 @@ def count_nfe(sampler: str, steps: int, path) -> int:
 
 
 def load_run(run_dir: str | Path, device: torch.device) -> Generator:
-    from difftrain.config import load_config
     from difftrain.train.build import load_run_weights, read_model_config
 
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise ConfigError(f"'{run}' is not a run dir (no config.yaml)")
-    cfg = load_config(run / "config.yaml")
     arch, acfg = read_model_config(run)
     from difftrain.models import registry
 
     model = registry.materialize(registry.build(arch, acfg), device, seed=0)
     step = load_run_weights(run, model, which="ema")
-    return _assemble(run.name, cfg, model.eval(), acfg, step, device)
+    return _assemble(run.name, _checkpoint_config(run, step), model.eval(), acfg, step, device)
+
+
+def _checkpoint_config(run: Path, step: int) -> Config:
+    """The config the checkpoint of ``step`` was trained with (it differs from the first run's ``config.yaml`` after
+    a resume that changed it), else ``config.yaml`` (a checkpoint written before configs were kept in it)."""
+    from difftrain.config import from_dict, load_config
+    from difftrain.train.checkpoint import read_train_state, step_dir
+
+    saved = read_train_state(step_dir(run / "checkpoints", step)).get("config")
+    if isinstance(saved, dict):
+        try:
+            return from_dict(saved)
+        except ConfigError:  # a field of an older version: the run's own file still describes the model
+            pass
+    return load_config(run / "config.yaml")
 
 
 def load_export(folder: str | Path, device: torch.device) -> Generator:

@@ -7,8 +7,10 @@ import sys
 import time
 
 import pytest
+import torch
 import yaml
 
+from difftrain.eval.generator import load_run
 from difftrain.train.checkpoint import latest_checkpoint, read_train_state
 from tests.conftest import run_cmd, torchrun
 from tests.distributed.test_resume import COMMON
@@ -68,6 +70,8 @@ def test_resume_refuses_identity_changes_and_logs_the_others(digits, tmp_path):
     assert (d / "config.yaml").read_bytes() == first
     assert yaml.safe_load((d / "config.resume-6.yaml").read_text())["diffusion"]["target"] == "eps"
     assert read_train_state(latest_checkpoint(ckpts))["config"]["diffusion"]["target"] == "eps"
+    # sample / eval / export use the config the checkpoint was trained with, not the first run's config.yaml
+    assert load_run(d, torch.device("cpu")).cfg.diffusion.target == "eps"
 
     # a checkpoint from before configs were saved in it: the hash differs, a warning, and the run continues
     f = latest_checkpoint(ckpts) / "train_state.json"
