@@ -4,22 +4,25 @@ end a stalled job instead of hanging.
 **Signals.** ``StopSignal`` is installed by ``difftrain train`` before anything else. Until the first step starts
 (startup: rendezvous, building, loading, resuming) a signal raises :class:`Preempted` at once: no step has finished
 since the newest checkpoint, so there is nothing to save. From then on it only records the signal, and the ranks
-agree on it without waiting for a log step: at the end of every step each rank starts an asynchronous all-reduce
-(MAX) of its flag on a gloo group of its own (host memory only: no device sync) and reads the result of the
-previous step's one, so every rank sees the same value after the same step and they stop together, one step
-after the signal, and save that step. Inside work between steps that runs on every rank in lockstep (sample
-grids, validation) :func:`point` polls the flag with a blocking all-reduce of the same group at each model call,
-so a signal there unwinds every rank at the same call (the EMA swap is undone by its context manager) and the last
-finished step is saved. A save in progress finishes, then the run stops.
+agree on it without waiting for a log step: at the start of every step each rank starts an asynchronous all-reduce
+(MAX) of its flag on a gloo group of its own (host memory only: no device sync) and reads its result at the end of
+the step, so every rank sees the same value after the same step and they stop together, at the end of the step
+after the one the signal arrived in (or of that one, if it came between steps), and save it. Inside work between
+steps that runs on every rank in lockstep (sample grids, validation) :func:`point` polls the flag with a blocking
+all-reduce of the same group at each model call, so a signal there unwinds every rank at the same call (the EMA
+swap is undone by its context manager) and the last finished step is saved. A save in progress finishes, then the
+run stops.
 
 **Stalls.** ``Watchdog`` is a thread on every rank. The main loop marks its phase (data, step, log, callbacks,
-save) and long work between steps beats at each :func:`point`; the thread publishes a beat counter, phase and
-step in the job's rendezvous store every few seconds. Global rank 0's thread reads every rank's; when *no* rank
-has advanced for ``run.timeout`` seconds (the job runs in lockstep, so one stuck rank — a loader that produces
-nothing, a collective missing a peer — soon stops every other), it names the rank whose last beat is the oldest
-(each rank publishes its wall-clock time; progress itself is judged on rank 0's clock alone) and its phase, writes that line into the store, where every rank's thread finds it, and each process
-exits. A rank that works alone (rank 0 scoring a validation, writing a checkpoint's marker) keeps beating, so
-the ranks waiting for it never time out (its thread beats for it inside :func:`alone`).
+save) and long work between steps beats at each :func:`point`; the thread publishes a beat counter, phase and step
+in the job's rendezvous store every few seconds. Global rank 0's thread reads every rank's; when *no* rank has
+advanced for ``run.timeout`` seconds (the job runs in lockstep, so one stuck rank — a loader that produces nothing,
+a collective missing a peer — soon stops every other), it names the rank that is behind the others (every rank
+enters the same sequence of phases, so the fewest entered; on a tie, the one whose last beat is oldest by its own
+wall clock; progress itself is judged on rank 0's clock alone) and its phase, writes that line into the store,
+where every rank's thread finds it, and each process exits. A rank that works alone (rank 0 scoring a validation,
+writing a checkpoint's marker) keeps beating, so the ranks waiting for it never time out (its thread beats for it
+inside :func:`alone`).
 """
 from __future__ import annotations
 
@@ -130,11 +133,14 @@ class StopAgreement:
         self._work = None
         return bool(self._flag[0])
 
-    def after_step(self) -> bool:
-        """End of a step: the agreed flag as of the previous step's end; starts this step's all-reduce."""
-        agreed = self._result()
+    def start(self) -> None:
+        """Start of a step: all-reduce the flag as it is now, while the step runs."""
+        self._result()
         self._start()
-        return agreed
+
+    def result(self) -> bool:
+        """End of the step: the agreed flag as of its start."""
+        return self._result()
 
     def now(self) -> bool:
         """Blocking: has any rank been signalled (by now, or as of the pending all-reduce)?"""
@@ -155,6 +161,7 @@ class Watchdog:
         self.store, self.rank, self.world, self.timeout = store, rank, world, float(timeout)
         self.interval = interval if interval is not None else min(10.0, max(0.2, self.timeout / 10))
         self.phase, self.step, self.beats, self.last = "startup", 0, 0, time.time()
+        self.entered = 0  # phases entered: every rank enters the same sequence, so the lowest count is behind
         self._done = threading.Event()
         self._publish()
         self._thread = threading.Thread(target=self._run, name="difftrain-watchdog", daemon=True)
@@ -164,6 +171,7 @@ class Watchdog:
         self.phase = phase
         if step is not None:
             self.step = step
+        self.entered += 1
         self.beat()
 
     def beat(self) -> None:
@@ -178,7 +186,7 @@ class Watchdog:
         return f"{self.PREFIX}{rank}"
 
     def _publish(self) -> None:
-        self.store.set(self._key(self.rank), f"{self.beats} {self.phase} {self.step} {self.last!r}")
+        self.store.set(self._key(self.rank), f"{self.beats} {self.phase} {self.step} {self.last!r} {self.entered}")
 
     def _run(self) -> None:
         seen: dict[int, tuple[bytes, float]] = {}
@@ -200,10 +208,13 @@ class Watchdog:
                     still = {r: now - t for r, (_, t) in seen.items()}
                     if min(still.values()) > self.timeout:
                         fields = {r: v.decode().split() for r, (v, _) in seen.items()}
-                        r = min(fields, key=lambda r: float(fields[r][3]))  # the one that has been still longest
-                        _, phase, step, _ = fields[r]
+                        # the rank behind the others (fewest phases entered), else the one still the longest
+                        r = min(fields, key=lambda r: (int(fields[r][4]), float(fields[r][3])))
+                        phase, step = fields[r][1:3]
+                        others = ", ".join(f"{q}: {f[1]}" for q, f in sorted(fields.items())[:8] if q != r)
                         msg = (f"rank {r} stalled in phase '{phase}' at step {step}: no rank has made progress for "
-                               f"{still[r]:.0f} s (run.timeout={self.timeout:g}); ending the job")
+                               f"{still[r]:.0f} s (run.timeout={self.timeout:g}; the other ranks' phases: "
+                               f"{others or 'none'}); ending the job")
                         self.store.set(abort, msg)
                         self._exit(msg)
                 store_ok = now

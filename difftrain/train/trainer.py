@@ -261,6 +261,7 @@ class Trainer:
         try:
             with hooked(watchdog.beat if watchdog is not None else _nothing):
                 while self.step < cfg.run.steps:
+                    self.agreement.start()
                     self._phase(watchdog, "data")
                     t_data = time.perf_counter()
                     if self._data is None:
@@ -275,7 +276,7 @@ class Trainer:
                         trace.flush()
                     if ckpt.fault("kill_at_step", self.step):
                         os.kill(os.getpid(), signal.SIGKILL)
-                    stopped = self.agreement.after_step()
+                    stopped = self.agreement.result()
                     is_log = self.step % cfg.run.log_every == 0 or self.step == cfg.run.steps
                     if is_log:
                         self._phase(watchdog, "log")

@@ -22,7 +22,8 @@ def test_a_stalled_rank_ends_the_job_naming_it(digits, tmp_path, phase):
     took = time.monotonic() - stalled
     assert rc != 0
     assert re.fullmatch(rf"difftrain: error: rank 1 stalled in phase '{phase}' at step 3: no rank has made progress "
-                        r"for \d+ s \(run.timeout=4\); ending the job", job.messages()[-1]), job.output()[-3000:]
+                        r"for \d+ s \(run.timeout=4; the other ranks' phases: 0: \w+\); ending the job", job.messages()[-1]), \
+        job.output()[-3000:]
     assert took < 4 + 15, took  # the timeout, the watchdog's interval and torchrun's teardown
     assert not job.leftovers()
 
