@@ -12,8 +12,8 @@ Two cases, batch 64, fp32, ``torch.set_num_threads(2)``:
   Diffusion and optimizer settings are the demo's.
 
 **1. Trainer overhead.** One ``Trainer(cfg).fit()``: a gloo process group of 1, the DDP engine, the real
-``ShardLoader`` with 1 worker process, caption dropout and per-sample keyed RNG, grad clipping, AdamW, the LR
-schedule, EMA, metrics reduced and written to tensorboard every 10 steps (the tqdm bar is off:
+``ShardLoader`` with 1 worker process, caption dropout and per-sample keyed RNG, grad clipping, fused AdamW with
+the non-finite skip and the LR table, EMA, metrics reduced and written to tensorboard every 10 steps (the tqdm bar is off:
 ``run.progress=false``), checkpoints only at the end (``run.ckpt_every=0``), no sample grids. After ``warmup``
 steps an ``on_step_end`` callback interleaves a bare loop: it runs ``block`` bare steps, and again after every
 ``block`` trainer steps (B T B T ... B); each trainer block is compared with the mean of the two bare slots
