@@ -42,7 +42,7 @@ def timed(fn, repeats: int) -> float:
 
 
 def demo_step(batch: int):
-    from difftrain.config import load_config
+    from difftrain.config_checks import load_config
     from difftrain.models import registry
 
     cfg = load_config(None, ["model.name=DiT-T/2", "model.image_size=16", "model.in_channels=1", "model.cond=text",

@@ -101,7 +101,7 @@ def members(spec: str, ext: str) -> list[bytes]:
 
 
 def make_data(tmp: Path, plan: Plan) -> dict:
-    from difftrain.config import load_config
+    from difftrain.config_checks import load_config
     from difftrain.data.encode import encode
     from difftrain.data.moving_digits import write_moving_digits
     from difftrain.data.writers import sample_photo_folder, write_image_shards

@@ -10,7 +10,7 @@ digits with "a handwritten digit N" captions. Global batch = M micro-batches of 
 the same two processes, interleaved round-robin (rotating which goes first) because this machine's speed drifts:
 
 * ``dp``: DDP over the 2 ranks, each encoding its half batch inline, M/2 accumulated micro-batches;
-* ``inline``: 1F1B over 2 stages, the first stage encodes each micro-batch right before its forward;
+* ``inline``: 1F1B over 2 segments, the first segment encodes each micro-batch right before its forward;
 * ``balanced``: the public-API fallback: both ranks encode half of the batch up front, exchange, then the stock
   ``Schedule1F1B``;
 * ``fill``: 1F1B with the next iteration's frozen work in the bubbles (``FillSchedule`` + ``FrozenFill``),
@@ -115,7 +115,7 @@ class Worker:
 
     def inputs_from(self, outs: list[dict], step: int, first: int = 0):
         """Rectified-flow x_t from the frozen outputs and keyed noise; the target is the noise (eps prediction),
-        so the last stage needs no frozen output in any variant."""
+        so the last segment needs no frozen output in any variant."""
         inputs, targets = [], []
         for i, o in enumerate(outs):
             x0 = o["vae"][0]
@@ -151,7 +151,7 @@ class Worker:
         from difftrain.parallelism.pipeline.simulate import simulate
 
         times = [b.fwd + b.bwd for b in prof.blocks]
-        bounds_inline = partition(times, 2, stage_extra=[prof.frozen_time, 0.0])
+        bounds_inline = partition(times, 2, segment_extra=[prof.frozen_time, 0.0])
         bounds = partition(times, 2)
         group = self.dist.group.WORLD
         v = {}
@@ -195,7 +195,7 @@ class Worker:
             mbs = self.next_batch(n_mb)
             pipe = d["pipe"]
 
-            def first_inputs(i):  # the first stage encodes micro-batch i right before its forward
+            def first_inputs(i):  # the first segment encodes micro-batch i right before its forward
                 with torch.no_grad():
                     out = {m.name: tuple(m.fn(mbs[i])) for m in self.frozen}
                 return self.inputs_from([out], it, first=i)[0][0]

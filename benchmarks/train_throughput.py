@@ -107,7 +107,7 @@ def med(xs) -> float:
 
 # ------------------------------------------------------------------------------------------------ configs
 def case_config(case: str, data: dict, run_dir: Path, plan: Plan):
-    from difftrain.config import load_config
+    from difftrain.config_checks import load_config
 
     steps = plan.warmup + plan.block * plan.blocks
     common = [f"run.dir={run_dir}", f"run.steps={steps}", "run.log_every=10", "run.ckpt_every=0",
@@ -133,7 +133,7 @@ class BareLoop:
         from difftrain.train.build import build_backbone
 
         self.feed, self.conditioner = feed, trainer.conditioner
-        self.model = build_backbone(cfg, trainer.arch, trainer.acfg, trainer.device)  # same seed = same init
+        self.model = build_backbone(trainer.arch, trainer.acfg, trainer.device, cfg.run.seed)  # same seed = same init
         o = cfg.optim
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                      weight_decay=o.weight_decay, foreach=True)

@@ -1,9 +1,9 @@
-"""What a pipeline cut carries: bytes per sample sent between stages, at every cut of a UNet and a DiT.
+"""What a pipeline cut carries: bytes per sample sent between segments, at every cut of a UNet and a DiT.
 
     python benchmarks/wire_bytes.py        # seconds; meta device, no weights
 
-UNet-S and DiT-B/2, text-conditional (77 x 768 states), 32 x 32 x 4 latents, fp32. For each cut (the stage
-boundary before block i), ``stages.wire_bytes`` of the one-block stage's outputs: the UNet carries its open skip
+UNet-S and DiT-B/2, text-conditional (77 x 768 states), 32 x 32 x 4 latents, fp32. For each cut (the segment
+boundary before block i), ``segments.wire_bytes`` of the one-block segment's outputs: the UNet carries its open skip
 tensors with the activation, the DiT its t-embedding and projected text. Printed next to the activation alone.
 Ends with one ``key=value`` line (the largest ratio per model).
 """
@@ -15,7 +15,7 @@ import torch
 
 from difftrain.config import ModelConfig
 from difftrain.models import registry
-from difftrain.parallelism.pipeline.stages import make_stage, num_blocks, wire_bytes
+from difftrain.parallelism.pipeline.segments import make_segment, num_blocks, wire_bytes
 
 
 def cuts(name: str, size: int = 32, ch: int = 4, text_len: int = 77, text_dim: int = 768):
@@ -27,7 +27,7 @@ def cuts(name: str, size: int = 32, ch: int = 4, text_len: int = 77, text_dim: i
                 torch.ones(1, text_len, dtype=torch.bool))
     rows = []
     for i in range(num_blocks(model) - 1):
-        out = make_stage(copy.deepcopy(model), i, i + 1)(*args)
+        out = make_segment(copy.deepcopy(model), i, i + 1)(*args)
         rows.append((i + 1, wire_bytes(out), out[0].numel() * out[0].element_size()))
         args = out
     return rows

@@ -5,9 +5,11 @@
     difftrain data stat "data/photos/{00000..00003}.tar" data.image_size=256
     torchrun --nproc_per_node=2 -m difftrain data encode configs/demo.yaml --out data/digits_latent
     torchrun --nproc_per_node=2 -m difftrain train configs/demo.yaml run.dir=runs/demo optim.lr=3e-4
+    torchrun --nproc_per_node=2 -m difftrain distill pairs runs/demo --out data/pairs --count 4096  # reflow pairs
     difftrain sample runs/demo --num 64 --steps 50 --prompt "a handwritten digit 7" --out out/
     difftrain eval runs/demo --ref "data/digits/val/{00000..00000}.tar" --extractor digits --steps 4,8,16
     difftrain export runs/demo --out export/demo
+    torchrun --nproc_per_node=2 -m difftrain campaign configs/campaigns/digits.yaml   # [--dry-run] [--rerun NAME]
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ def _lazy(module: str, fn: str):
 
 
 def _cmd_train(args) -> None:
-    from difftrain.config import load_config
+    from difftrain.config_checks import load_config
 
     from difftrain.train.supervise import StopSignal
 
@@ -76,8 +78,10 @@ def _cmd_sample(args) -> None:
                                           g.cfg.model.num_classes)
     if args.label is not None:
         labels = torch.full((args.num,), args.label)
+    how = g.sampling  # the run's own (its stage's) sampler, steps and CFG scale unless the flags say otherwise
     images = generate(g.model, g.diffusion, g.conditioner, g.vae, n=args.num, shape=sample_shape(g.acfg),
-                      steps=args.steps, sampler=sampler_name(args.sampler), guidance=args.guidance, seed=args.seed,
+                      steps=args.steps or how.steps, sampler=sampler_name(args.sampler or how.sampler),
+                      guidance=how.guidance if args.guidance is None else args.guidance, seed=args.seed,
                       device=g.device, captions=captions, labels=labels, progress=True)
     step = g.step
     out = Path(args.out)
@@ -102,8 +106,8 @@ def _cmd_export(args) -> None:
     cls_name = g.model.save_diffusers(state, args.out)
     meta = {"step": g.step, "diffusers_class": cls_name, "timestep_scale": 1000.0, "arch": read_model_config(args.run)[0],
             "diffusion": to_dict(g.cfg.diffusion), "encoders": to_dict(g.cfg.encoders),
-            "sampling": {"guidance": g.cfg.run.sample_guidance, "steps": g.cfg.run.sample_steps,
-                         "sampler": g.cfg.run.sample_sampler},
+            "stage": g.cfg.stage,
+            "sampling": {"guidance": g.sampling.guidance, "steps": g.sampling.steps, "sampler": g.sampling.sampler},
             "model": dataclasses.asdict(g.acfg)}
     (Path(args.out) / "difftrain.json").write_text(json.dumps(meta, indent=1))
     print(f"exported EMA weights of step {g.step} as diffusers {cls_name} to {args.out}")
@@ -136,6 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
         add(sp)
         sp.set_defaults(fn=_lazy(module, fn))
 
+    ds = sub.add_parser("distill", help="distillation tools: a teacher's (noise, sample) pairs for reflow")
+    dssub = ds.add_subparsers(dest="what", required=True)
+    from difftrain.distill.pairs import add_pairs_args
+
+    sp = dssub.add_parser("pairs", help="integrate a teacher's ODE from keyed noise; write (z, x^) pair shards "
+                                        "(under torchrun)")
+    add_pairs_args(sp)
+    sp.set_defaults(fn=_lazy("difftrain.distill.pairs", "run_pairs"))
+
     t = sub.add_parser("train", help="train (single process, or under torchrun / srun / mpirun)")
     t.add_argument("config", help="YAML config")
     t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=3e-4")
@@ -144,11 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="sample images from a run's EMA weights")
     s.add_argument("run")
     s.add_argument("--num", type=int, default=64)
-    s.add_argument("--steps", type=int, default=50)
+    s.add_argument("--steps", type=int, help="sampler steps (default: the run's, e.g. a student's own step count)")
     s.add_argument("--prompt", action="append", help="caption (repeat for several; cycled)")
     s.add_argument("--label", type=int, help="class label for class-conditional models")
-    s.add_argument("--sampler", default="dpmpp_2m")
-    s.add_argument("--guidance", type=float, default=3.0, help="CFG scale w: uncond + w*(cond - uncond)")
+    s.add_argument("--sampler", help="euler | heun | ddim | dpmpp_2m (default: the run's)")
+    s.add_argument("--guidance", type=float, help="CFG scale w: uncond + w*(cond - uncond) (default: the run's)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True)
     s.set_defaults(fn=_cmd_sample)
@@ -164,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_plan_args(pl)
     pl.set_defaults(fn=_lazy("difftrain.parallelism.pipeline.plan", "run_plan"))
+
+    cp = sub.add_parser("campaign", help="run named stages chained by from: (teacher, pairs, students), then "
+                                         "evaluate them into one table (under torchrun or one process)")
+    from difftrain.campaign.runner import add_campaign_args
+
+    add_campaign_args(cp)
+    cp.set_defaults(fn=_lazy("difftrain.campaign.runner", "run_campaign"))
 
     e = sub.add_parser("export", help="export EMA weights as a diffusers model folder")
     e.add_argument("run")

@@ -38,8 +38,8 @@ TAGS = (IDENTITY, BUDGET, EXECUTION)
 
 def _tagged(tag: str, default, choices=None, **bounds):
     meta: dict = {"tag": tag}
-    if choices is not None:
-        meta["choices"] = tuple(choices)
+    if choices is not None:  # a callable: the names of a registry, read when a value is checked
+        meta["choices"] = choices if callable(choices) else tuple(choices)
     if bounds:
         assert set(bounds) <= {"ge", "gt", "le", "lt"}, bounds
         meta["bounds"] = bounds
@@ -165,13 +165,15 @@ class OptimConfig:
 
 @dataclass
 class ParallelConfig:
-    engine: str = execution("ddp", ["ddp", "fsdp2"])
+    engine: str = execution("ddp")  # a key of train/engine.py ENGINES: ddp | fsdp2 (checked in config_checks)
     # -1 = whatever the other dimensions leave. Defaults: ddp replicates over all ranks; fsdp2 shards
     # over all ranks; set both for HSDP (e.g. dp_replicate=nodes, dp_shard=gpus per node).
     dp_replicate: int = execution(-1, ge=-1)  # -1 or >= 1
     dp_shard: int = execution(-1, ge=-1)  # -1 or >= 1
     tp: int = execution(1, ge=1)
-    pp: int = execution(1, ge=1)  # pipeline stages (docs/PIPELINE.md); every pp rank of a data-parallel slice reads the same batch
+    # pipeline ranks (docs/PIPELINE.md): the backbone is cut into pp segments (2 pp with interleaved_1f1b and
+    # zero_bubble), one (two) per rank; every pp rank of a data-parallel slice reads the same batch
+    pp: int = execution(1, ge=1)
     pp_schedule: str = execution("1f1b", ["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"])
     pp_microbatches: int = execution(4, ge=1)  # per step and data-parallel rank (with pp > 1 it replaces optim.grad_accum)
     # fill: the next step's frozen work (VAE, text encoder) in the bubbles (gpipe, 1f1b); balanced: computed up
@@ -181,7 +183,7 @@ class ParallelConfig:
     # picks (simulate.choose_owners), the others keep it in host memory outside sampling and validation
     pp_frozen_owners: str = execution("replicate", ["replicate", "partition"])
     pp_frozen_tolerance: float = execution(0.02, ge=0.0)  # partition: the simulated slowdown accepted to hold a module on one rank
-    pp_bounds: list = execution([])  # first block of stages 1..n-1; empty: DP over FLOP costs
+    pp_bounds: list = execution([])  # first block of segments 1..n-1; empty: DP over FLOP costs
     mixed_precision: str = execution("auto", ["auto", "bf16", "fp32"])  # auto: bf16 on CUDA, fp32 on CPU
     activation_checkpointing: bool = execution(False)
     compile: bool = execution(False)
@@ -203,17 +205,20 @@ class EvalConfig:
     ref: str = execution("")  # held-out shard spec or image folder: reference images and the held-out loss
     num: int = execution(500, ge=2)  # generated samples (and reference images) per validation
     extractor: str = execution("inception")  # digits | inception[:FILE] | clip:PATH (see difftrain.eval.extractors)
-    steps: int = execution(25, ge=1)
-    sampler: str = execution("dpmpp_2m", SAMPLERS)
-    guidance: float = execution(-1.0)  # CFG scale; < 0: run.sample_guidance
+    steps: int = execution(0, ge=0)  # 0: the stage's (run.sample_steps for pretrain; a student's own step count)
+    sampler: str = execution("", ("", *SAMPLERS))  # "": the stage's (run.sample_sampler for pretrain)
+    guidance: float = execution(-1.0)  # CFG scale; < 0: the stage's (run.sample_guidance for pretrain)
     loss_samples: int = execution(256, ge=0)  # held-out samples for the loss binned by t; 0 = off
     seed: int = execution(0, ge=0)
 
 
 @dataclass
 class Config:
-    stage: str = identity("pretrain", ["pretrain"])
-    init_from: str = identity("")  # weights only (our export or a diffusers folder); never a resume
+    stage: str = identity("pretrain")  # the training objective: a key of train/stages STAGES (config_checks)
+    stage_args: dict = identity({})  # the stage's own settings, checked by its dataclass (e.g. teacher: RUN@ema)
+    # the trained module's initial weights (never a resume): RUN@ema | RUN@raw (a run's newest checkpoint), our
+    # export or a diffusers folder (train/sources.py)
+    init_from: str = identity("")
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -266,9 +271,27 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
     if typ is float:
         value = float(value)
     choices = f.metadata.get("choices")
+    if callable(choices):
+        choices = choices()
     if choices and value not in choices:
-        raise ConfigError(f"config key '{key}' = {value!r} is not one of: {', '.join(map(str, choices))}")
+        shown = ", ".join(repr(c) if c == "" else str(c) for c in choices)
+        raise ConfigError(f"config key '{key}' = {value!r} is not one of: {shown}")
     return value
+
+
+def _range_text(b: dict) -> str:
+    lo = ("[", b["ge"]) if "ge" in b else ("(", b["gt"]) if "gt" in b else None
+    hi = (b["le"], "]") if "le" in b else (b["lt"], ")") if "lt" in b else None
+    if lo and hi:
+        return f"in {lo[0]}{lo[1]}, {hi[0]}{hi[1]}"
+    if lo:
+        return f"{'>=' if lo[0] == '[' else '>'} {lo[1]}"
+    return f"{'<=' if hi[1] == ']' else '<'} {hi[0]}"
+
+
+def _in_range(v, b: dict) -> bool:
+    return (("ge" not in b or v >= b["ge"]) and ("gt" not in b or v > b["gt"])
+            and ("le" not in b or v <= b["le"]) and ("lt" not in b or v < b["lt"]))
 
 
 def _build(cls, data: dict, prefix: str = ""):
@@ -373,11 +396,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, "" if value is None else value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (),
-                world_size: int | None = None) -> Config:
-    """The config of ``path`` (YAML) with ``overrides``, validated. ``world_size``: the job is a training launch of
-    that many processes: also check the layout against it and the files the run will read
-    (:func:`difftrain.config_checks.validate`)."""
+def read_tree(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> dict:
+    """The nested dict of ``path`` (YAML) with the dotted ``overrides`` applied; nothing checked yet (that is
+    ``config_checks.load_config``)."""
     tree: dict = {}
     if path is not None:
         p = Path(path)
@@ -393,16 +414,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
     for o in overrides:
         key, value = parse_override(o)
         _set_dotted(tree, key, value)
-    return from_dict(tree, world_size)
+    return tree
 
 
-def from_dict(tree: dict, world_size: int | None = None) -> Config:
-    """A config from its nested dict (YAML's, or ``to_dict``'s as a checkpoint keeps it), validated."""
-    cfg = _build(Config, tree)
-    from difftrain.config_checks import validate
-
-    validate(cfg, world_size)
-    return cfg
+def from_saved(tree: dict) -> Config:
+    """A config from the nested dict a run saved (``to_dict``; it was checked when the run started): typed, not
+    checked again (loading a config to run goes through ``config_checks.load_config``)."""
+    return _build(Config, tree)
 
 
 # ------------------------------------------------------------------------------ saving, resuming

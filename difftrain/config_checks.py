@@ -1,4 +1,5 @@
-"""Config checks, all before any process group: every field's range (from its tag's bounds), the cross-field rules,
+"""Loading a config to run (:func:`load_config`, :func:`from_dict`: build the dataclasses, then check them) and the
+checks, all before any process group: every field's range (from its tag's bounds), the cross-field rules,
 and for a training launch (``world_size`` known from the launcher's environment) the layout against the world size
 and the files the run will read (shards, ``init_from``, encoder folders). Each error is one line naming the key."""
 from __future__ import annotations
@@ -6,21 +7,21 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from difftrain.config import Config, ConfigError, leaf_fields
-
-def _range_text(b: dict) -> str:
-    lo = ("[", b["ge"]) if "ge" in b else ("(", b["gt"]) if "gt" in b else None
-    hi = (b["le"], "]") if "le" in b else (b["lt"], ")") if "lt" in b else None
-    if lo and hi:
-        return f"in {lo[0]}{lo[1]}, {hi[0]}{hi[1]}"
-    if lo:
-        return f"{'>=' if lo[0] == '[' else '>'} {lo[1]}"
-    return f"{'<=' if hi[1] == ']' else '<'} {hi[0]}"
+from difftrain.config import Config, ConfigError, _build, _in_range, _range_text, leaf_fields, read_tree
 
 
-def _in_range(v, b: dict) -> bool:
-    return (("ge" not in b or v >= b["ge"]) and ("gt" not in b or v > b["gt"])
-            and ("le" not in b or v <= b["le"]) and ("lt" not in b or v < b["lt"]))
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (),
+                world_size: int | None = None) -> Config:
+    """The config of ``path`` (YAML) with dotted ``overrides``, checked (:func:`validate`). ``world_size``: the job is
+    a training launch of that many processes: also check the layout against it and the files the run will read."""
+    return from_dict(read_tree(path, overrides), world_size)
+
+
+def from_dict(tree: dict, world_size: int | None = None) -> Config:
+    """A config from its nested dict (YAML's, or ``to_dict``'s as a checkpoint keeps it), checked."""
+    cfg = _build(Config, tree)
+    validate(cfg, world_size)
+    return cfg
 
 
 def _get(cfg: Config, key: str):
@@ -89,6 +90,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                           f"{cfg.data.kind!r}: video data needs a video model (model.frames > 0) and vice versa")
     if cfg.eval.every and not cfg.eval.ref:
         raise ConfigError("config key 'eval.ref' must name held-out shards (or an image folder) when eval.every > 0")
+    from difftrain.eval.extractors import EXTRACTORS
+
+    if cfg.eval.extractor.partition(":")[0] not in EXTRACTORS:
+        raise ConfigError(f"config key 'eval.extractor' = {cfg.eval.extractor!r}: the name before ':' must be one of "
+                          f"{', '.join(EXTRACTORS)}")
     pc = cfg.parallel
     if pc.pp > 1:
         if cfg.optim.grad_accum != 1:
@@ -99,6 +105,21 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                               f"{pc.pp_schedule!r}; use balanced (or auto)")
         if pc.tp != 1:
             raise ConfigError("config key 'parallel.tp' must be 1 (tensor parallelism is not built yet)")
+    from difftrain.train.stages import STAGES, stage_args
+
+    from difftrain.train.engine import ENGINES
+
+    if cfg.parallel.engine not in ENGINES:
+        raise ConfigError(f"config key 'parallel.engine' = {cfg.parallel.engine!r} is not one of: "
+                          f"{', '.join(ENGINES)}")
+    if cfg.stage not in STAGES:
+        raise ConfigError(f"config key 'stage' = {cfg.stage!r} is not one of: {', '.join(STAGES)}")
+    stage = STAGES[cfg.stage]
+    stage_args(cfg)
+    stage.check(cfg)
+    if cfg.parallel.pp > 1 and stage.pipeline_refusal:
+        raise ConfigError(f"config key 'parallel.pp' = {cfg.parallel.pp}: stage '{cfg.stage}' cannot be pipelined: "
+                          f"{stage.pipeline_refusal}")
     if world_size is not None:
         check_launch(cfg, world_size)
 
@@ -131,6 +152,7 @@ def check_launch(cfg: Config, world_size: int) -> None:
 
     from difftrain.diffusion.diffusion import build_diffusion
     from difftrain.models import registry
+    from difftrain.train.stages import STAGES
 
     registry.arch_config(cfg.model, text_dim=1)  # the encoder's width is known only once it is loaded
     build_diffusion(cfg.diffusion, pixel_space=not cfg.encoders.vae)
@@ -143,10 +165,12 @@ def check_launch(cfg: Config, world_size: int) -> None:
     ev = cfg.eval
     if 0 < ev.every <= cfg.run.steps and not Path(ev.ref).is_dir():  # a folder of images, else a shard spec
         check_local(ev.ref, "eval.ref")
-    if cfg.init_from:
-        from difftrain.train.build import check_init_from
+    from difftrain.train.sources import Source
 
-        check_init_from(cfg.init_from)
+    if cfg.init_from:
+        Source.parse("init_from", cfg.init_from)
+    for key, text in STAGES[cfg.stage].sources(cfg).items():  # e.g. stage_args.teacher
+        Source.parse(key, text)
     enc = cfg.encoders
     if cfg.model.cond == "text":
         from difftrain.models.encoders import TEXT_ALIASES

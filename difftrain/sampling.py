@@ -37,6 +37,37 @@ def sample_shape(acfg) -> tuple[int, ...]:
     return (frames, *image) if frames > 0 else image
 
 
+def guided_x0(model, diffusion: Diffusion, conditioner, cond: dict, guidance: float, n: int, device):
+    """``fn(x, t) -> x0^``: the model's data prediction under CFG at scale ``guidance`` (unguided without a
+    condition); a guidance-distilled model (``conditioner.guidance_input``) takes w as its ``guidance`` input
+    instead, in one forward."""
+    if getattr(conditioner, "guidance_input", False) and cond:
+        cond = {**cond, "guidance": torch.full((n,), float(guidance), device=device)}
+        guidance = 1.0
+    uncond = conditioner.null(n) if cond and guidance != 1.0 else {}
+    return guided_denoiser(model, cond, uncond, guidance if cond else 1.0, to_x0=diffusion.sample_x0)
+
+
+@torch.no_grad()
+def sample_model_space(model, diffusion: Diffusion, conditioner, x_T: torch.Tensor, cond: dict, *, steps: int,
+                       sampler: str, guidance: float, progress: bool = False) -> torch.Tensor:
+    """The teacher ODE from noise to data in model space: ``x_T`` [B, ...] (noise at t = 1) -> x0 [B, ...] (latents,
+    or pixels in [-1, 1] without a VAE; not decoded), integrated by ``sampler`` over the uniform ``steps``-step grid
+    from t = 1 to 0 with the CFG-guided denoiser at scale ``guidance`` (unguided without a condition). ``cond`` is
+    ``conditioner(captions, labels)`` of the B samples. Batched math may depend on the batch's composition: the same
+    x0 bits need the same batch."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler '{sampler}'; valid: {', '.join(SAMPLERS)}")
+    fn = guided_x0(model, diffusion, conditioner, cond, guidance, len(x_T), x_T.device)
+
+    def denoise(x, t):
+        point()  # where a training run may stop on an agreed signal, and shows it is alive
+        return fn(x, t).float()
+
+    ts = time_grid(steps, 1.0, 0.0).to(x_T.device)
+    return SAMPLERS[sampler](denoise, x_T, ts, path=diffusion.path, progress=progress)
+
+
 @torch.no_grad()
 def generate(model, diffusion: Diffusion, conditioner, vae, *, n: int, shape: tuple[int, ...],
              steps: int, sampler: str, guidance: float, seed: int, device: torch.device,
@@ -47,20 +78,14 @@ def generate(model, diffusion: Diffusion, conditioner, vae, *, n: int, shape: tu
         raise ValueError(f"sample shape must be (C, H, W) or (T, C, H, W), got {tuple(shape)}")
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler '{sampler}'; valid: {', '.join(SAMPLERS)}")
-    ts = time_grid(steps, 1.0, 0.0).to(device)
     out = []
     for lo in range(0, n, batch_size):
         hi = min(n, lo + batch_size)
         cond = conditioner(captions[lo:hi] if captions is not None else None,
                            labels[lo:hi] if labels is not None else None)
-        uncond = conditioner.null(hi - lo) if cond else {}
         x_T = keyed_randn(seed, 0, range(start + lo, start + hi), shape, "sample").to(device)
-        fn = guided_denoiser(model, cond, uncond, guidance if cond else 1.0, to_x0=diffusion.sample_x0)
-        def denoise(x, t, fn=fn):
-            point()  # where a training run may stop on an agreed signal, and shows it is alive
-            return fn(x, t).float()
-
-        x0 = SAMPLERS[sampler](denoise, x_T, ts, path=diffusion.path, progress=progress)
+        x0 = sample_model_space(model, diffusion, conditioner, x_T, cond, steps=steps, sampler=sampler,
+                                guidance=guidance, progress=progress)
         pixels = vae.decode(x0).float().clamp(-1, 1)
         channels_last = (0, 2, 3, 1) if pixels.ndim == 4 else (0, 1, 3, 4, 2)  # [.., C, H, W] -> [.., H, W, C]
         out.append(((pixels + 1) * 127.5).round().to(torch.uint8).permute(*channels_last).cpu())
@@ -91,7 +116,8 @@ def save_png(image_hwc: np.ndarray, path: str | Path) -> None:
 
 
 class SampleGrid:
-    """Trainer callback: every ``run.sample_every`` steps, sample with the EMA weights on all ranks
+    """Trainer callback: every ``run.sample_every`` steps, sample the stage's served model with its EMA weights and
+    its sampler, steps and guidance (``Stage.sampling``) on all ranks
     (the EMA stays sharded under FSDP2) and write ``samples/step_N.png`` and a tensorboard grid
     (videos: one row per clip, one column per frame)."""
 
@@ -101,11 +127,11 @@ class SampleGrid:
             return
         mc = trainer.cfg.model
         captions, labels = default_conditions(mc.cond, rc.sample_num, rc.sample_prompts, mc.num_classes)
-        a = trainer.acfg
+        how = trainer.sampling()  # the stage's sampler, steps and guidance (a student samples as it was trained)
         with trainer.engine.ema_swapped_in():
-            images = generate(trainer.engine.model, trainer.diffusion, trainer.conditioner, trainer.vae,
-                              n=rc.sample_num, shape=sample_shape(a),
-                              steps=rc.sample_steps, sampler=rc.sample_sampler, guidance=rc.sample_guidance,
+            images = generate(trainer.served_model(), trainer.diffusion, trainer.conditioner, trainer.vae,
+                              n=rc.sample_num, shape=sample_shape(trainer.acfg),
+                              steps=how.steps, sampler=how.sampler, guidance=how.guidance,
                               seed=rc.seed, device=trainer.device, captions=captions, labels=labels)
         if trainer.rank == 0:
             cycle = len(rc.sample_prompts) if mc.cond == "text" else mc.num_classes if mc.cond == "class" else 0

@@ -43,3 +43,14 @@ def run_cmd(args: list[str], env: dict | None = None, timeout: int = 600, check:
 def torchrun(nproc: int, args: list[str], **kw):
     return run_cmd([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                     "--standalone", "--monitor_interval=0.5", *args], **kw)
+
+
+@pytest.fixture()
+def world1(tmp_path):
+    """A one-process gloo group (checkpoint code that runs collectives), torn down after the test."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

@@ -7,7 +7,7 @@ Train on the result with ``data.kind=latent data.train=DIR/{...}.tar`` (the form
 :mod:`difftrain.data.latents`). The source shards are read with :func:`tario.read_shard` and the
 config's :class:`SampleDecoder`, so ``data.filters``, ``require_caption``, ``min_image_size`` and
 every skip reason apply as in training; skipped samples are counted in ``NAME_stats.json`` and not
-written. The encoders are the run's (``build_encoders``): ``encoders.vae`` (or pixel space),
+written. The encoders are the run's (``models.encoders.build_encoders``): ``encoders.vae`` (or pixel space),
 ``encoders.text`` when ``model.cond=text``. Video (``data.kind=video``) goes through the VAE frame
 by frame (latents [T, c, h, w]).
 
@@ -30,6 +30,7 @@ N-th shard of this run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -102,13 +103,107 @@ def _versions(*names: str) -> dict:
     return out
 
 
-def _fault(kind: str, n: int, rank: int) -> bool:
+def fault(kind: str, n: int, rank: int) -> bool:
     """The ``DIFFTRAIN_FAULT=kind:n:rank`` test hook (train/checkpoint.py's format; rank from the launcher)."""
     spec = os.environ.get("DIFFTRAIN_FAULT", "")
     if not spec:
         return False
     k, s, r = spec.split(":")
     return k == kind and int(s) == n and int(r) == rank
+
+
+# ------------------------------------------------------------------------------------------ shared writers
+# (also used by difftrain/distill/pairs.py, which writes the same layout from a teacher's samples)
+def sample_stamp(identity: dict, fingerprints: dict, dtype: str) -> dict:
+    """The ``"difftrain"`` field of every sample's JSON, less its per-sample ``latent_shape`` and ``size``."""
+    text = {"text": identity["text"], "text_max_length": identity["text_max_length"]} if "text" in fingerprints else {}
+    return {"format": FORMAT, "vae": identity["vae"], **text, "dtype": dtype, "fingerprints": fingerprints}
+
+
+def folder_info(identity: dict, fingerprints: dict, text, vae, std: bool, dtype: str, source: dict,
+                names: list[str], batch_size: int) -> dict:
+    """``encode_info.json``: what the shards are (everything but ``job`` must match on restart). ``std``: the
+    samples hold ``latent_std``."""
+    from difftrain.models.encoders import VAE
+
+    space = "vae" if isinstance(vae, VAE) else "pixels"
+    latent = {"space": space, "channels": vae.latent_channels,
+              "downsample_factor": vae.downsample_factor, "scaling_factor": vae.scaling_factor,
+              "shift_factor": vae.shift_factor, "std": std, "dtype": dtype}
+    text_info = None if text is None else {"dim": text.dim, "length": text.max_length, "dtype": dtype}
+    libs = ("torch", "safetensors") + (("diffusers",) if space == "vae" else ()) + \
+        (("transformers",) if text_info else ())
+    from difftrain import __version__
+
+    return {"format": FORMAT, "encoders": identity, "fingerprints": fingerprints, "latent": latent,
+            "text": text_info, "null": NULL if text_info else None, "source": source, "shards": names,
+            "job": {"batch_size": batch_size, "versions": {"difftrain": __version__, **_versions(*libs)}}}
+
+
+def null_bytes(text, device) -> bytes:
+    """``null.safetensors``: the encoding of "" (TextEncoder.null_states), float32 whatever ``--dtype``."""
+    from safetensors.torch import save
+
+    states, mask = text.null_states(1, device)
+    return save({"text_states": states[0].float().cpu().contiguous(),
+                 "text_mask": mask[0].to(torch.uint8).cpu().contiguous()})
+
+
+def sample_tensors(tensors: dict) -> bytes:
+    """One sample's safetensors bytes: each tensor its own contiguous bytes, not a view of the batch."""
+    from safetensors.torch import save
+
+    return save({k: v.clone(memory_format=torch.contiguous_format) for k, v in tensors.items()})
+
+
+@contextlib.contextmanager
+def tar_stream(path: Path):
+    """A webdataset ``TarWriter`` on ``path`` whose bytes depend only on what is written: member mtime 0 and
+    webdataset's fixed mode, owner and USTAR format. Closed, flushed and fsynced on leaving (the caller renames)."""
+    import webdataset as wds
+
+    with open(path, "wb") as f:
+        sink = wds.TarWriter(f, encoder=False, mtime=0.0)
+        try:
+            yield sink
+        finally:
+            sink.close()  # also on error, so the tar stream never writes to a closed file
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def prepare_folder(out: Path, info: dict, rank: int, null, refuse) -> None:
+    """Rank 0 writes ``null.safetensors`` (the bytes ``null()`` gives; none when ``null`` is None) then
+    ``encode_info.json`` (temp + rename). Every rank compares an existing info with ``info`` and raises
+    ``ConfigError(refuse(keys))`` where they differ (:func:`info_diff`)."""
+    path = out / INFO
+    if path.is_file():
+        diff = info_diff(json.loads(path.read_text()), json.loads(json.dumps(info)))
+        if diff:
+            raise ConfigError(refuse(diff))
+        return
+    if rank != 0:
+        return
+    if null is not None:
+        (out / (NULL + ".tmp")).write_bytes(null())
+        os.replace(out / (NULL + ".tmp"), out / NULL)
+    (out / (INFO + ".tmp")).write_text(json.dumps(info, indent=1))
+    os.replace(out / (INFO + ".tmp"), path)
+
+
+def info_diff(old: dict, new: dict) -> list[str]:
+    """The keys whose values differ, ``job`` aside, sorted; inside a dict on both sides, its differing keys
+    (``latent.dtype``, ``pairs.steps``)."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if k == "job" or a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{k}.{kk}" for kk in sorted(set(a) | set(b)) if a.get(kk) != b.get(kk)]
+        else:
+            out.append(k)
+    return out
 
 
 class ShardEncoder:
@@ -132,76 +227,47 @@ class ShardEncoder:
         self.dtype_name, self.dtype, self.batch_size = dtype, DTYPES[dtype], batch_size
         self.decoder = SampleDecoder(d.kind, d.channels, parse_buckets(d.buckets, d.image_size), "center", False,
                                      d.min_image_size, d.require_caption, d.filters, d.frames, d.frame_stride, d.fps)
-        self.identity = encoder_identity(cfg)
+        self.identity = encoder_identity(cfg.encoders, cfg.model.cond, d.channels)
         self.fingerprints = {"vae": fingerprint(vae), **({"text": fingerprint(text)} if text is not None else {})}
         self.has_std = isinstance(vae, VAE)
-        self.stamp = {"format": FORMAT, "vae": self.identity["vae"],
-                      **({"text": self.identity["text"], "text_max_length": self.identity["text_max_length"]}
-                         if text is not None else {}),
-                      "dtype": dtype, "fingerprints": self.fingerprints}
+        self.stamp = sample_stamp(self.identity, self.fingerprints, dtype)
 
     # -------------------------------------------------------------------------- folder files
     def info(self, names: list[str]) -> dict:
-        """``encode_info.json``: what the shards are (everything but ``job`` must match on restart)."""
-        d, vae = self.cfg.data, self.vae
+        """``encode_info.json`` (:func:`folder_info`) of this encoding of ``names``."""
+        d = self.cfg.data
         source = {"train": d.train, "kind": d.kind, "channels": d.channels, "image_size": d.image_size,
                   "buckets": [list(b) for b in self.decoder.buckets], "crop": "center", "flip": False,
                   "min_image_size": d.min_image_size, "require_caption": d.require_caption, "filters": d.filters}
         if d.kind == "video":
             source.update(frames=d.frames, frame_stride=d.frame_stride, fps=d.fps)
-        latent = {"space": "vae" if self.has_std else "pixels", "channels": vae.latent_channels,
-                  "downsample_factor": vae.downsample_factor, "scaling_factor": vae.scaling_factor,
-                  "shift_factor": vae.shift_factor, "std": self.has_std, "dtype": self.dtype_name}
-        text = None if self.text is None else {"dim": self.text.dim, "length": self.text.max_length,
-                                                "dtype": self.dtype_name}
-        libs = ("torch", "safetensors") + (("diffusers",) if self.has_std else ()) + \
-            (("transformers",) if text else ())
-        from difftrain import __version__
-
-        return {"format": FORMAT, "encoders": self.identity, "fingerprints": self.fingerprints, "latent": latent,
-                "text": text, "null": NULL if text else None, "source": source, "shards": names,
-                "job": {"batch_size": self.batch_size, "versions": {"difftrain": __version__, **_versions(*libs)}}}
-
-    def null(self) -> bytes:
-        """``null.safetensors``: the encoding of "" (TextEncoder.null_states), float32 whatever ``--dtype``."""
-        from safetensors.torch import save
-
-        states, mask = self.text.null_states(1, self.device)
-        return save({"text_states": states[0].float().cpu().contiguous(),
-                     "text_mask": mask[0].to(torch.uint8).cpu().contiguous()})
+        return folder_info(self.identity, self.fingerprints, self.text, self.vae, self.has_std, self.dtype_name,
+                           source, names, self.batch_size)
 
     # -------------------------------------------------------------------------- one shard
     def shard(self, url: str, path: Path) -> dict:
         """Encode ``url`` into ``path`` (and ``NAME_stats.json``), via temp names; returns the stats."""
-        import webdataset as wds
-
         stem = path.name[:-4] if path.name.endswith(".tar") else path.name
         stats_path = path.with_name(stem + "_stats.json")
         tmp = {p: p.with_name(p.name + ".tmp") for p in (path, stats_path)}
         stats = {"source": url, "samples": 0, "written": 0, "skipped": Counter(), "error": None}
         try:
-            with open(tmp[path], "wb") as f:
-                sink = wds.TarWriter(f, encoder=False, mtime=0.0)
+            with tar_stream(tmp[path]) as sink:
+                pending: list[tuple[dict, dict]] = []
                 try:
-                    pending: list[tuple[dict, dict]] = []
-                    try:
-                        for raw, _ in tario.read_shard(url):
-                            stats["samples"] += 1
-                            item = self._decode(raw, stats["skipped"])
-                            if item is not None:
-                                pending.append((raw, item))
-                            if len(pending) == self.batch_size:
-                                stats["written"] += self._write(sink, pending)
-                                pending = []
-                    except tario.ShardError as e:  # unreadable: no samples; truncated: those before the break
-                        stats["skipped"][e.reason] += 1
-                        stats["error"] = str(e)
-                        log.warning("encode: %s", e)
-                    stats["written"] += self._write(sink, pending)
-                finally:
-                    sink.close()  # also on error, so the tar stream never writes to a closed file
-                f.flush()
-                os.fsync(f.fileno())
+                    for raw, _ in tario.read_shard(url):
+                        stats["samples"] += 1
+                        item = self._decode(raw, stats["skipped"])
+                        if item is not None:
+                            pending.append((raw, item))
+                        if len(pending) == self.batch_size:
+                            stats["written"] += self._write(sink, pending)
+                            pending = []
+                except tario.ShardError as e:  # unreadable: no samples; truncated: those before the break
+                    stats["skipped"][e.reason] += 1
+                    stats["error"] = str(e)
+                    log.warning("encode: %s", e)
+                stats["written"] += self._write(sink, pending)
             stats["skipped"] = dict(sorted(stats["skipped"].items()))
             tmp[stats_path].write_text(json.dumps(stats, indent=1))
             os.replace(tmp[stats_path], stats_path)
@@ -225,8 +291,6 @@ class ShardEncoder:
     @torch.no_grad()
     def _write(self, sink, pending: list[tuple[dict, dict]]) -> int:
         """Encode one batch (grouped by shape: buckets) and write its samples in their order."""
-        from safetensors.torch import save
-
         if not pending:
             return 0
         means, stds = [None] * len(pending), [None] * len(pending)
@@ -247,11 +311,9 @@ class ShardEncoder:
                 tensors["latent_std"] = stds[i]
             if self.text is not None:
                 tensors["text_states"], tensors["text_mask"] = states[i], mask[i]
-            # one sample's own contiguous bytes, not a view of the batch
-            tensors = {k: v.clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
             stamp = {**self.stamp, "latent_shape": list(tensors["latent_mean"].shape),
                      "size": list(item["pixels"].shape[-2:])}
-            sample = {"__key__": raw["__key__"], "safetensors": save(tensors),
+            sample = {"__key__": raw["__key__"], "safetensors": sample_tensors(tensors),
                       "json": with_field(raw.get("json"), "difftrain", stamp)}
             sample.update({m: raw[m] for m in ("txt", "cls") if m in raw})
             sink.write(sample)
@@ -260,23 +322,11 @@ class ShardEncoder:
 
 # ------------------------------------------------------------------------------------------ job
 def _prepare_folder(out: Path, enc: ShardEncoder, info: dict, rank: int) -> None:
-    """Rank 0 writes ``null.safetensors`` then ``encode_info.json`` (temp + rename); every rank refuses a folder
-    whose info describes something else."""
-    path = out / INFO
-    if path.is_file():
-        old, new = json.loads(path.read_text()), json.loads(json.dumps(info))
-        diff = sorted(k for k in set(old) | set(new) if k != "job" and old.get(k) != new.get(k))
-        if diff:
-            raise ConfigError(f"--out {out} holds latents of another encoding ({', '.join(diff)} differ in {INFO}); "
-                              f"use a new folder or the same config, overrides and --dtype")
-        return
-    if rank != 0:
-        return
-    if enc.text is not None:
-        (out / (NULL + ".tmp")).write_bytes(enc.null())
-        os.replace(out / (NULL + ".tmp"), out / NULL)
-    (out / (INFO + ".tmp")).write_text(json.dumps(info, indent=1))
-    os.replace(out / (INFO + ".tmp"), path)
+    """Rank 0 writes ``null.safetensors`` then ``encode_info.json``; every rank refuses a folder whose info
+    describes something else."""
+    prepare_folder(out, info, rank, None if enc.text is None else lambda: null_bytes(enc.text, enc.device),
+                   lambda diff: f"--out {out} holds latents of another encoding ({', '.join(diff)} differ in {INFO}); "
+                                f"use a new folder or the same config, overrides and --dtype")
 
 
 def summarize(out: Path, names: list[str]) -> dict:
@@ -331,7 +381,7 @@ def encode(cfg: Config, out_dir, text, vae, device: torch.device | str = "cpu", 
             written += enc.shard(u, out / n)["written"]
             bar.update(1)
             bar.set_postfix(samples=written)
-            if _fault("kill_after_shard", k, rank):
+            if fault("kill_after_shard", k, rank):
                 os.kill(os.getpid(), signal.SIGKILL)
     total = summarize(out, names)
     total["skipped_existing"] = len(mine) - len(todo)
@@ -366,14 +416,14 @@ def run_encode(args) -> dict:
     """Run :func:`encode` from parsed :func:`add_encode_args` arguments on this process's rank (torchrun, srun,
     mpirun or one process). Prints a one-line summary; raises :class:`~difftrain.data.loader.DataError` when
     a shard of this rank could not be read (rerun to retry it)."""
-    from difftrain.config import load_config
+    from difftrain.config_checks import load_config
     from difftrain.launch.env import discover, pick_device
-    from difftrain.train.build import build_encoders
+    from difftrain.models.encoders import build_encoders
 
     cfg = load_config(args.config, args.overrides)
     env = discover()
     device = pick_device(cfg.run.device, env.local_rank)
-    text, vae = build_encoders(cfg, device)
+    text, vae = build_encoders(cfg.encoders, cfg.model.cond, cfg.data.channels, device)
     res = encode(cfg, args.out, text, vae, device, args.dtype, args.batch_size, env.rank, env.world_size,
                  cfg.run.progress)
     print(f"encode rank {env.rank}/{env.world_size}: {res['done']}/{res['shards']} shards of {args.out} done, "

@@ -8,6 +8,7 @@ keys in the same order; samples the source decoder skips are not written. Per sa
                       latent_std   float, same shape                    VAE posterior std, scaled (no VAE: absent)
                       text_states  float [L, D]                         text states, padded to L (model.cond=text)
                       text_mask    uint8 [L]                            1 = real token (model.cond=text)
+                      noise        float, same shape as latent_mean     reflow pairs only (see below)
     KEY.txt, KEY.cls  the source's bytes, unchanged (when present)
     KEY.json          the source's JSON bytes with one field spliced in before the closing brace:
                       "difftrain": {"format", "vae", "text", "text_max_length", "latent_shape", "dtype",
@@ -33,22 +34,31 @@ no text encoder and drops captions to exactly the states the online path uses (i
 tensor, plus every name, shape and dtype): a different or fine-tuned checkpoint changes them; they
 let a run accept an encoder folder that moved.
 
+**Reflow pairs.** ``difftrain distill pairs TEACHER --out DIR`` (:mod:`difftrain.distill.pairs`) writes this
+layout from a teacher's ODE instead of an encoder: ``latent_mean`` = x^ = Phi(z), the teacher's model-space
+sample (no ``latent_std``), and ``noise`` = z, the keyed noise it started from; ``KEY.cls`` / ``KEY.txt`` hold
+its class label / caption, and ``encode_info.json`` has a ``pairs`` block describing the teacher and solver.
+
 A run reads the shards with ``data.kind=latent`` (same ``data.image_size`` / ``data.buckets``): the
-item is ``{"latent_mean", "latent_std" (VAE only), "text_states", "text_mask" (text only), "caption",
-"label", "bucket"}``; a sample without a readable safetensors member, or with missing or
-inconsistent tensors, is skipped as ``bad_latent``. :func:`load_latent_data` checks the shards'
-``encode_info.json`` against the run's config (a one-line :class:`ConfigError` naming
-``data.train``) and loads the null condition.
+item is ``{"latent_mean", "latent_std" (VAE only), "noise" (pairs only), "text_states", "text_mask" (text
+only), "caption", "label", "bucket"}``; a sample without a readable safetensors member, or with missing or
+inconsistent tensors (a ``noise`` of another shape than ``latent_mean`` too), is skipped as ``bad_latent``.
+:func:`load_latent_data` checks the shards' ``encode_info.json`` against the run's config (a one-line
+:class:`ConfigError` naming ``data.train``) and loads the null condition.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from difftrain.data.decode import SkipSample
+
+if TYPE_CHECKING:
+    from difftrain.config import DataConfig, EncodersConfig
 
 FORMAT = 1
 INFO = "encode_info.json"
@@ -114,12 +124,12 @@ def fingerprint(module: torch.nn.Module | None) -> str:
     return h.hexdigest()
 
 
-def encoder_identity(cfg) -> dict:
-    """What makes two encodings interchangeable, as config values: text encoder and length (text models
-    only), VAE, input channels."""
-    text = cfg.model.cond == "text"
-    return {"text": cfg.encoders.text if text else "", "text_max_length": cfg.encoders.text_max_length if text else 0,
-            "vae": cfg.encoders.vae, "channels": cfg.data.channels}
+def encoder_identity(ecfg: EncodersConfig, cond: str, channels: int) -> dict:
+    """What makes two encodings interchangeable, as config values: text encoder and length (text models,
+    ``model.cond=text``, only), VAE, input channels (``data.channels``)."""
+    text = cond == "text"
+    return {"text": ecfg.text if text else "", "text_max_length": ecfg.text_max_length if text else 0,
+            "vae": ecfg.vae, "channels": channels}
 
 
 _KEY_NAMES = {"text": "encoders.text", "text_max_length": "encoders.text_max_length", "vae": "encoders.vae",
@@ -138,13 +148,14 @@ def decode_latents(raw: dict, meta: dict, buckets: list[tuple[int, int]], where:
         t = load(data)
     except Exception as e:  # safetensors raises its own error types on bad bytes
         raise SkipSample(f"undecodable safetensors member in {where}: {type(e).__name__}: {e}", "bad_latent") from None
-    mean, std = t.get("latent_mean"), t.get("latent_std")
+    mean, std, noise = t.get("latent_mean"), t.get("latent_std"), t.get("noise")
     states, mask = t.get("text_states"), t.get("text_mask")
     if (mean is None or not mean.is_floating_point() or (std is not None and std.shape != mean.shape)
+            or (noise is not None and (not noise.is_floating_point() or noise.shape != mean.shape))
             or (states is None) != (mask is None)
             or (states is not None and (states.ndim != 2 or mask.shape != states.shape[:1]))):
         raise SkipSample(f"missing or inconsistent latent tensors {sorted(t)} in {where}", "bad_latent")
-    item = {k: v for k, v in (("latent_mean", mean), ("latent_std", std), ("text_states", states),
+    item = {k: v for k, v in (("latent_mean", mean), ("latent_std", std), ("noise", noise), ("text_states", states),
                               ("text_mask", mask)) if v is not None}
     size = (meta.get("difftrain") or {}).get("size")
     if len(buckets) == 1:
@@ -179,17 +190,18 @@ def read_info(spec) -> tuple[dict, str]:
     return info, url
 
 
-def check_encoders(cfg, info: dict, text=None, vae=None) -> None:
-    """Refuse latent shards encoded by other encoders than the run's ``encoders.*`` (or another image
-    geometry). Config values are compared; where the run's modules are given, equal weight fingerprints
-    also accept a different path (a moved folder) and different ones refuse an equal path."""
+def check_encoders(data: DataConfig, ecfg: EncodersConfig, cond: str, info: dict, text=None, vae=None) -> None:
+    """Refuse latent shards encoded by other encoders than the run's ``encoders.*`` (``ecfg``, with ``model.cond``
+    = ``cond``) or at another image geometry (``data.*``). Config values are compared; where the run's modules are
+    given, equal weight fingerprints also accept a different path (a moved folder) and different ones refuse an
+    equal path."""
     from difftrain.config import ConfigError
     from difftrain.data.images import parse_buckets
 
     if info.get("format") != FORMAT:
-        raise ConfigError(f"config key 'data.train' = {cfg.data.train!r}: latent format {info.get('format')!r}, "
+        raise ConfigError(f"config key 'data.train' = {data.train!r}: latent format {info.get('format')!r}, "
                           f"this difftrain reads format {FORMAT}; re-encode the shards")
-    want, have = encoder_identity(cfg), info.get("encoders", {})
+    want, have = encoder_identity(ecfg, cond, data.channels), info.get("encoders", {})
     fp_have = info.get("fingerprints", {})
     fp_run = {"text": fingerprint(text) if text is not None and want["text"] else None,
               "vae": fingerprint(vae) if vae is not None else None}
@@ -204,11 +216,11 @@ def check_encoders(cfg, info: dict, text=None, vae=None) -> None:
             diffs.append(f"{_KEY_NAMES[k]} = {v!r} has other weights (fingerprint {fp_run[k]}) "
                          f"than the shards' ({fp_have.get(k)})")
     src = info.get("source", {})
-    buckets = [list(b) for b in parse_buckets(cfg.data.buckets, cfg.data.image_size)]
+    buckets = [list(b) for b in parse_buckets(data.buckets, data.image_size)]
     if src.get("buckets") != buckets:
         diffs.append(f"data.image_size/buckets give {buckets} px but the shards were encoded at {src.get('buckets')}")
     if diffs:
-        raise ConfigError(f"config key 'data.train' = {cfg.data.train!r}: latent shards do not match this run: "
+        raise ConfigError(f"config key 'data.train' = {data.train!r}: latent shards do not match this run: "
                           + "; ".join(diffs) + " (re-encode with 'difftrain data encode', or match the config)")
 
 
@@ -230,10 +242,11 @@ class LatentData:
     latent_channels: int
 
 
-def load_latent_data(cfg, text=None, vae=None) -> LatentData:
-    """For a run with ``data.kind=latent``: read and check the shards' ``encode_info.json`` (pass the run's
-    text encoder and VAE when it builds them, to compare weights too) and load the null condition."""
-    info, url = read_info(cfg.data.train)
-    check_encoders(cfg, info, text, vae)
+def load_latent_data(data: DataConfig, ecfg: EncodersConfig, cond: str, text=None, vae=None) -> LatentData:
+    """For a run with ``data.kind=latent``: read and check the shards' ``encode_info.json`` against the run's
+    ``data`` and ``encoders`` sections and ``model.cond`` (pass the run's text encoder and VAE when it builds
+    them, to compare weights too) and load the null condition."""
+    info, url = read_info(data.train)
+    check_encoders(data, ecfg, cond, info, text, vae)
     t = info.get("text") or {}
     return LatentData(info, load_null(info, url), int(t.get("dim", 0)), int(info["latent"]["channels"]))

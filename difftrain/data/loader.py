@@ -379,7 +379,9 @@ class ShardLoader:
     A batch is ``{"pixels": float [b, C, H, W] (video: [b, T, C, H, W]) in [-1, 1],
     "captions": list[str], "labels": long [b] (json "label", else cls, else -1), "keys", "urls":
     list[str], "epochs": long [b], "index": long [b] (global slot g*B + i, the key of per-sample
-    randomness), "position": {"g"}}`` with ``b = batch_size / world``.
+    randomness), "position": {"g"}}`` with ``b = batch_size / world``. Latent shards (``data.kind=latent``,
+    :mod:`difftrain.data.latents`) give ``latent_mean`` (and ``latent_std``, ``noise``, ``text_states``,
+    ``text_mask`` where the shards hold them), [b, ...] each, instead of ``pixels``.
     """
 
     def __init__(self, spec, batch_size: int, rank: int = 0, world: int = 1, num_workers: int = 0,

@@ -122,7 +122,8 @@ def _pass_state(urls: list[str], sentinel: str, K: int, seed: int) -> dict:
 
 def data_config(spec, overrides: list[str] = ()):
     """The DataConfig of the defaults, the ``data.*`` overrides and ``data.train = spec``."""
-    from difftrain.config import ConfigError, load_config, parse_override
+    from difftrain.config import ConfigError, parse_override
+    from difftrain.config_checks import load_config
 
     kind = "image"
     for o in overrides:

@@ -17,6 +17,7 @@ combination is valid (docs/DIFFUSION.md).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +26,35 @@ from difftrain.diffusion import targets as T
 from difftrain.diffusion.densities import DENSITIES, Density
 from difftrain.diffusion.paths import PATHS, Path
 from difftrain.diffusion.weightings import WEIGHTINGS, NoWeighting, Weighting
+
+
+def _promote(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """pred − target in at least float32, flattened to [B, d]."""
+    dtype = torch.promote_types(pred.dtype, torch.float32)
+    return (pred.to(dtype) - target.to(dtype)).flatten(1)
+
+
+def squared_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """[B]: mean over the non-batch dims of (pred − target)² (the diffusion loss of Ho et al. 2020, eq. 14)."""
+    return _promote(pred, target).square().mean(dim=1)
+
+
+def pseudo_huber(pred: torch.Tensor, target: torch.Tensor, c: float | None = None) -> torch.Tensor:
+    """[B]: the pseudo-Huber distance sqrt(‖pred − target‖² + c²) − c per sample (Song & Dhariwal 2023, "Improved
+    Techniques for Training Consistency Models", sec. 3.3; RF++, Lee et al. 2024, sec. 4), ‖·‖ the L2 norm over all
+    d non-batch elements and c = 0.00054·√d by default (both papers; RF++'s released code uses 0.00054·d, a known bug
+    — REFERENCES C). ≈ ‖r‖²/(2c) for ‖r‖ ≪ c, ≈ ‖r‖ − c for ‖r‖ ≫ c. Computed as ‖r‖²/(sqrt(‖r‖² + c²) + c), the same
+    value without the cancellation of the difference form for small residuals.
+    """
+    err = _promote(pred, target)
+    c = 0.00054 * math.sqrt(err.shape[1]) if c is None else float(c)
+    if not c > 0:
+        raise ValueError(f"pseudo_huber needs c > 0, got {c}")
+    sq = err.square().sum(dim=1)
+    return sq / (torch.sqrt(sq + c * c) + c)
+
+
+DISTANCES = {"l2": squared_error, "pseudo_huber": pseudo_huber}  # a stage's ``loss: l2 | pseudo_huber``
 
 
 @dataclass
@@ -66,15 +96,17 @@ class Diffusion:
             w = ww if w is None else w * ww
         return w
 
-    def loss(self, pred, x0, eps, t, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-sample loss [B]: mean over non-batch dims of (pred − target)², times ``loss_weight(t)``
-        and the explicit ``weight`` [B] (each when not None).
+    def loss(self, pred, x0, eps, t, weight: torch.Tensor | None = None, distance: str = "l2") -> torch.Tensor:
+        """Per-sample loss [B]: ``DISTANCES[distance](pred, target)`` (``l2``: mean over non-batch dims of
+        (pred − target)²; ``pseudo_huber``: see ``pseudo_huber``), times ``loss_weight(t)`` and the explicit
+        ``weight`` [B] (each when not None).
 
         Computed in at least float32 whatever the prediction's dtype (bf16 autocast).
         """
+        if distance not in DISTANCES:
+            raise ValueError(f"unknown loss distance '{distance}'; valid: {', '.join(DISTANCES)}")
         dtype = torch.promote_types(pred.dtype, torch.float32)
-        err = pred.to(dtype) - self.target(x0, eps, t).to(dtype)
-        per_sample = err.square().flatten(1).mean(dim=1)
+        per_sample = DISTANCES[distance](pred, self.target(x0, eps, t))
         lw = self.loss_weight(t)
         if lw is not None:
             per_sample = per_sample * lw.to(dtype)

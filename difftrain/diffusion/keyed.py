@@ -9,7 +9,7 @@ import hashlib
 
 import torch
 
-STREAMS = {"noise": 1, "t": 2, "dropout": 3, "sample": 4}
+STREAMS = {"noise": 1, "t": 2, "dropout": 3, "sample": 4, "guidance": 5}
 
 
 def key_seed(seed: int, step: int, index: int, stream: str) -> int:

@@ -25,6 +25,21 @@ import torch
 from difftrain.diffusion.paths import Path
 
 
+def ddim_update(x0_hat, x_t, alpha_t, sigma_t, alpha_s, sigma_s):
+    """Deterministic DDIM (Song et al. 2021, "DDIM", eq. 12 with eta = 0), from the path coefficients:
+
+        eps^ = (x_t - alpha_t x0^) / sigma_t,   x_s = alpha_s x0^ + sigma_s eps^
+
+    Where sigma_s = 0 (s = 0, data) the result is alpha_s x0^ exactly (the eps^ term is dropped, not multiplied by
+    0, so sigma_t = 0 there gives no NaN). On rectified flow (alpha = 1 - t, sigma = t) this is the Euler step of
+    the velocity eps^ - x0^. Coefficients broadcast against x (0-d tensors or per-sample [B, 1, ...]).
+    """
+    ax0 = alpha_s * x0_hat
+    x_s = ax0 + sigma_s * ((x_t - alpha_t * x0_hat) / sigma_t)
+    return torch.where(sigma_s == 0, ax0, x_s)
+
+
+
 class _Grid:
     """Per-time path coefficients for a grid, as 0-d tensors in x's dtype/device."""
 
@@ -60,10 +75,8 @@ class _Grid:
         return self.d_alpha[i] * x0 + self.d_sigma[i] * self.eps(x, x0, i)
 
     def ddim(self, x, x0, i, j):
-        """x_j = α_j·x̂0 + σ_j·ε̂ (Song et al. 2021, DDIM eq. 12 with η = 0)."""
-        if self.at_data[j]:
-            return self.alpha[j] * x0
-        return self.alpha[j] * x0 + self.sigma[j] * self.eps(x, x0, i)
+        """x_j = α_j·x̂0 + σ_j·ε̂ (Song et al. 2021, DDIM eq. 12 with η = 0; ``ddim_update``)."""
+        return ddim_update(x0, x, self.alpha[i], self.sigma[i], self.alpha[j], self.sigma[j])
 
 
 def _steps(n: int, progress: bool):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from difftrain.eval.extractors import Extractor, load_weights_file, weights_fingerprint
+from difftrain.eval.extractor_base import Extractor, load_weights_file, weights_fingerprint
 
 
 class ClipExtractor(Extractor):
@@ -165,6 +165,16 @@ def build_open_clip(arch: str, path: str) -> OpenClipExtractor:
     model, _, transform = open_clip.create_model_and_transforms(arch, pretrained=None)
     model.load_state_dict(load_weights_file(path), strict=True)
     return OpenClipExtractor(model.float(), open_clip.get_tokenizer(arch), transform, arch)
+
+
+def build_clip(arg: str) -> ClipExtractor:
+    """The extractor of spec ``clip:ARG``: ``ARG`` = a transformers CLIP folder or ``open_clip:ARCH:FILE``."""
+    if not arg:
+        raise ValueError("extractor 'clip' needs a checkpoint: clip:FOLDER or clip:open_clip:ARCH:FILE")
+    if arg.startswith("open_clip:"):
+        arch, _, path = arg[len("open_clip:"):].partition(":")
+        return build_open_clip(arch, path)
+    return build_hf_clip(arg)
 
 
 def clip_score(extractor: ClipExtractor, images, captions: list[str]) -> torch.Tensor:

@@ -66,7 +66,8 @@ def conditions(cond: str, num_classes: int, ref: dict, n: int, start: int = 0):
 
 
 def setting_dir(out: Path, g, extractor, sampler: str, steps: int, guidance: float, seed: int, chunk: int) -> Path:
-    key = hashlib.sha256(f"{g.step}|{extractor.fingerprint}|{chunk}".encode()).hexdigest()[:8]
+    # the weights' fingerprint too: a run retrained to the same step does not reuse the old samples
+    key = hashlib.sha256(f"{g.step}|{g.fingerprint}|{extractor.fingerprint}|{chunk}".encode()).hexdigest()[:8]
     return out / g.name / f"{sampler}_{steps}steps_g{guidance:g}_seed{seed}_{key}"
 
 
@@ -158,10 +159,11 @@ def final_line(row: dict) -> str:
 
 
 def evaluate(paths: list[str], ref_source: str, extractor_spec: str, out: str | Path, *, num: int = 1000,
-             ref_num: int = 0, steps=(25,), samplers=("dpmpp_2m",), guidance: float | None = None, seed: int = 0,
+             ref_num: int = 0, steps=None, samplers=None, guidance: float | None = None, seed: int = 0,
              batch: int = 50, chunk: int = CHUNK, cache_dir: str | None = None, progress: bool = True,
              log=print) -> list[dict]:
-    """Every (run, sampler, steps) setting; returns the result rows (rank 0 writes and prints them)."""
+    """Every (run, sampler, steps) setting; returns the result rows (rank 0 writes and prints them). ``steps`` /
+    ``samplers`` / ``guidance`` None: each model's own (its stage's: a student at its own step count)."""
     from difftrain.eval.extractors import build_extractor
     from difftrain.eval.generator import count_nfe, load_generator, sampler_name
     from difftrain.eval.reference import reference_features
@@ -172,7 +174,7 @@ def evaluate(paths: list[str], ref_source: str, extractor_spec: str, out: str | 
     if env.world_size > 1:
         init_distributed(device)
     rank, world = env.rank, env.world_size
-    samplers = [sampler_name(s) for s in samplers]
+    samplers = [sampler_name(s) for s in samplers] if samplers else None
     out = Path(out)
     extractor = build_extractor(extractor_spec, cache_dir=cache_dir, device=device)
     gens = [load_generator(p, device) for p in paths]
@@ -189,10 +191,10 @@ def evaluate(paths: list[str], ref_source: str, extractor_spec: str, out: str | 
         ref = reference_features(ref_source, extractor, ref_n, size, channels, cache_dir)
     rows = []
     for g in gens:
-        w = g.cfg.run.sample_guidance if guidance is None else guidance
+        w = g.sampling.guidance if guidance is None else guidance
         w = w if g.cond != "none" else 1.0
-        for sampler in samplers:
-            for n_steps in steps:
+        for sampler in samplers or [g.sampling.sampler]:
+            for n_steps in steps or [g.sampling.steps]:
                 folder = setting_dir(out, g, extractor, sampler, n_steps, w, seed, chunk)
                 fake = sample_features(g, extractor, ref, n=num, sampler=sampler, steps=n_steps, guidance=w,
                                        seed=seed, folder=folder, rank=rank, world=world, batch=batch,
@@ -223,9 +225,9 @@ def add_eval_args(p) -> None:
     # not --num: torchrun's own parser would take it for its --numa-binding
     p.add_argument("--samples", type=int, default=1000, help="generated samples per setting (FID papers: 50000)")
     p.add_argument("--ref-samples", type=int, default=0, help="reference images (default: --samples)")
-    p.add_argument("--steps", default="25", help="sampler steps, comma-separated: 1,2,4,8,16,32,64")
-    p.add_argument("--sampler", default="dpmpp_2m", help="comma-separated: euler,heun,ddim,dpmpp2m")
-    p.add_argument("--guidance", type=float, help="CFG scale (default: the run's run.sample_guidance)")
+    p.add_argument("--steps", help="sampler steps, comma-separated: 1,2,4,8,16,32,64 (default: each model's own)")
+    p.add_argument("--sampler", help="comma-separated: euler,heun,ddim,dpmpp2m (default: each model's own)")
+    p.add_argument("--guidance", type=float, help="CFG scale (default: each model's own)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=50, help="samples per forward pass")
     p.add_argument("--chunk", type=int, default=CHUNK, help="samples per stored (resumable) chunk")
@@ -235,8 +237,8 @@ def add_eval_args(p) -> None:
 
 def run_eval(args) -> list[dict]:
     rows = evaluate(args.runs, args.ref, args.extractor, args.out or str(Path(args.runs[0]) / "eval"),
-                    num=args.samples, ref_num=args.ref_samples, steps=_split(args.steps, int),
-                    samplers=_split(args.sampler, str), guidance=args.guidance, seed=args.seed, batch=args.batch,
+                    num=args.samples, ref_num=args.ref_samples, steps=_split(args.steps, int) if args.steps else None,
+                    samplers=_split(args.sampler, str) if args.sampler else None, guidance=args.guidance, seed=args.seed, batch=args.batch,
                     chunk=args.chunk, cache_dir=args.cache_dir)
     if rows:
         print(table(rows))

@@ -7,6 +7,7 @@ students, teachers and exported models are evaluated by one path.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
@@ -30,6 +31,8 @@ class Generator:
     vae: nn.Module
     cfg: Config
     device: torch.device
+    sampling: object = None  # SamplingDefaults: how the model samples unless told otherwise (its stage's)
+    fingerprint: str = ""  # of the weights (a run's checkpoint metadata; an export's files): evaluation cache keys
 
     @property
     def cond(self) -> str:
@@ -65,23 +68,20 @@ def load_run(run_dir: str | Path, device: torch.device) -> Generator:
     from difftrain.models import registry
 
     model = registry.materialize(registry.build(arch, acfg), device, seed=0)
-    step = load_run_weights(run, model, which="ema")
-    return _assemble(run.name, _checkpoint_config(run, step), model.eval(), acfg, step, device)
+    step = load_run_weights(run, model, which="ema")  # the served module of the run's stage
+    from difftrain.train.sources import run_config
+    from difftrain.train.stages import STAGES
 
-
-def _checkpoint_config(run: Path, step: int) -> Config:
-    """The config the checkpoint of ``step`` was trained with (it differs from the first run's ``config.yaml`` after
-    a resume that changed it), else ``config.yaml`` (a checkpoint written before configs were kept in it)."""
-    from difftrain.config import from_dict, load_config
+    cfg = run_config(run, step)
     from difftrain.train.checkpoint import read_train_state, step_dir
+    from difftrain.train.stages.base import SamplingDefaults
 
-    saved = read_train_state(step_dir(run / "checkpoints", step)).get("config")
-    if isinstance(saved, dict):
-        try:
-            return from_dict(saved)
-        except ConfigError:  # a field of an older version: the run's own file still describes the model
-            pass
-    return load_config(run / "config.yaml")
+    state = read_train_state(step_dir(run / "checkpoints", step))
+    saved = state.get("sampling")  # resolved by the trainer (it may have read the stage's teacher or pairs)
+    how = SamplingDefaults(**saved) if isinstance(saved, dict) else STAGES[cfg.stage].sampling(cfg)
+    g = _assemble(run.name, cfg, model.eval(), acfg, step, device, how)
+    g.fingerprint = hashlib.sha256((step_dir(run / "checkpoints", step) / ".metadata").read_bytes()).hexdigest()[:16]
+    return g
 
 
 def load_export(folder: str | Path, device: torch.device) -> Generator:
@@ -99,21 +99,27 @@ def load_export(folder: str | Path, device: torch.device) -> Generator:
     cfg.model.cond = "text" if acfg.text_dim > 0 else "class" if acfg.num_classes > 0 else "none"
     cfg.model.num_classes = acfg.num_classes
     cfg.data.channels = acfg.in_channels if not cfg.encoders.vae else 3
-    sampling = meta.get("sampling", {})  # the run's defaults (CFG scale, steps, sampler)
-    cfg.run.sample_guidance = float(sampling.get("guidance", cfg.run.sample_guidance))
-    cfg.run.sample_steps = int(sampling.get("steps", cfg.run.sample_steps))
-    cfg.run.sample_sampler = sampling.get("sampler", cfg.run.sample_sampler)
-    return _assemble(folder.name, cfg, model.eval(), acfg, int(meta.get("step", 0)), device)
+    from difftrain.train.stages.base import SamplingDefaults
+
+    sampling = meta.get("sampling", {})  # how the exported model samples (its stage's sampler, steps, CFG scale)
+    how = SamplingDefaults(sampling.get("sampler", cfg.run.sample_sampler),
+                           int(sampling.get("steps", cfg.run.sample_steps)),
+                           float(sampling.get("guidance", cfg.run.sample_guidance)))
+    g = _assemble(folder.name, cfg, model.eval(), acfg, int(meta.get("step", 0)), device, how)
+    from difftrain.train.sources import Source
+
+    g.fingerprint = Source("export", folder, None).fingerprint()["sha256"]
+    return g
 
 
-def _assemble(name, cfg, model, acfg, step, device) -> Generator:
+def _assemble(name, cfg, model, acfg, step, device, how) -> Generator:
     from difftrain.diffusion.diffusion import build_diffusion
     from difftrain.train.build import build_encoders
-    from difftrain.train.stages.pretrain import Conditioner
+    from difftrain.models.conditioner import Conditioner
 
     text, vae = build_encoders(cfg, device)
     diffusion = build_diffusion(cfg.diffusion, pixel_space=not cfg.encoders.vae)
-    return Generator(name, model, acfg, step, diffusion, Conditioner(cfg, text, device), vae, cfg, device)
+    return Generator(name, model, acfg, step, diffusion, Conditioner(cfg.model, text, device, guidance_input=getattr(acfg, "guidance_embed", False)), vae, cfg, device, how)
 
 
 def load_generator(path: str | Path, device: torch.device | None = None) -> Generator:

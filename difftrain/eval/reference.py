@@ -109,7 +109,7 @@ def reference_features(source: str, extractor, n: int, image_size: int, channels
     """Reference features, labels and captions, from the cache when the same (data, extractor) was done."""
     from safetensors.torch import load_file, save_file
 
-    from difftrain.eval.extractors import default_cache_dir
+    from difftrain.eval.extractor_base import default_cache_dir
 
     cache = default_cache_dir(cache_dir)
     key = hashlib.sha256(f"{source_id(source)}|{n}|{image_size}|{channels}|{extractor.fingerprint}".encode())

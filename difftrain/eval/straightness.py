@@ -41,12 +41,10 @@ def model_straightness(model, diffusion, conditioner, *, n: int, shape: tuple[in
                        guidance: float, seed: int, device, captions=None, labels=None, start: int = 0) -> torch.Tensor:
     """Straightness [n] of the (guided) sampling ODE of ``model`` from the noise of samples ``start .. start+n-1``
     (keyed as in ``sampling.generate``, so these are the trajectories the samples take)."""
-    from difftrain.diffusion.guidance import guided_denoiser
     from difftrain.diffusion.keyed import keyed_randn
     from difftrain.diffusion.samplers import time_grid
+    from difftrain.sampling import guided_x0
 
-    cond = conditioner(captions, labels)
-    uncond = conditioner.null(n) if cond else {}
-    fn = guided_denoiser(model, cond, uncond, guidance if cond else 1.0, to_x0=diffusion.sample_x0)
+    fn = guided_x0(model, diffusion, conditioner, conditioner(captions, labels), guidance, n, device)
     x_T = keyed_randn(seed, 0, range(start, start + n), shape, "sample").to(device)
     return straightness(lambda x, t: fn(x, t).float(), x_T, time_grid(steps, 1.0, 0.0).to(device), path=diffusion.path)

@@ -27,6 +27,16 @@ from difftrain.config import ConfigError
 from difftrain.train.supervise import alone, point
 
 
+
+def eval_sampling(trainer):
+    """``eval.steps`` / ``eval.sampler`` / ``eval.guidance``, each unset (0, "", < 0) taken from the stage's own
+    sampling (``Stage.sampling``: a student is validated at the step count it was trained for)."""
+    from difftrain.train.stages.base import SamplingDefaults
+
+    ec, how = trainer.cfg.eval, trainer.sampling()
+    return SamplingDefaults(ec.sampler or how.sampler, ec.steps or how.steps,
+                            how.guidance if ec.guidance < 0 else ec.guidance)
+
 class Validation:
     def __init__(self):
         self.ready = False
@@ -99,9 +109,9 @@ class Validation:
 
         cfg, ec = trainer.cfg, trainer.cfg.eval
         captions, labels, _ = self.cond
-        guidance = cfg.run.sample_guidance if ec.guidance < 0 else ec.guidance
-        images = generate(trainer.engine.model, trainer.diffusion, trainer.conditioner, trainer.vae, n=self.per,
-                          shape=sample_shape(trainer.acfg), steps=ec.steps, sampler=ec.sampler, guidance=guidance,
+        how = eval_sampling(trainer)
+        images = generate(trainer.served_model(), trainer.diffusion, trainer.conditioner, trainer.vae, n=self.per,
+                          shape=sample_shape(trainer.acfg), steps=how.steps, sampler=how.sampler, guidance=how.guidance,
                           seed=ec.seed, device=trainer.device, captions=captions, labels=labels, start=self.lo)
         feats = sample_features_of(self.extractor, images, captions)
         return {k: v.to(trainer.device) for k, v in feats.items()}, images
@@ -115,9 +125,9 @@ class Validation:
         cfg, ec = trainer.cfg, trainer.cfg.eval
         m = min(most, self.per)
         captions, labels, _ = self.cond
-        s = model_straightness(trainer.engine.model, trainer.diffusion, trainer.conditioner, n=m,
-                               shape=sample_shape(trainer.acfg), steps=ec.steps,
-                               guidance=cfg.run.sample_guidance if ec.guidance < 0 else ec.guidance, seed=ec.seed,
+        how = eval_sampling(trainer)
+        s = model_straightness(trainer.served_model(), trainer.diffusion, trainer.conditioner, n=m,
+                               shape=sample_shape(trainer.acfg), steps=how.steps, guidance=how.guidance, seed=ec.seed,
                                device=trainer.device, captions=captions[:m] if captions is not None else None,
                                labels=labels[:m] if labels is not None else None, start=self.lo)
         total = torch.stack([s.double().sum(), torch.tensor(float(m), dtype=torch.float64, device=s.device)])
@@ -139,7 +149,7 @@ class Validation:
         for b in range(T_BINS):
             point()
             t = torch.full((len(x0),), (b + 0.5) / T_BINS, device=dev)
-            pred = trainer.engine.model(trainer.diffusion.add_noise(x0, eps, t), t, cond)
+            pred = trainer.served_model()(trainer.diffusion.add_noise(x0, eps, t), t, cond)
             per = trainer.diffusion.loss(pred.float(), x0, eps, t).double()
             sums[b], sums[T_BINS + b] = (per * keep).sum(), keep.sum()
         dist.all_reduce(sums, group=trainer.metrics.group)

@@ -47,6 +47,7 @@ class DiTConfig:
     modulation: str = "auto"  # "zero" (DiT adaLN-Zero) | "single" (PixArt-α adaLN-single) | "auto"
     out_channels: int = 0  # 0 = in_channels
     pos_interp_scale: float = 1.0  # PixArt-α "interpolation_scale": position grid divided by this
+    guidance_embed: bool = False  # also embed cond["guidance"] (the CFG scale w, [B]); not exportable to diffusers
 
     def __post_init__(self):
         def bad(key, why):
@@ -70,6 +71,8 @@ class DiTConfig:
             bad("mlp_ratio", "must be > 0")
         if self.pos_interp_scale <= 0:
             bad("pos_interp_scale", "must be > 0")
+        if not isinstance(self.guidance_embed, bool):
+            bad("guidance_embed", "must be true or false")
 
     @property
     def mod_type(self) -> str:
@@ -137,6 +140,18 @@ class TimestepEmbedder(nn.Module):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         feats = timestep_features(t.float() * T_SCALE, T_FREQ_DIM, self.freq_shift)  # [B, 256]
         return self.mlp(feats.to(self.mlp[0].weight.dtype))  # [B, D]
+
+
+class GuidanceEmbedder(TimestepEmbedder):
+    """The CFG scale w [B] as an input (Meng et al. 2023, "On Distillation of Guided Diffusion Models", stage one: a
+    w-conditioned student, w Fourier-embedded and fed in like the timestep; LCM, Luo et al. 2023, the same for its
+    w-conditioned consistency model): sinusoidal features of (w − 1)·1000 -> MLP, added to the timestep embedding.
+    w − 1 is the w' of Meng et al. / LCM (our w = 1 is the plain conditional model), the value diffusers' LCM
+    pipeline embeds. The MLP's last layer is zero-initialised (``DiT.init_weights``), so the model starts as the
+    same model without it."""
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return super().forward(w.float() - 1.0)  # [B, D]
 
 
 class SelfAttention(nn.Module):
@@ -246,8 +261,13 @@ class DiT(nn.Module):
     """``model(x_t [B,C,H,W], t [B] in [0,1], cond) -> [B, C_out, H, W]``; any H, W divisible by the patch size.
 
     ``cond`` keys: ``class_labels`` LongTensor [B] (``num_classes`` = null label) when ``num_classes > 0``;
-    ``text_states`` [B, L, text_dim] and ``text_mask`` [B, L] bool (True = real token) when ``text_dim > 0``.
+    ``text_states`` [B, L, text_dim] and ``text_mask`` [B, L] bool (True = real token) when ``text_dim > 0``;
+    ``guidance`` float [B] (the CFG scale w, ``GuidanceEmbedder``) when ``guidance_embed``.
     """
+
+    # parameters an architecture flag adds, zero-initialised so the model starts as the one without it: weights
+    # of that model (a flagless teacher) load with these left at their init (train/build.py)
+    optional_keys = ("g_embed.",)
 
     config_class = DiTConfig
 
@@ -265,6 +285,8 @@ class DiT(nn.Module):
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D)) if mod == "single" else None
         self.blocks = nn.ModuleList(self.make_block() for _ in range(config.depth))
         self.final_layer = self.make_final_layer()
+        # registered last: the flag adds keys after the others and leaves their init (under a seed) unchanged
+        self.g_embed = GuidanceEmbedder(D, config.t_freq_shift) if config.guidance_embed else None
         if self.patch_embed.weight.device.type != "meta":
             self.init_weights()  # built directly on a real device: usable at once; on meta, materialize() does it
 
@@ -286,10 +308,12 @@ class DiT(nn.Module):
     def init_weights(self) -> None:
         """DiT's init for adaLN-Zero (Peebles & Xie 2023, Sec. 3.2 and their ``initialize_weights``); PixArt-α's for
         adaLN-single (tables ~ N(0, 1/D), t_block ~ N(0, 0.02)). Both zero-init the output projection (output is
-        exactly 0 at init) and the cross-attention output projection (PixArt-α)."""
+        exactly 0 at init) and the cross-attention output projection (PixArt-α). The guidance embedder is
+        initialised last, with a zero output layer: the same seed gives the other weights of the model without it."""
         D = self.config.hidden_size
+        skip = set(map(id, self.g_embed.modules())) if self.g_embed is not None else set()
         for m in self.modules():
-            if isinstance(m, nn.Linear):
+            if isinstance(m, nn.Linear) and id(m) not in skip:
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
         w = self.patch_embed.weight
@@ -321,6 +345,12 @@ class DiT(nn.Module):
             nn.init.normal_(fl.scale_shift_table, std=D ** -0.5)
         nn.init.zeros_(fl.linear.weight)
         nn.init.zeros_(fl.linear.bias)
+        if self.g_embed is not None:
+            g = self.g_embed.mlp
+            nn.init.normal_(g[0].weight, std=0.02)  # as the timestep embedder's
+            nn.init.zeros_(g[0].bias)
+            nn.init.zeros_(g[2].weight)  # zero output: c is unchanged at init
+            nn.init.zeros_(g[2].bias)
 
     # ------------------------------------------------------------------ stages of the forward pass
     def pos_embed(self, grid_h: int, grid_w: int, device) -> torch.Tensor:
@@ -344,6 +374,12 @@ class DiT(nn.Module):
         vector per sample, whatever the number of tokens."""
         cfg = self.config
         c = self.t_embed(t)  # [B, D]
+        if self.g_embed is not None:
+            w = cond.get("guidance")
+            if w is None:
+                raise ValueError("cond['guidance'] is required: the model has guidance_embed=True "
+                                 "(the CFG scale w, a float tensor [B])")
+            c = c + self.g_embed(torch.as_tensor(w, device=c.device).expand(c.shape[0]))  # [B, D]
         if self.y_embed is not None:
             if cond.get("class_labels") is None:
                 raise ValueError(f"cond['class_labels'] is required: the model has num_classes={cfg.num_classes} "

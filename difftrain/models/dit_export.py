@@ -15,10 +15,12 @@ Calling the exported model (continuous t in [0, 1], 1 = noise):
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from difftrain.models.dit import DiT, DiTConfig
+if TYPE_CHECKING:  # annotations only: DiT.save_diffusers / load_diffusers call this module
+    from difftrain.models.dit import DiT, DiTConfig
 
 
 class ExportError(ValueError):
@@ -163,6 +165,9 @@ def export_dit_diffusers(model: DiT, state: dict[str, torch.Tensor], out_dir: st
     import diffusers
 
     cfg = model.config
+    if cfg.guidance_embed:  # refused here only: loading a diffusers folder into such a model is init_from's affair
+        raise ExportError("cannot export guidance_embed=True: no diffusers DiT / PixArt class takes the guidance "
+                          "scale as an input")
     name, kwargs = diffusers_target(cfg)
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)

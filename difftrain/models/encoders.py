@@ -9,9 +9,13 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from difftrain.config import EncodersConfig
 
 
 class _Frozen(nn.Module):
@@ -225,3 +229,13 @@ class PixelSpace(_Frozen):
 def build_vae(path: str, channels: int = 3) -> VAE | PixelSpace:
     """``""`` -> :class:`PixelSpace` (``channels`` wide); otherwise the :class:`VAE` at ``path``."""
     return PixelSpace(channels) if not path else VAE.from_pretrained(path)
+
+
+def build_encoders(ecfg: EncodersConfig, cond: str, channels: int, device: torch.device | str):
+    """A run's frozen encoders on ``device``: (the text encoder when ``cond`` (``model.cond``) is ``"text"``, else
+    None; the VAE ``ecfg.vae``, or pixel space ``channels`` (``data.channels``) wide)."""
+    text = None
+    if cond == "text":
+        text = TextEncoder.from_pretrained(ecfg.text, max_length=ecfg.text_max_length,
+                                           cache_size=ecfg.text_cache).to(device)
+    return text, build_vae(ecfg.vae, channels=channels).to(device)

@@ -13,6 +13,11 @@ Forms (chosen by the registry-set fields of :class:`UNetConfig`):
 
 Continuous ``t`` in [0, 1] (1 = noise) reaches diffusers' sinusoidal embedding as ``t * 1000``.
 
+``guidance_embed`` (text form only): the CFG scale w is an input, ``cond["guidance"]`` [B], through diffusers'
+``time_cond_proj_dim`` (LCM's w embedding, Luo et al. 2023): ``timestep_cond`` = ``guidance_scale_embedding(w - 1)``,
+exactly what diffusers' LCM pipelines pass for ``guidance_scale = w``; the projection ``cond_proj`` is zero at init,
+so the model starts as the same model without the flag. The exported folder keeps ``time_cond_proj_dim``.
+
 Trunk and skips: ``self.blocks`` lists ``inner.down_blocks``, ``inner.mid_block`` and
 ``inner.up_blocks`` in execution order. The forward pass is ``stem -> run_block(i) for every i ->
 head``, threading a :class:`dict` state through the blocks:
@@ -31,7 +36,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from difftrain.config import ConfigError
+
 _TIME_SCALE = 1000.0  # diffusers' timestep scale for continuous t
+GUIDANCE_EMBED_DIM = 256  # time_cond_proj_dim of the LCM-distilled Stable Diffusion UNets
 _RESETTABLE = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm, nn.Embedding)
 
 
@@ -49,6 +57,7 @@ class UNetConfig:
     out_channels: int = 0  # 0 = in_channels
     norm_num_groups: int = 8
     attn_from_level: int = 1  # attention at resolution levels >= this (0 = every level)
+    guidance_embed: bool = False  # cond["guidance"] (the CFG scale w) via diffusers' time_cond_proj_dim; text form
 
     def __post_init__(self):
         chans = list(self.block_out_channels)
@@ -64,6 +73,9 @@ class UNetConfig:
             raise ValueError(f"UNetConfig.attn_from_level must be in [0, {len(chans)}]")
         if self.num_classes > 0 and self.text_dim > 0:
             raise ValueError("UNetConfig: choose class conditioning (num_classes) or text conditioning (text_dim), not both")
+        if self.guidance_embed is not False and (self.guidance_embed is not True or self.text_dim == 0):
+            raise ConfigError(f"config key 'model.args.guidance_embed' = {self.guidance_embed!r}: the UNet takes the "
+                              "guidance scale only in its text form (diffusers' UNet2DModel has no time_cond_proj_dim)")
 
     @property
     def levels(self) -> int:
@@ -93,6 +105,8 @@ def diffusers_kwargs(cfg: UNetConfig) -> tuple[str, dict]:
         heads = tuple(c // cfg.attention_head_dim for c in cfg.block_out_channels)
         kw.update(down_block_types=tuple(down), up_block_types=tuple(up), mid_block_type="UNetMidBlock2DCrossAttn",
                   cross_attention_dim=cfg.text_dim, attention_head_dim=heads)
+        if cfg.guidance_embed:
+            kw["time_cond_proj_dim"] = GUIDANCE_EMBED_DIM
         return "UNet2DConditionModel", kw
     down, up = _block_types(cfg, "AttnDownBlock2D", "AttnUpBlock2D")
     kw.update(down_block_types=tuple(down), up_block_types=tuple(up), attention_head_dim=cfg.attention_head_dim,
@@ -102,12 +116,26 @@ def diffusers_kwargs(cfg: UNetConfig) -> tuple[str, dict]:
     return "UNet2DModel", kw
 
 
+def guidance_scale_embedding(w: torch.Tensor, dim: int = GUIDANCE_EMBED_DIM) -> torch.Tensor:
+    """[B] -> [B, dim] float32: [sin(1000 w f_i), cos(1000 w f_i)], f_i = 10000^(-i/(dim/2 - 1)) — diffusers'
+    ``LatentConsistencyModelPipeline.get_guidance_scale_embedding`` (after VDM's ``get_timestep_embedding``), which
+    LCM pipelines call with w = guidance_scale - 1."""
+    half = dim // 2
+    step = torch.log(torch.tensor(10000.0)) / (half - 1)  # float32, as diffusers computes it
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -step).to(w.device)  # [dim/2]
+    args = (w.float() * 1000.0)[:, None] * freqs[None]  # [B, dim/2]
+    return torch.nn.functional.pad(torch.cat([torch.sin(args), torch.cos(args)], dim=1), (0, dim % 2))  # [B, dim]
+
+
 class UNet(nn.Module):
     """``model(x_t [B,C,H,W], t [B] in [0,1], cond) -> [B,C_out,H,W]`` over a diffusers UNet.
 
     ``cond`` keys: ``"text_states"`` [B, L, D] and optional ``"text_mask"`` [B, L] bool (text form),
-    ``"class_labels"`` Long [B] with ``num_classes`` as the null label (class form).
+    ``"class_labels"`` Long [B] with ``num_classes`` as the null label (class form); ``"guidance"`` float [B]
+    (the CFG scale w) with ``guidance_embed``.
     """
+
+    optional_keys = ("inner.time_embedding.cond_proj.",)  # as DiT.optional_keys: the zero-initialised w input
 
     config_class = UNetConfig
 
@@ -155,8 +183,12 @@ class UNet(nn.Module):
         Conv2d, GroupNorm, LayerNorm, Embedding; diffusers adds no special init for these blocks),
         so a meta-built model matches an eagerly built one in distribution."""
         covered = set()
+        proj = self.inner.time_embedding.cond_proj if self.config.guidance_embed else None
+        if proj is not None:  # zero (no RNG drawn): the model starts as, and draws the init of, the one without it
+            nn.init.zeros_(proj.weight)
+            covered.add(id(proj.weight))
         for mod in self.modules():
-            if isinstance(mod, _RESETTABLE):
+            if isinstance(mod, _RESETTABLE) and mod is not proj:
                 mod.reset_parameters()
                 covered.update(id(p) for p in mod.parameters(recurse=False))
         missed = [n for n, p in self.named_parameters() if id(p) not in covered]
@@ -171,7 +203,15 @@ class UNet(nn.Module):
             raise ValueError(f"UNet input {tuple(x_t.shape[-2:])} must be divisible by {f} (levels={self.config.levels})")
         inner = self.inner
         steps = (t * _TIME_SCALE).expand(x_t.shape[0])  # [B]
-        emb = inner.time_embedding(inner.time_proj(steps).to(x_t.dtype))  # [B, 4*C0]
+        w_emb = None
+        if self.config.guidance_embed:
+            w = cond.get("guidance")
+            if w is None:
+                raise ValueError("cond['guidance'] is required: the model has guidance_embed=True "
+                                 "(the CFG scale w, a float tensor [B])")
+            w = torch.as_tensor(w, device=x_t.device).expand(x_t.shape[0])
+            w_emb = guidance_scale_embedding(w - 1.0).to(x_t.dtype)  # [B, 256], diffusers' timestep_cond
+        emb = inner.time_embedding(inner.time_proj(steps).to(x_t.dtype), w_emb)  # [B, 4*C0]
         if inner.class_embedding is not None:
             emb = emb + inner.class_embedding(cond["class_labels"]).to(emb.dtype)
         h = inner.conv_in(x_t)  # [B, C0, H, W]

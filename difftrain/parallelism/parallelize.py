@@ -6,6 +6,8 @@ engine and DCP's state-dict helpers see through, so checkpoints move between eng
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 from torch.distributed.fsdp import fully_shard
@@ -17,7 +19,7 @@ from difftrain.parallelism.dims import Meshes
 
 
 def trunk_blocks(model: nn.Module) -> list[nn.Module]:
-    """The trunk's blocks (a pipeline stage's: the ones it owns)."""
+    """The trunk's blocks (a pipeline segment's: the ones it owns)."""
     blocks = getattr(model, "blocks", None)
     if blocks is None:
         raise TypeError(f"{type(model).__name__} exposes no .blocks trunk to parallelize")
@@ -49,8 +51,9 @@ def apply_compile(model: nn.Module, backend) -> None:
         block.compile(backend=backend, dynamic=False)
 
 
-def apply_fsdp2(model: nn.Module, meshes: Meshes) -> nn.Module:
-    """fully_shard each trunk block, then the root (FSDP over dp_shard, HSDP when dp_replicate > 1)."""
+def apply_fsdp2(model: nn.Module, meshes: Meshes, device: torch.device | None = None) -> nn.Module:
+    """fully_shard each trunk block, then the root (FSDP over dp_shard, HSDP when dp_replicate > 1); the blocks
+    are already on ``device``."""
     mesh = meshes.fsdp
     for block in trunk_blocks(model):
         fully_shard(block, mesh=mesh)
@@ -67,15 +70,23 @@ def apply_ddp(model: nn.Module, meshes: Meshes, device: torch.device) -> nn.Modu
     )
 
 
+def _no_wrapper(model: nn.Module, meshes: Meshes, device: torch.device) -> nn.Module:
+    return model
+
+
+Wrap = Callable[[nn.Module, Meshes, torch.device], nn.Module]
+ENGINES: dict[str, Wrap] = {"ddp": apply_ddp, "fsdp2": apply_fsdp2}  # parallel.engine -> data parallelism
+# pipeline segments: no DDP wrapper (its reducer cannot follow a schedule's many forwards before one synchronising
+# backward, so the pipeline all-reduces the gradients after the schedule); FSDP2 shards them as usual
+SEGMENT_ENGINES: dict[str, Wrap] = {**ENGINES, "ddp": _no_wrapper}
+
+
 def parallelize(model: nn.Module, meshes: Meshes, pcfg: ParallelConfig, device: torch.device,
                 ddp: bool = True) -> nn.Module:
-    """Returns the module to call for forward (the DDP wrapper, or the same sharded module). ``ddp=False``: no DDP
-    wrapper (pipeline stages: DDP's reducer cannot follow a schedule's many forwards before one synchronising
-    backward, so the pipeline all-reduces the gradients after the schedule)."""
+    """Returns the module to call for forward (the DDP wrapper, or the same sharded module). ``ddp=False``: a
+    pipeline segment (``SEGMENT_ENGINES``: no DDP wrapper)."""
     if pcfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     if pcfg.compile:
         apply_compile(model, pcfg.compile_backend)
-    if pcfg.engine == "fsdp2":
-        return apply_fsdp2(model, meshes)
-    return apply_ddp(model, meshes, device) if ddp else model
+    return (ENGINES if ddp else SEGMENT_ENGINES)[pcfg.engine](model, meshes, device)

@@ -16,15 +16,10 @@ from difftrain.models import registry
 
 
 def build_encoders(cfg: Config, device: torch.device):
-    """(text encoder or None, VAE or pixel space), frozen, on ``device``."""
-    from difftrain.models.encoders import TextEncoder, build_vae
+    """(text encoder or None, VAE or pixel space), frozen, on ``device`` (:func:`models.encoders.build_encoders`)."""
+    from difftrain.models import encoders
 
-    text = None
-    if cfg.model.cond == "text":
-        text = TextEncoder.from_pretrained(cfg.encoders.text, max_length=cfg.encoders.text_max_length,
-                                           cache_size=cfg.encoders.text_cache).to(device)
-    vae = build_vae(cfg.encoders.vae, channels=cfg.data.channels).to(device)
-    return text, vae
+    return encoders.build_encoders(cfg.encoders, cfg.model.cond, cfg.data.channels, device)
 
 
 def model_config(cfg: Config, text_dim: int, latent_channels: int | None):
@@ -35,11 +30,58 @@ def model_config(cfg: Config, text_dim: int, latent_channels: int | None):
     return arch, acfg
 
 
-def build_backbone(cfg: Config, arch: str, acfg, device: torch.device) -> nn.Module:
-    """Meta build -> materialise on ``device`` with ``init_weights`` under the run seed -> init_from."""
-    model = registry.materialize(registry.build(arch, acfg), device, seed=cfg.run.seed)
-    if cfg.init_from:
-        load_weights_only(model, cfg.init_from)
+@dataclasses.dataclass
+class Shared:
+    """What every stage of a run shares, built before the stage: the device and meshes, the frozen encoders (VAE,
+    text), the diffusion, the conditioner and the run's backbone architecture (``arch``, ``acfg``)."""
+    cfg: Config
+    device: torch.device
+    meshes: object | None  # difftrain.parallelism.dims.Meshes; None outside a training run
+    text: nn.Module | None
+    vae: nn.Module
+    diffusion: object
+    conditioner: object
+    arch: str
+    acfg: object
+
+    def backbone_spec(self, source=None, role: str = "trainable"):
+        """A module of the run's architecture: seeded init then ``source`` (trainable), or ``source``'s weights
+        (frozen)."""
+        from difftrain.train.stages.base import ModuleSpec
+
+        return ModuleSpec(role, meta=lambda: registry.build(self.arch, self.acfg), source=source,
+                          init=lambda device: build_backbone(self.arch, self.acfg, device, self.cfg.run.seed, source))
+
+    @classmethod
+    def parts(cls, cfg: Config, device: torch.device, *, diffusion=None, conditioner=None, vae=None, text=None,
+              arch: str | None = None, acfg=None) -> "Shared":
+        """Shared parts given piece by piece (tests, tools): what is not given is None."""
+        return cls(cfg, device, None, text, vae, diffusion, conditioner, arch, acfg)
+
+
+def build_shared(cfg: Config, device: torch.device, meshes=None) -> Shared:
+    from difftrain.diffusion.diffusion import build_diffusion
+    from difftrain.models.conditioner import Conditioner
+
+    text, vae = build_encoders(cfg, device)
+    arch, acfg = model_config(cfg, text.dim if text is not None else 0, vae.latent_channels)
+    null_text = None
+    if cfg.data.kind == "latent":  # pre-encoded shards: check their encoders match this run's
+        from difftrain.data.latents import load_latent_data
+
+        null_text = load_latent_data(cfg.data, cfg.encoders, cfg.model.cond, text, vae).null_text
+    diffusion = build_diffusion(cfg.diffusion, pixel_space=not cfg.encoders.vae)
+    conditioner = Conditioner(cfg.model, text, device, null_text=null_text,
+                              guidance_input=getattr(acfg, "guidance_embed", False))
+    return Shared(cfg, device, meshes, text, vae, diffusion, conditioner, arch, acfg)
+
+
+def build_backbone(arch: str, acfg, device: torch.device, seed: int, source=None) -> nn.Module:
+    """Meta build -> materialise on ``device`` with ``init_weights`` under ``seed`` -> ``source``'s weights (a
+    ``train.sources.Source``: ``init_from``), when given."""
+    model = registry.materialize(registry.build(arch, acfg), device, seed=seed)
+    if source is not None:
+        source.load(model)
     return model
 
 
@@ -97,7 +139,7 @@ def load_weights_only(model: nn.Module, path: str) -> None:
         raise
     except ValueError as e:
         raise ConfigError(f"config key 'init_from' = '{path}': {e}") from None
-    expected = model.state_dict()
+    expected = {k: v for k, v in model.state_dict().items() if k in state or not _optional(model, k)}
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     if missing or unexpected:
         raise ConfigError(f"config key 'init_from' = '{path}' does not match the model "
@@ -106,7 +148,13 @@ def load_weights_only(model: nn.Module, path: str) -> None:
         if state[k].shape != v.shape:
             raise ConfigError(f"config key 'init_from' = '{path}': '{k}' has shape {tuple(state[k].shape)}, "
                               f"but the model's is {tuple(v.shape)}")
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=len(expected) == len(model.state_dict()))
+
+
+def _optional(model: nn.Module, key: str) -> bool:
+    """A parameter an architecture flag adds with a zero init (``optional_keys``: the guidance-scale input), which
+    weights of the same model without the flag lack: it keeps its init."""
+    return key.startswith(tuple(getattr(model, "optional_keys", ())))
 
 
 def write_model_config(arch: str, acfg, run_dir: Path) -> None:
@@ -124,21 +172,44 @@ def read_model_config(run_dir: Path):
     return arch, registry.arch_class(arch).config_class(**meta)
 
 
+def _saved_keys(ckpt_root: Path, step, served: str | None) -> set[str]:
+    """The served module's state-dict keys in the checkpoint of ``step`` (its DCP metadata, read safely)."""
+    from difftrain.train.checkpoint import read_metadata, step_dir
+
+    prefix = f"model.{served}." if served else "model."
+    md = read_metadata(step_dir(ckpt_root, int(step)) / ".metadata")
+    return {k[len(prefix):] for k in md.state_dict_metadata if k.startswith(prefix)}
+
+
 def load_run_weights(run_dir: Path, model: nn.Module, which: str = "ema") -> int:
-    """Load a run's newest complete checkpoint into a plain single-process ``model`` (any world size
-    wrote it). ``which="ema"`` overlays the EMA parameters on the saved model state. Returns the step.
-    A corrupt newest checkpoint is named in a warning and the previous complete one is used
-    (``checkpoint.resume_newest``); ``CheckpointError`` when none loads."""
+    """Load a run's newest complete checkpoint's served module (``train_state["served"]``) into ``model``, plain or
+    sharded (DCP reads into its tensors, any world size wrote it). ``which="ema"`` overlays the EMA parameters on
+    the saved module state. Returns the step. A corrupt newest checkpoint is named in a warning and the previous
+    complete one is used (``checkpoint.resume_newest``); ``CheckpointError`` when none loads."""
     from difftrain.train.checkpoint import CheckpointError, resume_newest
 
-    tensors = {"model": {k: v.detach() for k, v in model.state_dict().items()}}
-    if which == "ema":
-        tensors["ema"] = {n: torch.empty_like(p) for n, p in model.named_parameters()}
-    found = resume_newest(Path(run_dir) / "checkpoints", tensors)
+    tensors: dict = {}
+    own = {k: v.detach() for k, v in model.state_dict().items()}
+    ema = {n: torch.empty_like(p) for n, p in model.named_parameters()} if which == "ema" else None
+
+    def layout(state: dict) -> None:  # the checkpoint's own layout, known once its train state is read
+        served = state.get("served")
+        tensors.clear()
+        saved = _saved_keys(Path(run_dir) / "checkpoints", state.get("step"), served)
+        for d in (own, ema or {}):  # weights of the model without an optional flag: those keys keep their init
+            for k in [k for k in d if _optional(model, k) and k not in saved]:
+                del d[k]
+        if served is None:  # written before stages owned their modules: one flat module
+            tensors.update({"model": own, **({"ema": ema} if ema is not None else {})})
+        else:
+            tensors.update({"model": {served: own}, **({"ema": {served: ema}} if ema is not None else {})})
+
+    found = resume_newest(Path(run_dir) / "checkpoints", tensors, before_load=layout)
     if found is None:
         raise CheckpointError(f"'{run_dir}' has no complete checkpoint")
-    if which == "ema":
+    if ema is not None:
         with torch.no_grad():
             for n, p in model.named_parameters():
-                p.copy_(tensors["ema"][n])
+                if n in ema:  # not an optional key the checkpoint lacks
+                    p.copy_(ema[n])
     return found[1]["step"]

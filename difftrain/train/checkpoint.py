@@ -27,6 +27,7 @@ the previous complete checkpoint, every rank to the same one.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -72,7 +73,7 @@ def _one_line(e: BaseException) -> str:
 
 # ----------------------------------------------------------------------------- safe DCP reader
 # Every global a DCP ``.metadata`` pickle of torch 2.14.1 holds, found by pickling the metadata of real saves of our
-# engines' state (model, AdamW state, EMA, RNG; DDP, FSDP2 and pipeline stages; DiT and UNet) and listing the
+# engines' state (model, AdamW state, EMA, RNG; DDP, FSDP2 and pipeline segments; DiT and UNet) and listing the
 # globals (pickletools), plus ``BytesStorageMetadata`` (refused after loading, with a clearer message) and every
 # dtype (data, not callables). Mapped to the objects themselves: ``find_class`` imports and resolves nothing.
 _METADATA_GLOBALS: dict[tuple[str, str], object] = {
@@ -297,7 +298,7 @@ def load_tensors(ckpt_dir: Path, tensors: dict) -> None:
     try:
         with warnings.catch_warnings():  # a single process (sample, export) is meant: no two-line warning about it
             warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-            dcp.load(tensors, storage_reader=reader, planner=_TensorsOnlyPlanner(), no_dist=not dist.is_initialized())
+            dcp.load(tensors, storage_reader=reader, planner=_TensorsOnlyPlanner(), no_dist=not _collective())
     except CheckpointException as e:  # DCP gathers every rank's failure (tracebacks and all): keep one line
         failures = {rank: exc for rank, (exc, _) in sorted(e.failures.items())}
         if not all(isinstance(exc, Exception) for exc in failures.values()):
@@ -353,6 +354,24 @@ def _check_files(d: Path) -> dict:
     return state
 
 
+_READING_ALONE = [False]
+
+
+@contextlib.contextmanager
+def reading_alone():
+    """Loads inside are this process's own, not collectives, although a process group is up (a rank that builds
+    initial weights for the others, e.g. the pipeline's ``broadcast_init`` on rank 0)."""
+    _READING_ALONE[0] = True
+    try:
+        yield
+    finally:
+        _READING_ALONE[0] = False
+
+
+def _collective() -> bool:
+    return dist.is_initialized() and not _READING_ALONE[0]
+
+
 def _agreed(check: Callable[[], dict]) -> dict:
     """``check()`` on every rank; if it raised ``CheckpointError`` on any rank, it raises on every rank."""
     err, out = None, None
@@ -360,7 +379,7 @@ def _agreed(check: Callable[[], dict]) -> dict:
         out = check()
     except Exception as e:  # any failure, so that no rank is left waiting in the gather below
         err = e
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if _collective() and dist.get_world_size() > 1:
         msgs: list = [None] * dist.get_world_size()
         dist.all_gather_object(msgs, None if err is None else str(err))  # strings between our own ranks
         if err is None:

@@ -130,18 +130,26 @@ def agree_finite(norm: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
 
 class TorchEngine(Engine):
     """DDP or FSDP2 with torch's fused AdamW, a learning-rate table indexed by applied updates and a (sharded)
-    EMA; a step with a non-finite loss or gradient is skipped on every rank (see the module docstring)."""
+    EMA; a step with a non-finite loss or gradient is skipped on every rank (see the module docstring).
 
-    norm_group = None  # ranks whose grad norms add up (the pipeline stages); None = this rank's parameters
+    It trains the stage's trainable modules (by name: one AdamW over all of them, an EMA of each) and holds its
+    frozen ones (no grad, no optimizer state): :meth:`from_stage`. Checkpoint tensors are keyed by module name
+    (``model.NAME.*``, ``optim.NAME.*``, ``ema.NAME.*``), so a stage's modules resume and reshard by name."""
 
-    def __init__(self, module: nn.Module, meshes: Meshes, pcfg: ParallelConfig, ocfg: OptimConfig,
-                 device: torch.device, total_steps: int, wrapped: bool = False):
-        """``wrapped``: ``module`` is already parallelised (pipeline stages wrap each stage themselves)."""
-        self.module = module
+    norm_group = None  # ranks whose grad norms add up (the pipeline segments); None = this rank's parameters
+
+    def __init__(self, modules: dict[str, nn.Module], meshes: Meshes, pcfg: ParallelConfig, ocfg: OptimConfig,
+                 device: torch.device, total_steps: int, wrapped: bool | set = False):
+        """``modules``: the trainable modules by name, materialised (or already parallelised: ``wrapped``, True or
+        the names of those that are, as the pipeline's segments wrap themselves)."""
+        self.modules = modules
         self.device = device
         self.kind = pcfg.engine
-        self.model = module if wrapped else parallelize(module, meshes, pcfg, device)
-        self.params = [p for p in module.parameters() if p.requires_grad]
+        done = set(modules) if wrapped is True else set(wrapped or ())
+        self.models = {n: m if n in done else parallelize(m, meshes, pcfg, device) for n, m in modules.items()}
+        self.container = nn.ModuleDict(self.models)  # one tree: parameter and state-dict names are NAME.*
+        self.frozen: dict[str, nn.Module] = {}
+        self.params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
         self.max_norm = ocfg.grad_clip
         self.lr_table = lr_table(ocfg, total_steps, device)
         self.updates = torch.zeros((), dtype=torch.long, device=device)  # applied updates (skipped steps excluded)
@@ -151,19 +159,66 @@ class TorchEngine(Engine):
             fused=True)
         # read by Adam.step and passed to the fused kernel, which skips the update where it is 1.0 (GradScaler's hook)
         self.optimizer.found_inf = torch.zeros((), dtype=torch.float32, device=device)
-        self.ema = EMA(module, ocfg.ema_decay)
+        self.ema = EMA(nn.ModuleDict(modules), ocfg.ema_decay)
         self._sd_options = StateDictOptions()
+
+    @classmethod
+    def from_stage(cls, specs: dict, meshes: Meshes, pcfg: ParallelConfig, ocfg: OptimConfig, device: torch.device,
+                   total_steps: int) -> "TorchEngine":
+        """Materialise a stage's declared modules (``Stage.modules``) and train the trainable ones. A module read from
+        a run's checkpoint under FSDP2 goes meta -> sharded -> loaded, so it never exists whole on a rank."""
+        from difftrain.train.stages.base import TRAINABLE
+
+        sharded_load = set()  # FSDP2 modules read from a run: meta -> sharded -> DCP load of their own shards
+
+        def build(name: str, spec, trainable: bool) -> nn.Module:
+            source = spec.source
+            if pcfg.engine == "fsdp2" and source is not None and source.is_run:
+                module = spec.meta()
+                if not trainable:
+                    module.requires_grad_(False)
+                module = parallelize(module, meshes, pcfg, device)
+                module.to_empty(device=device)
+                source.load(module)
+                sharded_load.add(name)
+                return module
+            return spec.init(device)
+
+        trainable = {n: build(n, s, True) for n, s in specs.items() if s.role == TRAINABLE}
+        engine = cls(trainable, meshes, pcfg, ocfg, device, total_steps, wrapped=sharded_load)
+        for n, s in specs.items():
+            if s.role != TRAINABLE:
+                engine.frozen[n] = build(n, s, False).requires_grad_(False).eval()
+        return engine
+
+    @property
+    def model(self) -> nn.Module:
+        """The one trainable module to call (stages with one; the others use :meth:`live`)."""
+        if len(self.models) != 1:
+            raise RuntimeError(f"the engine trains {len(self.models)} modules; ask live() for one by name")
+        return next(iter(self.models.values()))
+
+    @property
+    def module(self) -> nn.Module:
+        """The unwrapped trainable module (stages with one)."""
+        return next(iter(self.modules.values()))
+
+    def live(self) -> dict[str, nn.Module]:
+        """Every module by name: the trainable ones as wrapped for forward, the frozen ones."""
+        return {**self.models, **self.frozen}
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
     @contextlib.contextmanager
     def accumulating(self, last: bool):
-        if self.kind == "ddp":
-            with (contextlib.nullcontext() if last else self.model.no_sync()):
-                yield
-        else:
-            self.model.set_requires_gradient_sync(last)
+        with contextlib.ExitStack() as stack:
+            for m in self.models.values():
+                if self.kind == "ddp":
+                    if not last and hasattr(m, "no_sync"):
+                        stack.enter_context(m.no_sync())
+                else:
+                    m.set_requires_gradient_sync(last)
             yield
 
     def step(self, step: int, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,7 +242,7 @@ class TorchEngine(Engine):
 
     @torch.no_grad()
     def finite_state(self) -> bool:
-        local = [_local(t) for t in (*self.module.parameters(), *self.ema.state_dict().values())
+        local = [_local(t) for t in (*self.params, *self.ema.state_dict().values())
                  if t.is_floating_point()]
         bad = (~torch.stack([t.isfinite().all() for t in local]).all() if local else torch.tensor(False))
         bad = bad.to(device=self.device, dtype=torch.float32).reshape(1)
@@ -197,14 +252,14 @@ class TorchEngine(Engine):
 
     # -- checkpoint state: tensors only; the LR schedule is a function of the applied updates -----
     def state_dict(self) -> dict:
-        model_sd = get_model_state_dict(self.model, options=self._sd_options)
-        optim_sd = get_optimizer_state_dict(self.model, self.optimizer, options=self._sd_options)
+        model_sd = get_model_state_dict(self.container, options=self._sd_options)
+        optim_sd = get_optimizer_state_dict(self.container, self.optimizer, options=self._sd_options)
         return {"model": model_sd, "optim": optim_sd["state"], "ema": self.ema.state_dict()}
 
     def load_state_dict(self, sd: dict, step: int) -> None:
-        set_model_state_dict(self.model, sd["model"], options=self._sd_options)
-        groups = get_optimizer_state_dict(self.model, self.optimizer, options=self._sd_options)["param_groups"]
-        set_optimizer_state_dict(self.model, self.optimizer, {"state": sd["optim"], "param_groups": groups},
+        set_model_state_dict(self.container, sd["model"], options=self._sd_options)
+        groups = get_optimizer_state_dict(self.container, self.optimizer, options=self._sd_options)["param_groups"]
+        set_optimizer_state_dict(self.container, self.optimizer, {"state": sd["optim"], "param_groups": groups},
                                  options=self._sd_options)
         self.ema.load_state_dict(sd["ema"])
         for group in self.optimizer.param_groups:  # load_state_dict put a deep copy of the lr tensor there
@@ -219,3 +274,6 @@ class TorchEngine(Engine):
 
     def ema_swapped_in(self):
         return self.ema.swapped_in()
+
+
+ENGINES: dict[str, type[Engine]] = {"ddp": TorchEngine, "fsdp2": TorchEngine}  # config key parallel.engine

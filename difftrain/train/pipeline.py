@@ -1,10 +1,10 @@
 """The trainer's pipeline-parallel path (``parallel.pp > 1``, docs/PIPELINE.md).
 
-:class:`PipelineEngine` is a ``TorchEngine`` over this rank's stage(s): the backbone is cut at
-``parallel.pp_bounds`` (or by the partitioner over FLOP costs counted on the meta device), each stage is sharded
+:class:`PipelineEngine` is a ``TorchEngine`` over this rank's segment(s): the backbone is cut at
+``parallel.pp_bounds`` (or by the partitioner over FLOP costs counted on the meta device), each segment is sharded
 on the dp mesh (FSDP2) or, with the ddp engine, its gradients are all-reduced over the dp ranks after the
 schedule (``sync_grads``), and it is run by the chosen schedule. The optimizer, EMA and
-checkpoints see the stages under the whole model's parameter names, so a pipelined checkpoint resumes in a plain
+checkpoints see the segments under the whole model's parameter names, so a pipelined checkpoint resumes in a plain
 run and back (DCP reshards by name). The gradient norm for clipping is summed over the pp ranks.
 
 :class:`PipelinedStep` is one training step: the stage's ``frozen`` work of every micro-batch, by module
@@ -12,7 +12,7 @@ run and back (DCP reshards by name). The gradient norm for clipping is summed ov
 bubbles when nothing was prefetched, or an equal share per pp rank up front with ``balanced``; with
 ``pp_frozen_owners=partition`` each module only on the pp ranks holding it), then ``prepare`` where the outputs
 are (the same keyed noise everywhere), the schedule, and the per-sample losses and times sent from the last
-stage to the other pp ranks for the metrics.
+segment to the other pp ranks for the metrics.
 """
 from __future__ import annotations
 
@@ -24,11 +24,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from difftrain.config import Config, ConfigError
+from difftrain.config import Config, ConfigError, ParallelConfig
 from difftrain.parallelism.dims import Meshes
 from difftrain.parallelism.parallelize import parallelize
 from difftrain.parallelism.pipeline.costs import HARDWARE, Profile, meta_inputs, profile_blocks, profile_frozen
-from difftrain.parallelism.pipeline.stages import cond_keys, num_blocks
+from difftrain.parallelism.pipeline.segments import cond_keys, num_blocks
 from difftrain.train import checkpoint as ckpt
 from difftrain.train.engine import TorchEngine
 
@@ -42,38 +42,39 @@ def frozen_mode(cfg: Config) -> str:
     return mode
 
 
-def stage_bounds(cfg: Config, model: nn.Module, n_stages: int) -> list[tuple[int, int]]:
+def segment_bounds(pcfg: ParallelConfig, model: nn.Module, n_segments: int, frames: int,
+                   text_len: int) -> list[tuple[int, int]]:
     """``parallel.pp_bounds`` as block ranges, or the partitioner's choice over FLOP costs (identical on every
-    rank: counted, not timed)."""
+    rank: counted, not timed; ``frames`` / ``text_len``: the inputs' video frames and caption length)."""
     n = num_blocks(model)
-    cuts = list(cfg.parallel.pp_bounds)
+    cuts = list(pcfg.pp_bounds)
     if cuts:
         edges = [0, *cuts, n]
-        if len(cuts) != n_stages - 1 or any(a >= b for a, b in zip(edges, edges[1:])):
-            raise ConfigError(f"config key 'parallel.pp_bounds' = {cuts}: need {n_stages - 1} increasing block "
-                              f"indices in 1..{n - 1} (the first block of stages 1..{n_stages - 1})")
+        if len(cuts) != n_segments - 1 or any(a >= b for a, b in zip(edges, edges[1:])):
+            raise ConfigError(f"config key 'parallel.pp_bounds' = {cuts}: need {n_segments - 1} increasing block "
+                              f"indices in 1..{n - 1} (the first block of segments 1..{n_segments - 1})")
         return list(zip(edges, edges[1:]))
-    if n < n_stages:
-        raise ConfigError(f"config key 'parallel.pp' = {cfg.parallel.pp}: {n_stages} stages for {n} blocks")
+    if n < n_segments:
+        raise ConfigError(f"config key 'parallel.pp' = {pcfg.pp}: {n_segments} segments for {n} blocks")
     from difftrain.parallelism.pipeline.partition import partition
 
-    costs = block_costs(cfg, model)
-    return partition([c.fwd + c.bwd for c in costs], n_stages)
+    costs = block_costs(model, frames, text_len)
+    return partition([c.fwd + c.bwd for c in costs], n_segments)
 
 
-def block_costs(cfg: Config, model: nn.Module, batch: int = 1):
+def block_costs(model: nn.Module, frames: int, text_len: int, batch: int = 1):
     meta = copy.deepcopy(model).to("meta")
-    return profile_blocks(meta, meta_inputs(model.config, cfg.model.frames, cfg.encoders.text_max_length, batch),
-                          "flops", _HW)
+    return profile_blocks(meta, meta_inputs(model.config, frames, text_len, batch), "flops", _HW)
 
 
 @torch.no_grad()
 def broadcast_init(modules: list[nn.Module], whole_meta: nn.Module, source, device: torch.device) -> None:
-    """Fill this rank's empty stage modules with the run's initial weights: global rank 0 builds the whole model
+    """Fill this rank's empty segment modules with the run's initial weights: global rank 0 builds the whole model
     once in host memory (``source()``: the seeded init and ``init_from``, as a plain run builds it on the CPU)
-    and broadcasts it tensor by tensor; every rank keeps the tensors of its stages and drops the rest, so no other
+    and broadcasts it tensor by tensor; every rank keeps the tensors of its segments and drops the rest, so no other
     rank ever holds the whole model."""
-    whole = source() if dist.get_rank() == 0 else None
+    with ckpt.reading_alone():  # weights read from a run's checkpoint: rank 0's own DCP load, no collective
+        whole = source() if dist.get_rank() == 0 else None
     src = {**dict(whole.named_parameters()), **dict(whole.named_buffers())} if whole is not None else {}
     mine = {n: t for m in modules for n, t in (*m.named_parameters(), *m.named_buffers())}
     for name, meta in (*whole_meta.named_parameters(), *whole_meta.named_buffers()):
@@ -85,7 +86,7 @@ def broadcast_init(modules: list[nn.Module], whole_meta: nn.Module, source, devi
 
 class PipelineEngine(TorchEngine):
     def __init__(self, module: nn.Module, meshes: Meshes, cfg: Config, device: torch.device, total_steps: int,
-                 loss_fn, source=None):
+                 loss_fn, source=None, name: str = "backbone"):
         """``module``: the whole backbone, materialised or on the meta device; then ``source()`` builds the
         initial weights once, on global rank 0 (:func:`broadcast_init`)."""
         from difftrain.parallelism.pipeline.runtime import build_pipeline
@@ -95,7 +96,7 @@ class PipelineEngine(TorchEngine):
         self.norm_group = self.pp_group
         self.pp, self.pp_rank = meshes.dims.pp, meshes.pp.get_local_rank()
         per_rank = 2 if pcfg.pp_schedule in ("interleaved_1f1b", "zero_bubble") else 1
-        self.bounds = stage_bounds(cfg, module, self.pp * per_rank)
+        self.bounds = segment_bounds(pcfg, module, self.pp * per_rank, cfg.model.frames, cfg.encoders.text_max_length)
         self.fill = frozen_mode(cfg) == "fill"
         self.device = device
         with torch.device("meta"):  # the architecture only: sampling fills it with the gathered EMA weights
@@ -108,13 +109,15 @@ class PipelineEngine(TorchEngine):
         # the pp ranks again, as a group of their own for frozen outputs delivered mid-step (fill.CurrentFill)
         grid = meshes.world.mesh.reshape(self.pp, -1)
         self.p2p_group, _ = dist.new_subgroups_by_enumeration([grid[:, c].tolist() for c in range(grid.shape[1])])
-        super().__init__(self.pipe.union(), meshes, pcfg, cfg.optim, device, total_steps, wrapped=True)
+        self.name = name  # the stage's trained module: the one cut into segments
+        self._swapped = None  # the whole model with the EMA weights, inside ema_swapped_in
+        super().__init__({name: self.pipe.union()}, meshes, pcfg, cfg.optim, device, total_steps, wrapped=True)
         self.last_owner = 0 if pcfg.pp_schedule == "zero_bubble" else self.pp - 1
         self.offloaded: list[nn.Module] = []
 
     @torch.no_grad()
     def sync_grads(self) -> None:
-        """Data-parallel mean of the stage gradients (engine ddp; FSDP2 reduce-scatters inside the schedule)."""
+        """Data-parallel mean of the segment gradients (engine ddp; FSDP2 reduce-scatters inside the schedule)."""
         if self.dp_group is None:
             return
         from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
@@ -128,11 +131,11 @@ class PipelineEngine(TorchEngine):
 
     @contextlib.contextmanager
     def ema_swapped_in(self):
-        """``self.model`` is the whole model with every stage's EMA weights (gathered over the pp ranks) while
+        """``live()`` holds the whole model with every segment's EMA weights (gathered over the pp ranks) while
         inside: sampling and validation run it as usual. Needs the whole model to fit one device."""
         from torch.distributed.tensor import DTensor
 
-        mine = {n: (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu()
+        mine = {n.removeprefix(self.name + "."): (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu()
                 for n, t in self.ema.state_dict().items()}
         parts = [None] * self.pp
         dist.all_gather_object(parts, mine, group=self.pp_group)
@@ -142,15 +145,23 @@ class PipelineEngine(TorchEngine):
             raise RuntimeError(f"EMA gathered over the pipeline lacks {sorted(names - state.keys())[:3]}")
         full = copy.deepcopy(self.whole).to_empty(device=self.device)  # every parameter is in the state
         full.load_state_dict(state, strict=False)
-        live, self.model = self.model, full.eval()
+        self._swapped = full.eval()
         for m in self.offloaded:
             m.to(self.device)
         try:
             yield
         finally:
-            self.model = live
+            self._swapped = None
             for m in self.offloaded:
                 m.to("cpu")
+
+    def live(self) -> dict[str, nn.Module]:
+        """Inside :meth:`ema_swapped_in` the whole model with the EMA weights; else this rank's segments."""
+        return {self.name: self._swapped if self._swapped is not None else self.pipe.union(), **self.frozen}
+
+    @property
+    def model(self) -> nn.Module:
+        return self.live()[self.name]
 
     def offload(self, modules: list[nn.Module]) -> None:
         """Frozen modules this rank does not hold: in host memory during training steps (their work runs on
@@ -180,7 +191,10 @@ class PipelinedStep:
         self.spec: dict = {}  # frozen output shapes, shared by every step's FrozenFill
         self.per_sample: list[torch.Tensor] = []
         self.nan = False
-        self.sample_shape = None
+        self.layout: list[tuple[str, tuple]] = []  # (loss key, per-sample shape) of the packed loss tensors
+        if "weight" not in trainer.stage.loss_keys:
+            raise ConfigError(f"stage '{trainer.cfg.stage}' cannot be pipelined: its loss_keys have no 'weight' "
+                              "(the pipeline weights padding samples 0)")
 
     @property
     def keys(self):
@@ -231,7 +245,9 @@ class PipelinedStep:
         costs = [profile_frozen(p.name, lambda p=p: p.fn(mbs[0]), "flops", _HW,
                                 params=sum(q.numel() for q in p.module.parameters()) if p.module else 0)
                  for p in pieces]
-        prof = Profile(block_costs(self.t.cfg, self.engine.whole, size), costs, size)
+        cfg = self.t.cfg
+        prof = Profile(block_costs(self.engine.whole, cfg.model.frames, cfg.encoders.text_max_length, size), costs,
+                       size)
         schedule, bounds = self.t.cfg.parallel.pp_schedule, self.engine.bounds
         if partition:
             if self.engine.fill:
@@ -269,7 +285,7 @@ class PipelinedStep:
             self._plan(mbs, step)
         preps: dict[int, dict] = {}
 
-        def prep_of(i: int, o: dict) -> dict:  # prepare once per micro-batch (first and last stage share a rank)
+        def prep_of(i: int, o: dict) -> dict:  # prepare once per micro-batch (first and last segment share a rank)
             if i not in preps:
                 x0, cond = self._unpack(o)
                 prep = t.stage.prepare({**mbs[i], "x0": x0, "cond": cond}, step)
@@ -278,8 +294,8 @@ class PipelinedStep:
             return preps[i]
 
         def make_input(i: int, o: dict) -> tuple:
-            prep = prep_of(i, o)
-            return (prep["x_t"], prep["t"], *[prep["cond"][k] for k in self.keys])
+            x, tt, cond = t.stage.model_inputs(prep_of(i, o))
+            return (x, tt, *[cond[k] for k in self.keys])
 
         fill = self._frozen(step + 1, self.placement) if eng.fill and next_batch is not None else None
         cur, slots, inputs, targets = None, {}, None, None
@@ -306,7 +322,7 @@ class PipelinedStep:
         eng.sync_grads()
         self.next = fill.deliver(self.M) if fill is not None else None
         t1 = time.perf_counter()
-        # per-sample losses and times from the last stage (a middle stage prepared nothing in a first fill step);
+        # per-sample losses and times from the last segment (a middle segment prepared nothing in a first fill step);
         # the last M losses: the runtime's first step also runs a shape-inference forward through loss_fn
         per_t = torch.zeros(2, self.per_rank, device=t.device)
         if self.per_sample:
@@ -322,21 +338,27 @@ class PipelinedStep:
                            keys=batch.get("keys"), loss_ok=torch.isfinite(loss))
 
     def _pack(self, prep: dict) -> torch.Tensor:
-        """Everything the loss needs as one tensor (a schedule's target is one tensor): x0, eps, t, weight, valid."""
-        x0 = prep["x0"]
-        self.sample_shape = x0.shape[1:]
-        b = x0.shape[0]
-        w = prep["weight"] if prep["weight"] is not None else torch.ones(b, device=x0.device)
-        return torch.cat([x0.reshape(b, -1).float(), prep["eps"].reshape(b, -1).float(), prep["t"].float()[:, None],
-                          w.float()[:, None], prep["valid"].float()[:, None]], 1)
+        """What the stage's loss reads (``Stage.loss_keys``), batch-first, as one float tensor [B, D] (a schedule's
+        target is one tensor), with the padding mask last. A ``None`` entry (no explicit weight) travels as ones."""
+        b = len(prep["valid"])
+        parts, layout = [], []
+        for key in self.t.stage.loss_keys:
+            v = prep[key]
+            v = torch.ones(b, device=prep["valid"].device) if v is None else v
+            layout.append((key, tuple(v.shape[1:])))
+            parts.append(v.reshape(b, -1).float())
+        self.layout = layout
+        return torch.cat([*parts, prep["valid"].float()[:, None]], 1)
 
     def loss_fn(self, pred: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
         """The micro-batch's mean loss over its real samples (padding has weight 0); the schedule averages over
         micro-batches."""
-        b, d = packed.shape[0], self.sample_shape.numel()
-        prep = {"x0": packed[:, :d].reshape(b, *self.sample_shape),
-                "eps": packed[:, d:2 * d].reshape(b, *self.sample_shape),
-                "t": packed[:, 2 * d], "weight": packed[:, 2 * d + 1] * packed[:, 2 * d + 2]}
+        b, at, prep = packed.shape[0], 0, {}
+        for key, shape in self.layout:
+            n = torch.Size(shape).numel()
+            prep[key] = packed[:, at:at + n].reshape(b, *shape)
+            at += n
+        prep["weight"] = prep["weight"] * packed[:, at]
         if self.nan:  # test hook (DIFFTRAIN_FAULT=nan_loss:STEP:RANK), on a rank holding the loss
             pred = pred * float("nan")
         loss, per = self.t.stage.loss(pred, prep)

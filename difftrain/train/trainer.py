@@ -1,5 +1,8 @@
 """The Trainer: one loop for every stage and engine.
 
+build: the shared parts (train/build.py ``Shared``) -> the stage (``STAGES[cfg.stage]``), which declares its modules
+       and their roles -> the engine (``ENGINES[parallel.engine]``) materialises, wraps and loads them -> the stage is
+       bound to the live modules
 step:  next batch (the one after it is already fetched: ``LookAhead``) -> per micro-batch
        stage.frozen -> stage.prepare -> stage.forward -> stage.loss -> engine.backward
        (pipelined, parallel.pp > 1: train/pipeline.py runs the same stage methods through the schedule)
@@ -8,6 +11,7 @@ step:  next batch (the one after it is already fetched: ``LookAhead``) -> per mi
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -21,15 +25,14 @@ import torch.distributed as dist
 from difftrain.config import (IDENTITY, Config, ConfigError, config_changes, config_hash, save_config,
                               save_resume_config, to_dict)
 from difftrain.data.loader import ShardLoader
-from difftrain.diffusion.diffusion import build_diffusion
 from difftrain.launch.env import init_distributed, pick_device, discover
 from difftrain.parallelism.dims import Meshes, ParallelDims
 from difftrain.train import checkpoint as ckpt
-from difftrain.train.build import build_backbone, build_encoders, model_config, write_model_config
-from difftrain.train.engine import NonFiniteError, TorchEngine
+from difftrain.train.build import build_shared, write_model_config
+from difftrain.train.engine import ENGINES, NonFiniteError
 from difftrain.train.metrics import Metrics
-from difftrain.train.stages import STAGES
-from difftrain.train.stages.pretrain import Conditioner
+from difftrain.train.stages import STAGES, stage_args
+from difftrain.train.stages.base import FROZEN
 from difftrain.train.supervise import Preempted, StopAgreement, StopSignal, Watchdog, alone, default_store, hooked
 
 
@@ -87,34 +90,37 @@ class Trainer:
             save_config(cfg, self.run_dir)
         dist.barrier()
 
-        text, vae = build_encoders(cfg, self.device)
-        latent_ch = vae.latent_channels
-        self.arch, self.acfg = model_config(cfg, text.dim if text is not None else 0, latent_ch)
+        # the shared parts, then the stage, which declares its modules; the engine builds, wraps and loads them
+        self.shared = build_shared(cfg, self.device, self.meshes)
+        self.arch, self.acfg = self.shared.arch, self.shared.acfg
         if self.rank == 0:
             write_model_config(self.arch, self.acfg, self.run_dir)
+        self.stage = STAGES[cfg.stage](self.shared, stage_args(cfg))
+        self._sampling = None
+        self.specs = self.stage.modules()
         self.pp_step = None
-        if self.dims.pp > 1:  # pipeline parallel (docs/PIPELINE.md): each rank allocates only its stages
-            from difftrain.models import registry
+        if self.dims.pp > 1:  # pipeline parallel (docs/PIPELINE.md): each rank allocates only its segments
             from difftrain.train.pipeline import PipelinedStep, PipelineEngine
 
+            others = [n for n in self.specs if n != self.stage.trained]
+            if others:  # the pipeline cuts one trainable module; the stage should have set pipeline_refusal
+                raise ConfigError(f"config key 'parallel.pp' = {cfg.parallel.pp}: stage '{cfg.stage}' declares "
+                                  f"modules besides '{self.stage.trained}' ({', '.join(others)}), which the "
+                                  "pipeline does not hold")
             self.pp_step = PipelinedStep(self)
-            module = registry.build(self.arch, self.acfg)  # meta; cut in place into this rank's stages
-            self.engine = PipelineEngine(module, self.meshes, cfg, self.device, cfg.run.steps, self.pp_step.loss_fn,
-                                         source=lambda: build_backbone(cfg, self.arch, self.acfg, torch.device("cpu")))
+            spec = self.specs[self.stage.trained]
+            self.engine = PipelineEngine(spec.meta(), self.meshes, cfg, self.device, cfg.run.steps,
+                                         self.pp_step.loss_fn, source=lambda: spec.init(torch.device("cpu")),
+                                         name=self.stage.trained)
             self.pp_step.engine = self.engine
         else:
-            module = build_backbone(cfg, self.arch, self.acfg, self.device)
-            self.engine = TorchEngine(module, self.meshes, cfg.parallel, cfg.optim, self.device, cfg.run.steps)
-        self.diffusion = build_diffusion(cfg.diffusion, pixel_space=not cfg.encoders.vae)
-        null_text = None
-        if cfg.data.kind == "latent":  # pre-encoded shards: check their encoders match this run's
-            from difftrain.data.latents import load_latent_data
-
-            null_text = load_latent_data(cfg, text, vae).null_text
-        self.conditioner = Conditioner(cfg, text, self.device, null_text=null_text)
-        self.vae = vae
-        self.stage = STAGES[cfg.stage](cfg, module, self.diffusion, self.conditioner, vae, self.device,
-                                       dp_group=self.meshes.dp.get_group())
+            self.engine = ENGINES[cfg.parallel.engine].from_stage(self.specs, self.meshes, cfg.parallel, cfg.optim,
+                                                                  self.device, cfg.run.steps)
+        self.stage.bind(self.engine.live())
+        # a frozen module is recorded in checkpoints by its source and fingerprint (a resume refuses another one)
+        self.frozen_sources = {n: s.source.fingerprint() for n, s in self.specs.items()
+                               if s.role == FROZEN and s.source is not None}
+        self.diffusion, self.conditioner, self.vae = self.shared.diffusion, self.shared.conditioner, self.shared.vae
         self.loader = ShardLoader.from_config(cfg.data, rank=self.dp_rank, world=self.dp, seed=cfg.run.seed)
         self.callbacks = list(callbacks or [])
         self.step = 0
@@ -126,6 +132,18 @@ class Trainer:
         if mp == "bf16" or (mp == "auto" and self.device.type == "cuda"):
             return torch.bfloat16
         return None
+
+    # ------------------------------------------------------------------------------- inference
+    def sampling(self):
+        """The stage's sampler, steps and guidance for its served model (``Stage.sampling``, resolved once: it may
+        read the stage's sources)."""
+        if self._sampling is None:
+            self._sampling = self.stage.sampling(self.cfg)
+        return self._sampling
+
+    def served_model(self):
+        """The module sampling, validation and export use (inside ``engine.ema_swapped_in()``: its EMA weights)."""
+        return self.engine.live()[self.stage.served]
 
     # ------------------------------------------------------------------------------ checkpoint
     def _tensors(self) -> dict:
@@ -142,7 +160,10 @@ class Trainer:
         # The look-ahead batch is fetched but not trained on: resume must start with it.
         data = self.loader.state_dict(self._data.peek()["position"]["g"] if self._data is not None else None)
         state = {"step": self.step, "data_g": data["g"], "world_size": self.world,
-                 "config_hash": self.config_hash, "config": to_dict(self.cfg)}
+                 "config_hash": self.config_hash, "config": to_dict(self.cfg), "stage": self.cfg.stage,
+                 "served": self.stage.served, "modules": {n: s.role for n, s in self.specs.items()},
+                 "sampling": dataclasses.asdict(self.sampling()),
+                 "frozen": self.frozen_sources}
         return ckpt.save(self.ckpt_root, self.step, self._tensors(), state, self.cfg.run.keep_last,
                          rank_state={"data": data})
 
@@ -175,6 +196,13 @@ class Trainer:
         is left waiting. Rank 0 then keeps this resume's config beside the first (``config.resume-STEP.yaml``)."""
         step, saved = state.get("step"), state.get("config")
         log = self.rank == 0
+        for name, now in self.frozen_sources.items():  # a frozen module is the weights it was trained against
+            then = state.get("frozen", {}).get(name)
+            if then is not None and then != now and not self.cfg.run.allow_config_change:
+                raise ConfigError(f"resume of step {step} from '{self.ckpt_root}' refused: frozen module '{name}' "
+                                  f"was {then['source']} (step {then['step']}, fingerprint {then['sha256']}), now "
+                                  f"{now['source']} (step {now['step']}, fingerprint {now['sha256']}) (restore it, "
+                                  "start a new run.dir, or set run.allow_config_change=true)")
         if not isinstance(saved, dict):  # a checkpoint from before configs were saved in it: the hash only
             if log and state.get("config_hash") != self.config_hash:
                 print(f"difftrain: warning: resuming step {step}, saved with config hash {state.get('config_hash')}, "
@@ -213,7 +241,7 @@ class Trainer:
                 fb = self.stage.frozen(mb, self.step)
                 prep = self.stage.prepare(fb, self.step)
                 with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-                    pred = self.stage.forward(self.engine.model, prep)
+                    pred = self.stage.forward(prep)
                 if nan:
                     pred = pred * float("nan")
                 loss, per_sample = self.stage.loss(pred, prep)

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from difftrain.config import load_config
+from difftrain.config_checks import load_config
 from difftrain.train.checkpoint import complete_checkpoints
 from difftrain.train.engine import NonFiniteError
 from difftrain.train.trainer import Trainer

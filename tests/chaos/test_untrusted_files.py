@@ -21,7 +21,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 
 from difftrain import cli
-from difftrain.config import ConfigError, load_config
+from difftrain.config import ConfigError
+from difftrain.config_checks import load_config
 from difftrain.launch.env import shutdown
 from difftrain.models import registry
 from difftrain.train import checkpoint as ckpt
@@ -148,7 +149,7 @@ def poison(run_dir: Path, payload, marker: Path, steps=STEPS) -> None:
 
 def _model_keys(run_dir: Path) -> dict:
     arch, acfg = read_model_config(run_dir)
-    return {f"model.{k}": v for k, v in registry.build(arch, acfg).state_dict().items()}
+    return {f"model.backbone.{k}": v for k, v in registry.build(arch, acfg).state_dict().items()}
 
 
 @pytest.mark.parametrize("payload", PICKLES, ids=lambda p: p.__name__)

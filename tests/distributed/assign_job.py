@@ -7,10 +7,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from difftrain.config import load_config
+from difftrain.config_checks import load_config
 from difftrain.diffusion.assign import linear_assign
 from difftrain.diffusion.diffusion import build_diffusion
 from difftrain.diffusion.keyed import keyed_randn
+from difftrain.train.build import Shared
 from difftrain.train.stages.pretrain import PretrainStage
 
 GLOBAL_BATCH, SHAPE, STEP = 12, (3, 4, 4), 5
@@ -22,7 +23,7 @@ def data(index):
 
 def stage(assign, scope):
     cfg = load_config(None, [f"diffusion.assign={assign}", f"diffusion.assign_scope={scope}", "run.seed=3"])
-    return PretrainStage(cfg, None, build_diffusion(cfg.diffusion), None, None, torch.device("cpu"))
+    return PretrainStage(Shared.parts(cfg, torch.device("cpu"), diffusion=build_diffusion(cfg.diffusion)))
 
 
 def main():

@@ -1,7 +1,7 @@
 """Runs inside torchrun (gloo): one DiT (text-conditional, adaLN-single) or UNet trained one step by every
 pipeline schedule on this world's ranks; then the frozen-work cases (FILL_CASES): bubble filling for GPipe/1F1B
 and the balanced fallback for the others, with a frozen "VAE" and "text encoder" over two iterations. Usage: pipeline_job.py OUT. Writes OUT/rank{r}.pt: per case, this rank's
-stage gradients and micro-batch losses, and the single-process reference gradients of the same step (each rank
+segment gradients and micro-batch losses, and the single-process reference gradients of the same step (each rank
 computes it on the full batch: same seed, same weights), all in float64."""
 import copy
 import os
@@ -21,7 +21,7 @@ from difftrain.parallelism.pipeline.fill import CurrentFill, FrozenFill, FrozenM
 from difftrain.parallelism.pipeline.partition import uniform_bounds
 from difftrain.parallelism.pipeline.runtime import build_pipeline
 from difftrain.parallelism.pipeline.simulate import current_plan, simulate
-from difftrain.parallelism.pipeline.stages import cond_keys, num_blocks
+from difftrain.parallelism.pipeline.segments import cond_keys, num_blocks
 
 B, M, TEXT_DIM, LEN = 8, 4, 16, 5
 
@@ -55,7 +55,7 @@ def loss_fn(pred, target):
     return (pred - target).square().mean()
 
 
-CASES = {  # name: (model, schedule, stages per rank)
+CASES = {  # name: (model, schedule, segments per rank)
     "dit_gpipe": ("dit", "gpipe", 1),
     "dit_1f1b": ("dit", "1f1b", 1),
     "dit_interleaved_1f1b": ("dit", "interleaved_1f1b", 2),
@@ -65,7 +65,7 @@ CASES = {  # name: (model, schedule, stages per rank)
 }
 
 
-FILL_CASES = {  # name: (model, schedule, stages per rank, frozen-work mode[, owners: module -> rank on 2 ranks])
+FILL_CASES = {  # name: (model, schedule, segments per rank, frozen-work mode[, owners: module -> rank on 2 ranks])
     "dit_1f1b_fill": ("dit", "1f1b", 1, "fill"),
     "dit_1f1b_fill_owned": ("dit", "1f1b", 1, "fill", {"text": 1, "vae": 0}),
     "dit_zero_bubble_balanced_owned": ("dit", "zero_bubble", 2, "balanced", {"text": 1, "vae": 0}),
@@ -99,7 +99,7 @@ def raw_mbs(it: int) -> list[dict]:
 
 
 def mb_inputs(o: dict, it: int, i: int):
-    """x_t on the rectified-flow path and the velocity target: the last stage needs the latents too."""
+    """x_t on the rectified-flow path and the velocity target: the last segment needs the latents too."""
     x0 = o["vae"][0]
     g = torch.Generator().manual_seed(1000 * it + i)
     eps = torch.randn(x0.shape, generator=g, dtype=x0.dtype)
@@ -136,8 +136,8 @@ def merge(*slot_dicts: dict) -> dict:
 def fill_case(name, schedule, per_rank, mode, owned=None, *, world, rank):
     model = model_for(name)
     ref = copy.deepcopy(model)
-    n_blocks, n_stages = num_blocks(model), world * per_rank
-    bounds = [(n_blocks * s // n_stages, n_blocks * (s + 1) // n_stages) for s in range(n_stages)]
+    n_blocks, n_segments = num_blocks(model), world * per_rank
+    bounds = [(n_blocks * s // n_segments, n_blocks * (s + 1) // n_segments) for s in range(n_segments)]
     owners = {k: {r} for k, r in owned.items()} if owned else None
     placement = fill_placement(n_blocks, world, schedule, owners)[rank] if mode == "fill" else {}
     held = {k for k, rs in owners.items() if rank in rs} if owners else None
@@ -207,8 +207,8 @@ def main():
         ref = copy.deepcopy(model)
         loss_fn(ref(x, t, cond), target).backward()
         ref_grads = {n: p.grad for n, p in ref.named_parameters()}
-        n_blocks, n_stages = len(model.blocks), world * per_rank
-        bounds = [(n_blocks * s // n_stages, n_blocks * (s + 1) // n_stages) for s in range(n_stages)]
+        n_blocks, n_segments = len(model.blocks), world * per_rank
+        bounds = [(n_blocks * s // n_segments, n_blocks * (s + 1) // n_segments) for s in range(n_segments)]
         pipe = build_pipeline(model, bounds, schedule, M, loss_fn, dist.group.WORLD, torch.device("cpu"))
         chunks = lambda v: list(v.chunk(M))  # noqa: E731
         inputs = list(zip(chunks(x), chunks(t), *(chunks(cond[k]) for k in cond_keys(model))))

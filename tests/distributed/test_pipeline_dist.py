@@ -1,6 +1,6 @@
 """Tier 2: pipeline-parallel steps on 2 gloo ranks (one torchrun launch) and 1F1B on 4 ranks (one launch): every
 schedule's gradients equal a single-process step on the same batch, and its micro-batch losses the whole
-model's, for DiT (text, adaLN-single) and the UNet (skips across stages)."""
+model's, for DiT (text, adaLN-single) and the UNet (skips across segments)."""
 import pytest
 import torch
 
@@ -43,7 +43,7 @@ def _check(ranks, case):
 def test_two_ranks(two, case):
     _check(two, case)
     ids = sorted(i for r in two for i in r[case]["ids"])
-    assert ids == list(range(len(ids)))  # every stage runs exactly once
+    assert ids == list(range(len(ids)))  # every segment runs exactly once
 
 
 @pytest.mark.parametrize("case", sorted(FILL_CASES))
@@ -71,7 +71,7 @@ def test_fill_runs_next_iterations_frozen_work_inside_this_one(two, case):
 
 def _check_current(ranks, case):
     """Iteration 0 had nothing prefetched: its own frozen work ran in its own bubbles (simulate.current_plan) and
-    was delivered mid-step to the first and last stages, exactly equal to the inline computation, and the step's
+    was delivered mid-step to the first and last segments, exactly equal to the inline computation, and the step's
     losses equal the whole model's on the inline outputs."""
     last = len(ranks) - 1
     for q, r in enumerate(ranks):
@@ -88,7 +88,7 @@ def _check_current(ranks, case):
         placed = [p for p in res["current"]["pieces"] if not p[5]]
         labels = {e[1] for e in res["trace"][0]["events"] if e[0] == "frozen" and e[1].startswith("it0:")}
         assert labels == {f"it0:{n}[{mb}:{lo}:{hi}]" for _, n, mb, lo, hi, _ in placed}
-        assert not any(p[5] for p in res["current"]["pieces"]) or q == 0  # only the first stage runs inline
+        assert not any(p[5] for p in res["current"]["pieces"]) or q == 0  # only the first segment runs inline
     assert any(p for q, r in enumerate(ranks) if q > 0 for p in r[case]["current"]["pieces"])
     covered = sorted((n, mb, lo, hi) for r in ranks for _, n, mb, lo, hi, _ in r[case]["current"]["pieces"])
     for n in ("text", "vae"):
@@ -103,7 +103,7 @@ def _check_current(ranks, case):
 def test_fill_runs_a_first_iterations_frozen_work_in_its_own_bubbles(two, case):
     _check_current(two, case)
     pieces = two[1][case]["current"]["pieces"]
-    if len(FILL_CASES[case]) > 4:  # the first stage does not hold the text encoder: rank 1 encodes all of it
+    if len(FILL_CASES[case]) > 4:  # the first segment does not hold the text encoder: rank 1 encodes all of it
         assert {(name, mb) for _, name, mb, _, _, _ in pieces} == {("text", i) for i in range(M)}
     else:
         assert 0 not in {mb for _, _, mb, _, _, _ in pieces} and len(pieces) >= 4  # rank 1's warm-up bubble

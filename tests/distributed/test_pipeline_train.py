@@ -3,7 +3,7 @@ equals a single process on the same
 global batch: 1F1B and GPipe with the frozen work in the bubbles, 1F1B with it pre-computed, interleaved 1F1B
 and ZB-V with the balanced fallback, the UNet; and checkpoints cross between pipelined and plain runs both
 ways (resumed runs end where an uninterrupted single process ends). Weights are read back from each run's DCP
-checkpoint, which the stages write together."""
+checkpoint, which the segments write together."""
 import pytest
 import torch
 
@@ -12,7 +12,7 @@ from difftrain.train.build import load_run_weights, read_model_config
 from tests.conftest import tiny_vae, torchrun
 from tests.distributed.test_equivalence import COMMON, MODELS
 
-DEEP = "model.args.depth=4"  # 4 blocks: two stages per rank for interleaved 1F1B and ZB-V
+DEEP = "model.args.depth=4"  # 4 blocks: two segments per rank for interleaved 1F1B and ZB-V
 PP = "parallel.pp=2 parallel.pp_microbatches=4"
 CASES = {
     "dit_1f1b_fill": ("dit", f"{PP} parallel.pp_schedule=1f1b parallel.pp_frozen=fill "
@@ -98,7 +98,7 @@ def test_checkpoints_cross_between_pipelined_and_plain(runs, run):
 
 
 def test_pipelined_run_logs_losses_and_samples(runs):
-    """The pipelined run's per-step losses reach the logs (sent from the last stage) and equal the single
+    """The pipelined run's per-step losses reach the logs (sent from the last segment) and equal the single
     process's."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -107,7 +107,7 @@ def test_pipelined_run_logs_losses_and_samples(runs):
         acc.Reload()
         return [e.value for e in acc.Scalars("loss")]
 
-    # sampling gathers the stages' EMA weights into a whole model: the single process's grid
+    # sampling gathers the segments' EMA weights into a whole model: the single process's grid
     import numpy as np
     from PIL import Image
 

@@ -1,6 +1,6 @@
 """Runs inside torchrun: several short training runs in the same processes (one launch, many
 cases), each given as NAME and dotted overrides; rank 0 writes each run's final full weights to
-OUT/NAME.safetensors. Usage: train_job.py OUT NAME1 'k=v k=v' NAME2 'k=v ...'"""
+OUT/NAME.safetensors. Usage: train_job.py OUT NAME1 '[CONFIG.yaml] k=v k=v' NAME2 'k=v ...'"""
 import json
 import sys
 from pathlib import Path
@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from difftrain.config import load_config
+from difftrain.config_checks import load_config
 from difftrain.eval.validate import Validation
 from difftrain.sampling import SampleGrid
 from difftrain.train.trainer import Trainer
@@ -22,10 +22,12 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     cases = sys.argv[2:]
     for name, overrides in zip(cases[::2], cases[1::2]):
-        cfg = load_config(None, overrides.split())
+        words = overrides.split()  # a leading FILE.yaml is the config the overrides apply to
+        path, words = (words[0], words[1:]) if words and words[0].endswith(".yaml") else (None, words)
+        cfg = load_config(path, words)
         trainer = Trainer(cfg, callbacks=[SampleGrid(), Validation()])
         trainer.fit()
-        sd = get_model_state_dict(trainer.engine.model,
+        sd = get_model_state_dict(trainer.engine.models[trainer.stage.served],
                                   options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         ema = trainer.engine.ema.shadow.values()
         local = sum((t.to_local() if isinstance(t, DTensor) else t).numel() for t in ema)

@@ -6,11 +6,13 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from difftrain.config import ConfigError, load_config
+from difftrain.config import ConfigError
+from difftrain.config_checks import load_config
 from difftrain.diffusion.assign import (ASSIGNERS, KNNAssign, build_assigner, cost_matrix, hungarian_permutation,
                                         knn_candidates, knn_select, linear_assign)
 from difftrain.diffusion.diffusion import build_diffusion
 from difftrain.diffusion.keyed import keyed_randn
+from difftrain.train.build import Shared
 from difftrain.train.stages.pretrain import PretrainStage
 
 
@@ -119,8 +121,9 @@ def test_registry_and_config():
 def test_prepare_moves_only_the_noise(assign):
     cfg = load_config(None, [f"diffusion.assign={assign}", "run.seed=3"])
     ref_cfg = load_config(None, ["run.seed=3"])
-    stage = PretrainStage(cfg, None, build_diffusion(cfg.diffusion), None, None, torch.device("cpu"))
-    ref = PretrainStage(ref_cfg, None, build_diffusion(ref_cfg.diffusion), None, None, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    stage = PretrainStage(Shared.parts(cfg, cpu, diffusion=build_diffusion(cfg.diffusion)))
+    ref = PretrainStage(Shared.parts(ref_cfg, cpu, diffusion=build_diffusion(ref_cfg.diffusion)))
     g = torch.Generator().manual_seed(0)
     x0 = torch.rand(16, 3, 8, 8, generator=g) * 2 - 1
     labels = torch.arange(16)

@@ -3,17 +3,8 @@ import pickle
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from difftrain.train import checkpoint as ckpt
-
-
-@pytest.fixture()
-def world1(tmp_path):
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def test_save_load_roundtrip_marker_latest_and_keep_last(tmp_path, world1):

@@ -1,6 +1,7 @@
 import pytest
 
-from difftrain.config import ConfigError, ParallelConfig, config_hash, load_config, parse_override, save_config
+from difftrain.config import ConfigError, ParallelConfig, config_hash, parse_override, save_config
+from difftrain.config_checks import load_config
 from difftrain.parallelism.dims import ParallelDims
 from tests.conftest import REPO
 
@@ -18,10 +19,12 @@ def test_demo_config_loads_with_overrides():
     ("parallel.engine=zero", "config key 'parallel.engine' = 'zero' is not one of: ddp, fsdp2"),
     ("optim.lr=fast", "config key 'optim.lr' must be float, got str 'fast'"),
     ("run.steps=1.5", "config key 'run.steps' must be int, got float 1.5"),
-    ("nosection.x=1", "unknown config key 'nosection'; valid keys in '<root>': stage, init_from, run,"),
+    ("nosection.x=1", "unknown config key 'nosection'; valid keys in '<root>': stage, stage_args, init_from, run,"),
     ("optim=3", "config section 'optim' must be a mapping"),
     ("eval.ref=", "config key 'eval.ref' must name held-out shards"),
-    ("eval.sampler=ddpm", "config key 'eval.sampler' = 'ddpm' is not one of: euler, heun, ddim, dpmpp_2m"),
+    ("eval.sampler=ddpm", "config key 'eval.sampler' = 'ddpm' is not one of: '', euler, heun, ddim, dpmpp_2m"),
+    ("eval.extractor=resnet:/w.pt", "config key 'eval.extractor' = 'resnet:/w.pt': the name before ':' must be one "
+                                    "of digits, inception, clip"),
     # value ranges
     ("optim.lr=-1", "config key 'optim.lr' must be > 0.0, got -1.0"),
     ("optim.lr=0", "config key 'optim.lr' must be > 0.0, got 0.0"),
@@ -57,7 +60,7 @@ def test_demo_config_loads_with_overrides():
     ("model.image_size=0", "config key 'model.image_size' must be >= 1, got 0"),
     ("encoders.text_max_length=0", "config key 'encoders.text_max_length' must be >= 1, got 0"),
     ("eval.num=1", "config key 'eval.num' must be >= 2, got 1"),
-    ("eval.steps=0", "config key 'eval.steps' must be >= 1, got 0"),
+    ("eval.steps=-1", "config key 'eval.steps' must be >= 0, got -1"),
     ("run.sample_prompts=[1, 2]", "config key 'run.sample_prompts' must be a list of strings"),
 ])
 def test_config_errors_name_the_key(override, message):

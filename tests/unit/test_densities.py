@@ -6,7 +6,8 @@ import pytest
 import torch
 from scipy import stats
 
-from difftrain.config import ConfigError, DiffusionConfig, load_config
+from difftrain.config import ConfigError, DiffusionConfig
+from difftrain.config_checks import load_config
 from difftrain.diffusion.densities import (
     DENSITIES, EDM, Cosine, Density, Laplace, LogitNormal, LogSNRDensity, UShaped, Uniform,
 )

@@ -11,15 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-from difftrain.config import ConfigError, ModelConfig, load_config
+from difftrain.config import ConfigError, ModelConfig
+from difftrain.config_checks import load_config
 from difftrain.diffusion.diffusion import build_diffusion
 from difftrain.models import registry
 from difftrain.models.dit import sincos_pos_embed_2d
 from difftrain.models.dit_video import VideoDiT, VideoDiTBlock, VideoDiTConfig, sincos_pos_embed_3d
 from difftrain.models.encoders import PixelSpace
 from difftrain.sampling import SampleGrid, generate, grid, sample_shape
-from difftrain.train.build import build_backbone, model_config, read_model_config, write_model_config
-from difftrain.train.stages.pretrain import Conditioner, PretrainStage
+from difftrain.train.build import Shared, build_backbone, model_config, read_model_config, write_model_config
+from difftrain.models.conditioner import Conditioner
+from difftrain.train.stages.pretrain import PretrainStage
 
 TEXT_DIM, L = 12, 5
 
@@ -146,7 +148,8 @@ def _change(block, x, mod, frame: int, pos: int) -> torch.Tensor:
 
 def test_factorized_attention_is_factorized():
     T, S, A, B = 3, 6, 0, 4  # token A of frame 0; token B of frame 1
-    x, mod = torch.randn(1, T, S, 32), torch.randn(1, 32)
+    g = torch.Generator().manual_seed(0)  # seeded: an unseeded draw made the thresholds below flaky
+    x, mod = torch.randn(1, T, S, 32, generator=g), torch.randn(1, 32, generator=g)
     full, fact = _block("full"), _block("factorized")
     # 1) spatial attention stays within a frame: with the temporal branch off, frame 0 ignores frame 1
     with torch.no_grad():
@@ -231,9 +234,11 @@ def test_registry_selects_the_video_form_and_round_trips(tmp_path):
 # ------------------------------------------------------------------------------------------------ pretrain path
 def _stage(cfg):
     arch, acfg = model_config(cfg, 0, 3)
-    model = build_backbone(cfg, arch, acfg, torch.device("cpu"))
     cpu = torch.device("cpu")
-    return PretrainStage(cfg, model, build_diffusion(cfg.diffusion), Conditioner(cfg, None, cpu), PixelSpace(3), cpu)
+    stage = PretrainStage(Shared.parts(cfg, cpu, diffusion=build_diffusion(cfg.diffusion), vae=PixelSpace(3),
+                                       conditioner=Conditioner(cfg.model, None, cpu), arch=arch, acfg=acfg))
+    stage.bind({"backbone": build_backbone(arch, acfg, cpu, cfg.run.seed)})
+    return stage
 
 
 def test_pretrain_steps_reduce_the_loss_on_a_fixed_clip_batch():
@@ -254,11 +259,11 @@ def test_pretrain_steps_reduce_the_loss_on_a_fixed_clip_batch():
         ti = prep["t"][i]
         torch.testing.assert_close(prep["x_t"][i], (1 - ti) * prep["x0"][i] + ti * prep["eps"][i])
         torch.testing.assert_close(d.target(prep["x0"], prep["eps"], prep["t"])[i], prep["eps"][i] - prep["x0"][i])
-    model = stage.backbone
+    model = stage.live["backbone"]
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(20):
-        loss, per = stage.loss(stage.forward(model, prep), prep)
+        loss, per = stage.loss(stage.forward(prep), prep)
         assert per.shape == (4,)
         opt.zero_grad()
         loss.backward()
@@ -293,7 +298,7 @@ def test_sampling_gives_clips_and_a_frame_grid(tmp_path):
     cfg = video_cfg("run.sample_every=1", "run.sample_num=3", "run.sample_steps=2", "run.sample_sampler=euler",
                     "run.sample_guidance=2.0", f"run.dir={tmp_path}")
     stage = _stage(cfg)
-    acfg = stage.backbone.config
+    acfg = stage.live["backbone"].config
     assert sample_shape(acfg) == (4, 3, 8, 8)
     perturbed_model = perturbed(acfg).eval()
     kw = dict(n=3, shape=sample_shape(acfg), steps=2, sampler="euler", guidance=2.0, seed=0,
@@ -317,7 +322,8 @@ def test_sampling_gives_clips_and_a_frame_grid(tmp_path):
     trainer = SimpleNamespace(
         cfg=cfg, acfg=acfg, diffusion=stage.diffusion, conditioner=stage.conditioner, vae=stage.vae,
         device=torch.device("cpu"), rank=0, run_dir=tmp_path,
-        engine=SimpleNamespace(model=perturbed_model, ema_swapped_in=contextlib.nullcontext),
+        engine=SimpleNamespace(ema_swapped_in=contextlib.nullcontext), served_model=lambda: perturbed_model,
+        sampling=lambda: PretrainStage.sampling(cfg),
         metrics=SimpleNamespace(add_image=lambda tag, img, step: logged.setdefault(tag, img)))
     SampleGrid().on_step_end(trainer, 1)
     assert (tmp_path / "samples" / "step_00000001.png").is_file()

@@ -329,3 +329,12 @@ def test_open_clip_checkpoint(tmp_path):
     assert torch.allclose(score, want, atol=1e-4)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ex.build_extractor(f"clip:open_clip:difftrain-tiny-clip:{tmp_path / 'missing.safetensors'}")
+
+
+def test_specs_outside_the_registry_name_the_valid_ones():
+    with pytest.raises(ValueError, match="expected one of digits, inception, clip"):
+        ex.build_extractor("resnet:/w.pt")
+    with pytest.raises(ValueError, match="digits takes no argument"):
+        ex.build_extractor("digits:extra")
+    with pytest.raises(ValueError, match="needs a checkpoint"):
+        ex.build_extractor("clip")

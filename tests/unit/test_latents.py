@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load
 
-from difftrain.config import ConfigError, load_config
+from difftrain.config import ConfigError
+from difftrain.config_checks import load_config
 from difftrain.data.images import to_unit
 from difftrain.data.decode import SkipSample
 from difftrain.data.encode import encode, with_field
@@ -18,12 +19,18 @@ from difftrain.data.loader import ShardLoader
 from difftrain.data.samples import SampleDecoder
 from difftrain.diffusion.diffusion import build_diffusion
 from difftrain.diffusion.keyed import keyed_randn
-from difftrain.train.build import build_backbone, build_encoders, model_config
-from difftrain.train.stages.pretrain import Conditioner, PretrainStage
+from difftrain.train.build import Shared, build_backbone, build_encoders, model_config
+from difftrain.models.conditioner import Conditioner
+from difftrain.train.stages.pretrain import PretrainStage
 from tests.conftest import REPO, run_cmd, tiny_vae
 
 CPU = torch.device("cpu")
 SHARDS = "{00000..00002}.tar"  # 3 x 256 digits
+
+
+def latent_data(cfg, text=None, vae=None):
+    """``load_latent_data`` with the sections of a run config."""
+    return load_latent_data(cfg.data, cfg.encoders, cfg.model.cond, text, vae)
 
 
 def config(src: str, *extra: str):
@@ -142,14 +149,17 @@ def test_latent_losses_equal_online(digits, encoders, latent32, assign):
     extra = ("data.caption_dropout=0.5", "model.args.depth=2", f"diffusion.assign={assign}")
     cfg = config(source(digits), *extra)
     lcfg = config(f"{latent32}/{SHARDS}", "data.kind=latent", *extra)
-    data = load_latent_data(lcfg)  # no encoders: the null condition comes from null.safetensors
+    data = latent_data(lcfg)  # no encoders: the null condition comes from null.safetensors
     assert data.text_dim == text.dim and data.latent_channels == 1
     arch, acfg = model_config(cfg, text.dim, 1)
-    model = build_backbone(cfg, arch, acfg, CPU)
+    model = build_backbone(arch, acfg, CPU, cfg.run.seed)
     diffusion = build_diffusion(cfg.diffusion)
-    online = PretrainStage(cfg, model, diffusion, Conditioner(cfg, text, CPU), vae, CPU)
-    latent_cond = Conditioner(lcfg, None, CPU, null_text=data.null_text)
-    latent = PretrainStage(lcfg, model, diffusion, latent_cond, _NoVAE(), CPU)
+    online = PretrainStage(Shared.parts(cfg, CPU, diffusion=diffusion, conditioner=Conditioner(cfg.model, text, CPU),
+                                        vae=vae))
+    latent_cond = Conditioner(lcfg.model, None, CPU, null_text=data.null_text)
+    latent = PretrainStage(Shared.parts(lcfg, CPU, diffusion=diffusion, conditioner=latent_cond, vae=_NoVAE()))
+    for stage in (online, latent):
+        stage.bind({"backbone": model})
     loaders = ShardLoader.from_config(cfg.data, 0, 1, 0), ShardLoader.from_config(lcfg.data, 0, 1, 0)
     dropped = 0
     for step, a, b in zip(range(3), *loaders):
@@ -157,7 +167,7 @@ def test_latent_losses_equal_online(digits, encoders, latent32, assign):
         for stage, batch in ((online, a), (latent, b)):
             prep = stage.prepare(stage.frozen(batch, step), step)
             with torch.no_grad():
-                losses.append(stage.loss(stage.forward(model, prep), prep)[1])
+                losses.append(stage.loss(stage.forward(prep), prep)[1])
         assert torch.equal(losses[0], losses[1])
         if assign == "linear":  # the noise rows were permuted, the data were not
             plain = keyed_randn(lcfg.run.seed, step, b["index"], prep["x0"].shape[1:], "noise")
@@ -198,11 +208,11 @@ def test_vae_posterior_and_encoder_checks(digits, vae_dirs, tmp_path):
         torch.testing.assert_close(t["latent_std"], dist.std[i] * 0.5)
 
     lcfg = config(f"{out}/00000.tar", "data.kind=latent", f"encoders.vae={vae_dirs[0]}", *cls)
-    data = load_latent_data(lcfg, text, vae)
+    data = latent_data(lcfg, text, vae)
     assert data.null_text is None and data.latent_channels == 4
     batch = next(iter(ShardLoader.from_config(lcfg.data, 0, 1, 0)))
     assert batch["latent_std"].shape == batch["latent_mean"].shape == (16, 4, 8, 8)
-    stage = PretrainStage(lcfg, None, None, Conditioner(lcfg, None, CPU), _NoVAE(), CPU)
+    stage = PretrainStage(Shared.parts(lcfg, CPU, conditioner=Conditioner(lcfg.model, None, CPU), vae=_NoVAE()))
     z0, z0_again, z1 = (stage.frozen(batch, s)["x0"] for s in (0, 0, 1))
     assert torch.equal(z0, z0_again) and not torch.equal(z0, z1)  # keyed by step and sample
     xi = (z0 - batch["latent_mean"]) / batch["latent_std"]
@@ -211,20 +221,20 @@ def test_vae_posterior_and_encoder_checks(digits, vae_dirs, tmp_path):
     moved = tmp_path / "moved_vae"
     shutil.copytree(vae_dirs[0], moved)
     mcfg = config(f"{out}/00000.tar", "data.kind=latent", f"encoders.vae={moved}", *cls)
-    load_latent_data(mcfg, text, build_encoders(mcfg, CPU)[1])  # same weights elsewhere: accepted
+    latent_data(mcfg, text, build_encoders(mcfg, CPU)[1])  # same weights elsewhere: accepted
     with pytest.raises(ConfigError, match=r"data\.train.*encoders\.vae"):
-        load_latent_data(mcfg)  # no modules to compare: the path decides
+        latent_data(mcfg)  # no modules to compare: the path decides
     ocfg = config(f"{out}/00000.tar", "data.kind=latent", f"encoders.vae={vae_dirs[1]}", *cls)
     with pytest.raises(ConfigError, match=r"data\.train.*encoders\.vae"):
-        load_latent_data(ocfg, None, build_encoders(ocfg, CPU)[1])
+        latent_data(ocfg, None, build_encoders(ocfg, CPU)[1])
     with pytest.raises(ConfigError, match=r"data\.train.*image_size"):
-        load_latent_data(config(f"{out}/00000.tar", "data.kind=latent", "data.image_size=32",
-                                f"encoders.vae={vae_dirs[0]}", *cls))
+        latent_data(config(f"{out}/00000.tar", "data.kind=latent", "data.image_size=32",
+                           f"encoders.vae={vae_dirs[0]}", *cls))
 
 
 def test_text_mismatch_and_bad_latents(latent32, tmp_path):
     with pytest.raises(ConfigError, match=r"data\.train.*encoders\.text_max_length"):
-        load_latent_data(config(f"{latent32}/{SHARDS}", "data.kind=latent", "encoders.text_max_length=8"))
+        latent_data(config(f"{latent32}/{SHARDS}", "data.kind=latent", "encoders.text_max_length=8"))
     good = next(iter(members(latent32 / "00000.tar").items()))[1]
     decoder = SampleDecoder("latent", 1, [(16, 16)])
     assert set(decoder({"__key__": "k", **good}, None)) >= {"latent_mean", "text_states", "text_mask", "caption"}
@@ -272,5 +282,5 @@ def test_video_is_encoded_frame_by_frame(vae_dirs, tmp_path):
     torch.testing.assert_close(means, vae.encode(clips))  # the VAE's own per-frame path
     lcfg = config(f"{tmp_path}/lat/00000.tar", "data.kind=latent", "data.batch_size=4", "model.frames=4", *common)
     batch = next(iter(ShardLoader.from_config(lcfg.data, 0, 1, 0)))
-    stage = PretrainStage(lcfg, None, None, Conditioner(lcfg, None, CPU), _NoVAE(), CPU)
+    stage = PretrainStage(Shared.parts(lcfg, CPU, conditioner=Conditioner(lcfg.model, None, CPU), vae=_NoVAE()))
     assert stage.frozen(batch, 0)["x0"].shape == (4, 4, 4, 8, 8)

@@ -12,10 +12,10 @@ import torch
 from difftrain.models.dit import DiT, DiTConfig
 from difftrain.parallelism.pipeline.costs import (HARDWARE, BlockCost, FrozenCost, Profile, profile_blocks,
                                                   profile_frozen)
-from difftrain.parallelism.pipeline.partition import partition, stage_times, uniform_bounds
-from difftrain.parallelism.pipeline.simulate import (_backbone, _stage_times, choose_owners, current_plan,
-                                                     fill_plan,
-                                                     plot_timeline, rank_order, schedule_orders, simulate)
+from difftrain.parallelism.pipeline.partition import partition, segment_times, uniform_bounds
+from difftrain.parallelism.pipeline.orders import rank_order, schedule_orders
+from difftrain.parallelism.pipeline.simulate import (_backbone, _segment_times, choose_owners, current_plan,
+                                                     plot_timeline, simulate)
 
 
 def _bounds_from_cuts(n, cuts):
@@ -30,20 +30,20 @@ def test_partition_matches_brute_force(seed):
     times = [rng.uniform(0.1, 3.0) for _ in range(n)]
     cuts = [rng.uniform(0.0, 0.5) for _ in range(n - 1)]
     extra = [rng.uniform(0.0, 2.0) for _ in range(S)]
-    best = min(max(stage_times(times, _bounds_from_cuts(n, c), cuts, extra))
+    best = min(max(segment_times(times, _bounds_from_cuts(n, c), cuts, extra))
                for c in itertools.combinations(range(1, n), S - 1))
     got = partition(times, S, cuts, extra)
     assert [hi for _, hi in got][-1] == n and got[0][0] == 0
-    assert max(stage_times(times, got, cuts, extra)) == pytest.approx(best)
+    assert max(segment_times(times, got, cuts, extra)) == pytest.approx(best)
 
 
 def test_partition_beats_uniform_on_uneven_blocks():
     times = [4.0, 4.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]  # e.g. high-resolution blocks first
-    uni = max(stage_times(times, uniform_bounds(8, 2)))
-    dp = max(stage_times(times, partition(times, 2)))
+    uni = max(segment_times(times, uniform_bounds(8, 2)))
+    dp = max(segment_times(times, partition(times, 2)))
     assert dp < uni - 1.0
-    # frozen work charged to stage 0 pushes blocks off it
-    plain, loaded = partition([1.0] * 8, 4), partition([1.0] * 8, 4, stage_extra=[3.0, 0, 0, 0])
+    # frozen work charged to segment 0 pushes blocks off it
+    plain, loaded = partition([1.0] * 8, 4), partition([1.0] * 8, 4, segment_extra=[3.0, 0, 0, 0])
     assert loaded[0][1] - loaded[0][0] < plain[0][1] - plain[0][0]
 
 
@@ -74,7 +74,7 @@ def _profile(n_blocks=8, f=1.0, frozen=(), mb=8, params=100):
 def test_simulate_closed_form(schedule, S, M):
     prof = _profile()
     r = simulate(prof, uniform_bounds(8, S), M, schedule)
-    per = 8 / S * 3.0  # fwd + bwd of one stage, one micro-batch
+    per = 8 / S * 3.0  # fwd + bwd of one segment, one micro-batch
     assert r.time == pytest.approx((M + S - 1) * per)  # Narayanan et al. 2021, eq. 1
     for idle in r.idle:
         assert idle == pytest.approx((S - 1) / (M + S - 1))
@@ -83,13 +83,11 @@ def test_simulate_closed_form(schedule, S, M):
 
 
 @pytest.mark.parametrize("pp,M", [(2, 4), (2, 8), (4, 8)])
-def test_simulate_multi_stage_schedules(pp, M):
+def test_simulate_multi_segment_schedules(pp, M):
     """Torch's own interleaved 1F1B and ZB-V orders: every action once; interleaved meets Megatron's closed form
     (M + (p - 1) / v)(f + b) (Narayanan et al. 2021, sec. 2.2), ZB-V beats it."""
-    from difftrain.parallelism.pipeline.simulate import schedule_orders
-
     prof = _profile()
-    per = 8 / pp * 3.0  # one rank's forward + backward of one micro-batch (all its stages)
+    per = 8 / pp * 3.0  # one rank's forward + backward of one micro-batch (all its segments)
     one = simulate(prof, uniform_bounds(8, pp), M, "1f1b")
     inter = simulate(prof, uniform_bounds(8, 2 * pp), M, "interleaved_1f1b")
     zb = simulate(prof, uniform_bounds(8, 2 * pp), M, "zero_bubble")
@@ -129,8 +127,8 @@ def test_fill_places_every_sample_once_and_splits_a_module():
 @pytest.mark.parametrize("schedule,S", [("1f1b", 2), ("1f1b", 4), ("gpipe", 3)])
 def test_current_plan_meets_each_micro_batchs_first_forward(schedule, S):
     """This iteration's frozen work (nothing prefetched): every sample of every (module, micro-batch) once;
-    micro-batch 0 inline on the first stage; a piece placed on any rank finishes, in the all-inline timeline,
-    before the first stage's forward of its micro-batch (so delivery edges point forward in time)."""
+    micro-batch 0 inline on the first segment; a piece placed on any rank finishes, in the all-inline timeline,
+    before the first segment's forward of its micro-batch (so delivery edges point forward in time)."""
     M = 4
     prof = _profile(frozen=[("text", 2.5), ("vae", 1.0)])
     bounds = uniform_bounds(8, S)
@@ -142,9 +140,9 @@ def test_current_plan_meets_each_micro_batchs_first_forward(schedule, S):
         assert ranges[0][0] == 0 and ranges[-1][1] == 8 and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
     assert all(inline for _, c, inline in plan[0] if c.mb == 0)
     assert not any(c.mb == 0 for r in plan if r for _, c, _ in plan[r])
-    assert any(not inline for ps in plan.values() for _, _, inline in ps)  # some work left the first stage
+    assert any(not inline for ps in plan.values() for _, _, inline in ps)  # some work left the first segment
     orders = schedule_orders(schedule, S, M)
-    t = _backbone(*_stage_times(prof, bounds), orders, [0.0] * S, prof.frozen_time)
+    t = _backbone(*_segment_times(prof, bounds), orders, [0.0] * S, prof.frozen_time)
     per = {f.name: f.fwd / prof.mb_size for f in prof.frozen}
     for r, ps in plan.items():
         clock = {}

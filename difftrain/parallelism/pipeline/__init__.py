@@ -1,1 +1,2 @@
-"""Pipeline parallelism (DiffusionPipe): stages cut from backbones and the schedules that run them (docs/PIPELINE.md)."""
+"""Pipeline parallelism (DiffusionPipe): segments cut from backbones and the schedules that run them
+(docs/PIPELINE.md)."""

@@ -10,8 +10,8 @@ Two sources, one shape (:class:`Profile`):
 * ``timer="wall"``: the same pieces run for real on the device and timed (median of ``reps``), what the
   benchmark calibrates the simulator with.
 
-A block's cost is that of the one-block stage ``make_stage(model, i, i + 1)``, so the embeddings ride with block
-0 and the output head with the last block, exactly where the stage cutter puts them.
+A block's cost is that of the one-block segment ``make_segment(model, i, i + 1)``, so the embeddings ride with block
+0 and the output head with the last block, exactly where the segment cutter puts them.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from difftrain.parallelism.pipeline.stages import make_stage, num_blocks, wire_bytes
+from difftrain.parallelism.pipeline.segments import make_segment, num_blocks, wire_bytes
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class Hardware:
     mfu: float  # assumed model FLOP utilisation (planning assumption, stated in the plan's output)
     memory: float  # bytes per accelerator
     p2p_bw: float  # bytes/s between pipeline neighbours inside a node
-    net_bw: float  # bytes/s per accelerator across nodes (data-parallel collectives, stages on other nodes)
+    net_bw: float  # bytes/s per accelerator across nodes (data-parallel collectives, segments on other nodes)
     gpus_per_node: int = 8
     latency: float = 20e-6  # seconds per message
 
@@ -51,7 +51,7 @@ HARDWARE = {
 class BlockCost:
     fwd: float  # seconds per micro-batch
     bwd: float
-    out_bytes: int  # what this block's stage would send downstream (the wire), per micro-batch
+    out_bytes: int  # what this block's segment would send downstream (the wire), per micro-batch
     saved_bytes: int  # activations kept for backward, per micro-batch
     params: int  # parameter count
 
@@ -62,7 +62,7 @@ class FrozenCost:
     fwd: float  # seconds per micro-batch (no backward: frozen)
     out_bytes: int  # result bytes per micro-batch
     params: int
-    consumer: str = "first"  # the stage that needs the result: "first" (latents, text) or "last" (teacher)
+    consumer: str = "first"  # the segment that needs the result: "first" (latents, text) or "last" (teacher)
 
 
 @dataclass
@@ -70,12 +70,12 @@ class Profile:
     blocks: list[BlockCost]
     frozen: list[FrozenCost] = field(default_factory=list)
     mb_size: int = 1  # samples per micro-batch the costs are for
-    p2p_bw: float = float("inf")  # bytes/s between neighbouring stages
+    p2p_bw: float = float("inf")  # bytes/s between neighbouring segments
     latency: float = 0.0
     overhead: float = 0.0  # seconds per forward or backward action (runtime bookkeeping; calibrated)
 
     def comm(self, i: int) -> float:
-        """Seconds to move block i's output (or its gradient) to the next stage."""
+        """Seconds to move block i's output (or its gradient) to the next segment."""
         return self.blocks[i].out_bytes / self.p2p_bw + self.latency
 
     def scaled(self, mb_size: int) -> "Profile":
@@ -121,7 +121,7 @@ def _tree_detach(args: tuple) -> tuple:
 
 
 def meta_inputs(acfg, frames: int = 0, text_len: int = 0, batch: int = 1, dtype=torch.float32) -> tuple:
-    """First-stage inputs ``(x_t, t, *cond)`` of an architecture config, on the meta device (for FLOP counts)."""
+    """First-segment inputs ``(x_t, t, *cond)`` of an architecture config, on the meta device (for FLOP counts)."""
     with torch.device("meta"):
         side = acfg.image_size
         shape = (batch, frames, acfg.in_channels, side, side) if frames else (batch, acfg.in_channels, side, side)
@@ -145,7 +145,7 @@ def _wall(fn: Callable, reps: int) -> float:
 
 def profile_blocks(model: nn.Module, inputs: Sequence[torch.Tensor], timer: str = "flops",
                    hardware: Hardware | None = None, reps: int = 5) -> list[BlockCost]:
-    """Per-block costs of ``model`` for the first-stage ``inputs`` ``(x_t, t, *cond)`` (one micro-batch).
+    """Per-block costs of ``model`` for the first-segment ``inputs`` ``(x_t, t, *cond)`` (one micro-batch).
 
     ``timer="flops"``: ``model`` and ``inputs`` on the meta device, seconds = FLOPs / (peak x mfu).
     ``timer="wall"``: materialised, timed for real (median of ``reps`` after one warm-up)."""
@@ -157,7 +157,7 @@ def profile_blocks(model: nn.Module, inputs: Sequence[torch.Tensor], timer: str 
         raise ValueError("timer='flops' needs a Hardware to turn FLOPs into seconds")
     costs, args = [], tuple(inputs)
     for i in range(num_blocks(model)):
-        piece = make_stage(copy.deepcopy(model), i, i + 1)
+        piece = make_segment(copy.deepcopy(model), i, i + 1)
         params = {id(p) for p in piece.parameters()}
         x = _tree_detach(args)
         with _SavedBytes(params) as saved:
@@ -197,7 +197,7 @@ def profile_blocks(model: nn.Module, inputs: Sequence[torch.Tensor], timer: str 
 def profile_frozen(name: str, fn: Callable[[], object], timer: str = "flops", hardware: Hardware | None = None,
                    reps: int = 5, params: int = 0, consumer: str = "first") -> FrozenCost:
     """Cost of one micro-batch of frozen work ``fn()`` (under ``no_grad``); its result's bytes are what must
-    reach the consumer stage."""
+    reach the consumer segment."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.no_grad():

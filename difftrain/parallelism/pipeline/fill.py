@@ -1,20 +1,21 @@
 """Bubble filling on ``torch.distributed.pipelining`` (DiffusionPipe, Tian et al. 2024, sec. 4.2).
 
-:class:`FillSchedule` runs GPipe or 1F1B for one stage per rank in the order of ``simulate.rank_order`` and, before
+:class:`FillSchedule` runs GPipe or 1F1B for one segment per rank in the order of ``orders.rank_order`` and, before
 each action, runs the frozen work placed in that slot: it posts the action's receive (fused with the previous
 action's pending sends, as torch's own 1F1B does, so NCCL cannot deadlock on crossing send/recv pairs), does the
 frozen work while the message is in flight, then waits. The frozen work is the *next* iteration's (placed by
 ``simulate.fill_plan`` from profiled costs), so it never depends on this iteration's backbone; a module's
-micro-batch may be split over several slots by sample ranges. :class:`FrozenFill` runs the pieces and delivers
-the results to every pp rank (one all-reduce per output over zero-initialised buffers: exact), so the first stage
-has its inputs and the last its targets at the next step. A step with nothing prefetched (the first, the first
-after a resume) runs its *own* frozen work in its own bubbles (:class:`CurrentFill`, placed by
-``simulate.current_plan``), delivered mid-step to the first and last stages.
+micro-batch may be split over several slots by sample ranges. :class:`FrozenFill` runs the pieces and delivers the
+results to every pp rank (one all-reduce per output over zero-initialised buffers: exact), so the first segment has
+its inputs and the last its targets at the next step. A step with nothing prefetched (the first, the first after a
+resume) runs its *own* frozen work in its own bubbles (:class:`CurrentFill`, placed by ``simulate.current_plan``),
+delivered mid-step to the first and last segments.
 
-This is the only module of difftrain that touches private pipelining API (``PipelineScheduleSingle``'s
-``_check_inputs``, ``_initialize_stage``, ``_maybe_compute_loss``, ``_maybe_get_loss``, ``_update_losses``,
-``_batch_p2p``, ``_wait_batch_p2p`` and the stage's ``get_*_ops`` / ``*_one_chunk``). It is written against torch
-``TESTED_TORCH``; upgrades are gated by the gradient-equality test (tests/distributed/test_pipeline_dist.py).
+This module and ``orders.torch_orders`` are the only code of difftrain that touches private pipelining API
+(``PipelineScheduleSingle``'s ``_check_inputs``, ``_initialize_stage``, ``_maybe_compute_loss``,
+``_maybe_get_loss``, ``_update_losses``, ``_batch_p2p``, ``_wait_batch_p2p`` and the ``PipelineStage``'s
+``get_*_ops`` / ``*_one_chunk``). It is written against torch ``TESTED_TORCH``; upgrades are gated by the
+gradient-equality test (tests/distributed/test_pipeline_dist.py).
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle, _batch_p2p, _wait_batch_p2p
 
-from difftrain.parallelism.pipeline.simulate import Chunk, rank_order
+from difftrain.parallelism.pipeline.orders import rank_order
+from difftrain.parallelism.pipeline.simulate import Chunk
 
 TESTED_TORCH = "2.14"
 if not torch.__version__.startswith(TESTED_TORCH):
@@ -37,11 +39,12 @@ if not torch.__version__.startswith(TESTED_TORCH):
 
 class FillSchedule(PipelineScheduleSingle):
     """GPipe / 1F1B with frozen work in the slots. Per step, set ``slots`` (``{k: [(label, fn)]}``: run before
-    action k of ``order``; ``k = len(order)`` after the last) and, for frozen work inline on the first stage,
-    ``input_fn`` (micro-batch index -> the first stage's positional inputs, called right before its forward) and,
+    action k of ``order``; ``k = len(order)`` after the last) and, for frozen work inline on the first segment,
+    ``input_fn`` (micro-batch index -> the first segment's positional inputs, called right before its forward) and,
     for frozen work of this iteration delivered mid-step (:class:`CurrentFill`), ``target_fn`` (micro-batch index
-    -> the last stage's target, called right before its forward).
-    ``trace`` holds the last step's ``(kind, label, t0, t1)`` events (kinds F, B, frozen, wait; perf_counter)."""
+    -> the last segment's target, called right before its forward).
+    ``trace`` holds the last step's ``(kind, label, t0, t1)`` events (kinds F, B, frozen, wait; perf_counter).
+    ``stage``: torch's ``PipelineStage`` running this rank's segment."""
 
     def __init__(self, stage, n_microbatches: int, loss_fn: Callable | None = None, schedule: str = "1f1b",
                  scale_grads: bool = True):
@@ -227,15 +230,15 @@ class FrozenFill:
 class CurrentFill:
     """This iteration's frozen work in this iteration's bubbles, for a step with nothing prefetched (the first, or
     the first after a resume): ``pieces`` is ``simulate.current_plan`` (every rank's, identical everywhere).
-    A piece computed on a rank in a slot is sent at once to the first and the last stage's ranks (they are the
-    only consumers: the first stage's inputs and the last stage's targets); inline pieces run on the first stage
-    inside :meth:`input_fn`. The consumers post every receive up front, in each producer's execution order (the
-    order NCCL needs), on ``p2p_group`` (a group of its own, so these messages never interleave with the
+    A piece computed on a rank in a slot is sent at once to the first and the last segment's ranks (they are the
+    only consumers: the first segment's inputs and the last segment's targets); inline pieces run on the first
+    segment inside :meth:`input_fn`. The consumers post every receive up front, in each producer's execution order
+    (the order NCCL needs), on ``p2p_group`` (a group of its own, so these messages never interleave with the
     pipeline's), and wait for a micro-batch's pieces right before they use it. ``make_input(i, outs)`` /
-    ``make_target(i, outs)`` turn micro-batch i's outputs ``{module: tuple}`` into the stage's inputs / target.
+    ``make_target(i, outs)`` turn micro-batch i's outputs ``{module: tuple}`` into the segment's inputs / target.
 
     Output shapes, unless ``frozen`` already knows them, come from micro-batch 0's pieces (first in every rank's
-    order: inline on the first stage, or before an owner's first action), computed at construction and
+    order: inline on the first segment, or before an owner's first action), computed at construction and
     exchanged once over ``group``."""
 
     def __init__(self, frozen: FrozenFill, pieces: dict[int, list], mbs: list[dict], group, p2p_group,
@@ -314,34 +317,6 @@ class CurrentFill:
         for w, _ in self.sends:
             w.wait()
         self.sends = []
-
-
-def torch_orders(schedule: str, pp: int, n_mb: int) -> list[list[tuple[str, int, int]]]:
-    """Per pp rank, the ``(kind, micro-batch, stage)`` actions torch's own multi-stage schedule runs
-    (``interleaved_1f1b``: 2 stages per rank; ``zero_bubble``: ZB-V), kinds F, B (full backward), I (input
-    gradient), W (weight gradient): the simulator's source of truth for these schedules. Private API: the
-    schedules' per-rank order builders, called without building stages."""
-    from types import SimpleNamespace
-
-    from torch.distributed.pipelining.schedules import (ScheduleInterleaved1F1B, ScheduleZBVZeroBubble,
-                                                        _ComputationType)
-
-    if schedule == "interleaved_1f1b":
-        rounds = max(1, n_mb // pp)
-        if n_mb % rounds:
-            raise ValueError(f"interleaved 1F1B needs micro-batches ({n_mb}) divisible by the rounds ({rounds})")
-        fake = SimpleNamespace(n_local_stages=2, microbatches_per_round=n_mb // rounds, pp_group_size=pp,
-                               _n_microbatches=n_mb, number_of_rounds=rounds)
-        calc = ScheduleInterleaved1F1B._calculate_single_rank_operations
-    elif schedule == "zero_bubble":
-        fake = SimpleNamespace(pp_group_size=pp, _n_microbatches=n_mb, num_stages=2 * pp)
-        calc = ScheduleZBVZeroBubble._calculate_single_rank_operations
-    else:
-        raise ValueError(f"torch_orders covers interleaved_1f1b and zero_bubble, not {schedule!r}")
-    kinds = {_ComputationType.FORWARD: "F", _ComputationType.FULL_BACKWARD: "B",
-             _ComputationType.BACKWARD_INPUT: "I", _ComputationType.BACKWARD_WEIGHT: "W"}
-    return [[(kinds[a.computation_type], a.microbatch_index, a.stage_index) for a in calc(fake, r)
-             if a is not None and a.computation_type in kinds] for r in range(pp)]
 
 
 def balanced_chunks(names: list[str], n_mb: int, mb_size: int, world: int,

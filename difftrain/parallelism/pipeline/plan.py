@@ -1,5 +1,5 @@
-"""``difftrain plan CONFIG --gpus N``: the best (stages S, data-parallel D, micro-batches M, frozen-work mode,
-DDP/FSDP) for a cluster, from FLOP-based costs of the real model classes built on the meta device.
+"""``difftrain plan CONFIG --gpus N``: the best (pipeline ranks S, data-parallel D, micro-batches M, frozen-work
+mode, DDP/FSDP) for a cluster, from FLOP-based costs of the real model classes built on the meta device.
 
 CONFIG is a preset (``PRESETS``: DiT-XL/2 at 256 px with T5-XXL + SD-VAE, and a 30B DiT that does not fit one
 80 GB GPU) or a run config YAML (its model, encoders and global batch; encoder folders are read for their
@@ -38,7 +38,7 @@ PRESETS = {
 
 @dataclass
 class Candidate:
-    stages: int
+    pp: int  # pipeline ranks S (pipeline segments: S, or 2S with two per rank)
     dp: int
     n_mb: int
     mode: str
@@ -53,8 +53,8 @@ class Candidate:
 
     def describe(self) -> str:
         eng = "fsdp" if self.fsdp else "ddp"
-        kind = ("data parallel" if self.stages == 1 else
-                f"pp={self.stages} {self.schedule} M={self.n_mb} frozen={self.mode}")
+        kind = ("data parallel" if self.pp == 1 else
+                f"pp={self.pp} {self.schedule} M={self.n_mb} frozen={self.mode}")
         mem = max(m["total"] for m in self.result.memory) / 1e9
         idle = max(self.result.idle) * 100
         return (f"{kind}, dp={self.dp} ({eng}): {self.result.time * 1e3:.4g} ms/iter, {self.throughput:,.0f} img/s, "
@@ -107,7 +107,8 @@ def config_profile(path: str, hw: Hardware) -> tuple[Profile, int, str]:
     """The profile of a run config's model and encoders (built on meta from their config.json files)."""
     import json
 
-    from difftrain.config import ConfigError, load_config
+    from difftrain.config import ConfigError
+    from difftrain.config_checks import load_config
     from difftrain.models.registry import arch_config, build
 
     cfg = load_config(path)
@@ -168,12 +169,12 @@ def candidates(profile: Profile, gpus: int, global_batch: int, hw: Hardware, hea
             prof.p2p_bw = p2p
             ct = [2 * prof.comm(i) for i in range(n - 1)]
             variants = [("1f1b", "inline")] if S == 1 else [("1f1b", m) for m in ("inline", "balanced", "fill")]
-            if S > 1 and 2 * S <= n:  # two stages per rank, frozen work inline or balanced
+            if S > 1 and 2 * S <= n:  # two segments per rank, frozen work inline or balanced
                 variants += [(sch, m) for sch in ("interleaved_1f1b", "zero_bubble") for m in ("inline", "balanced")]
             for schedule, mode in variants:
-                n_stages = S * (2 if schedule in ("interleaved_1f1b", "zero_bubble") else 1)
-                extra = [prof.frozen_time if s == 0 and mode == "inline" else 0.0 for s in range(n_stages)]
-                bounds = partition([b.fwd + b.bwd for b in prof.blocks], n_stages, ct, extra)
+                n_segments = S * (2 if schedule in ("interleaved_1f1b", "zero_bubble") else 1)
+                extra = [prof.frozen_time if s == 0 and mode == "inline" else 0.0 for s in range(n_segments)]
+                bounds = partition([b.fwd + b.bwd for b in prof.blocks], n_segments, ct, extra)
                 for fsdp in ((False, True) if D > 1 else (False,)):
                     r = simulate(prof, bounds, M, schedule, mode, D, dp_bw, fsdp=fsdp)
                     fits = max(m["total"] for m in r.memory) <= headroom * hw.memory
@@ -197,9 +198,9 @@ def explain(cands: list[Candidate], gpus: int, hw: Hardware, about: str, profile
         return "\n".join(lines)
     best = max(fit, key=lambda c: c.throughput)
     lines.append(f"best: {best.describe()}")
-    if best.stages > 1:
-        lines.append(f"  stages (blocks): {best.bounds}")
-    dp = [c for c in cands if c.stages == 1]
+    if best.pp > 1:
+        lines.append(f"  segments (blocks): {best.bounds}")
+    dp = [c for c in cands if c.pp == 1]
     if dp and not any(c.fits for c in dp):
         m = min(dp, key=lambda c: max(x["total"] for x in c.result.memory))
         lines.append(f"why pipeline: data parallel alone needs {max(x['total'] for x in m.result.memory) / 1e9:.0f} GB "
@@ -207,8 +208,8 @@ def explain(cands: list[Candidate], gpus: int, hw: Hardware, about: str, profile
     elif dp:
         d = max((c for c in dp if c.fits), key=lambda c: c.throughput)
         lines.append(f"data parallel: {d.describe()} -> best is {best.throughput / d.throughput:.2f}x of it")
-    for S in sorted({c.stages for c in fit if c.stages > 1}):
-        row = [c for c in fit if c.stages == S]
+    for S in sorted({c.pp for c in fit if c.pp > 1}):
+        row = [c for c in fit if c.pp == S]
         by = {mode: max((c for c in row if c.mode == mode and c.schedule == "1f1b"), key=lambda c: c.throughput,
                         default=None) for mode in ("inline", "balanced", "fill")}
         if by["fill"] and by["inline"] and by["balanced"]:
@@ -219,7 +220,7 @@ def explain(cands: list[Candidate], gpus: int, hw: Hardware, about: str, profile
                          f"({f.describe()})")
             multi = max((c for c in row if c.schedule != "1f1b"), key=lambda c: c.throughput, default=None)
             if multi is not None:
-                lines.append(f"  two stages per rank: {multi.schedule} frozen={multi.mode} is "
+                lines.append(f"  two segments per rank: {multi.schedule} frozen={multi.mode} is "
                              f"{multi.throughput / f.throughput:.2f}x 1f1b with fill")
     fills = [c for c in fit if c.mode == "fill"]
     if fills:
@@ -237,12 +238,12 @@ def _partitioned(c: Candidate) -> str:
     prof = c.profile
     sim = dict(dp=c.dp, dp_bw=c.dp_bw, fsdp=c.fsdp)
     owners = choose_owners(prof, c.bounds, c.n_mb, c.schedule, TOLERANCE, **sim)
-    head = f"frozen weights in the best fill plan (pp={c.stages} M={c.n_mb})"
-    if all(len(rs) == c.stages for rs in owners.values()):
+    head = f"frozen weights in the best fill plan (pp={c.pp} M={c.n_mb})"
+    if all(len(rs) == c.pp for rs in owners.values()):
         return (f"{head}: kept on every rank (holding a module on one rank lowers no rank's peak memory or slows "
                 f"the step by more than {TOLERANCE:.0%})")
     part = simulate(prof, c.bounds, c.n_mb, c.schedule, "fill", owners=owners, **sim)
-    where = ", ".join(f"{n} on {'every rank' if len(rs) == c.stages else f'rank {min(rs)}'}"
+    where = ", ".join(f"{n} on {'every rank' if len(rs) == c.pp else f'rank {min(rs)}'}"
                       for n, rs in owners.items())
     frozen = [f"{m['frozen'] / 1e9:.1f}" for m in part.memory]
     peak = [max(m["total"] for m in r.memory) / 1e9 for r in (c.result, part)]

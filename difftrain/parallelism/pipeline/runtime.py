@@ -1,18 +1,18 @@
-"""Run a backbone's pipeline stages with ``torch.distributed.pipelining`` (public API only).
+"""Run a backbone's pipeline segments with ``torch.distributed.pipelining`` (public API only).
 
 ``build_pipeline(model, bounds, schedule, n_microbatches, loss_fn, pp_group, device)`` cuts ``model`` into the
-stages this pp rank owns (``stages.make_stage``), wraps each in a ``PipelineStage`` and returns a
+segments this pp rank owns (``segments.make_segment``), wraps each in a ``PipelineStage`` and returns a
 :class:`Pipeline` whose ``step`` runs one training iteration of the chosen schedule:
 
-* ``gpipe`` (Huang et al. 2019) and ``1f1b`` (Narayanan et al. 2021, PipeDream-Flush): one stage per rank;
-* ``interleaved_1f1b`` (Narayanan et al. 2021, sec. 2.2) : ``v`` stages per rank, round-robin (rank r owns stages
-  r, r + pp, ...);
-* ``zero_bubble`` (Qi et al. 2024, ZB-V): two stages per rank in a V (rank r owns r and 2·pp − 1 − r), backward
+* ``gpipe`` (Huang et al. 2019) and ``1f1b`` (Narayanan et al. 2021, PipeDream-Flush): one segment per rank;
+* ``interleaved_1f1b`` (Narayanan et al. 2021, sec. 2.2) : ``v`` segments per rank, round-robin (rank r owns
+  segments r, r + pp, ...);
+* ``zero_bubble`` (Qi et al. 2024, ZB-V): two segments per rank in a V (rank r owns r and 2·pp − 1 − r), backward
   split into input- and weight-gradient passes.
 
 Micro-batches are split by the caller (``Pipeline.step(inputs, targets)`` takes lists): every pp rank of a
-data-parallel slice reads the same batch and draws the same keyed noise, so only the first stage's inputs and the
-last stage's targets matter on a rank and nothing else is sent. The loss of a micro-batch is its mean; the
+data-parallel slice reads the same batch and draws the same keyed noise, so only the first segment's inputs and
+the last segment's targets matter on a rank and nothing else is sent. The loss of a micro-batch is its mean; the
 schedule averages gradients over micro-batches (``scale_grads``), so equal micro-batches give the full batch's
 mean-loss gradients.
 """
@@ -24,24 +24,26 @@ from typing import Callable
 import torch
 from torch import nn
 
-from difftrain.parallelism.pipeline.stages import make_stage, num_blocks
+from difftrain.parallelism.pipeline.segments import make_segment, num_blocks
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
 
 
-def stage_ids(schedule: str, pp_rank: int, pp: int, n_stages: int) -> list[int]:
-    """The stage indices a pp rank owns, in the order the schedule expects them."""
+def segment_ids(schedule: str, pp_rank: int, pp: int, n_segments: int) -> list[int]:
+    """The segment indices a pp rank owns, in the order the schedule expects them."""
     if schedule in ("gpipe", "1f1b"):
-        if n_stages != pp:
-            raise ValueError(f"schedule {schedule!r} runs one stage per rank: {n_stages} stages on {pp} ranks")
+        if n_segments != pp:
+            raise ValueError(f"schedule {schedule!r} runs one segment per rank: {n_segments} segments on {pp} ranks")
         return [pp_rank]
     if schedule == "interleaved_1f1b":
-        if n_stages % pp or n_stages < 2 * pp:
-            raise ValueError(f"schedule 'interleaved_1f1b' needs a multiple (>= 2) of {pp} stages, got {n_stages}")
-        return list(range(pp_rank, n_stages, pp))
+        if n_segments % pp or n_segments < 2 * pp:
+            raise ValueError(f"schedule 'interleaved_1f1b' needs a multiple (>= 2) of {pp} segments, "
+                             f"got {n_segments}")
+        return list(range(pp_rank, n_segments, pp))
     if schedule == "zero_bubble":
-        if n_stages != 2 * pp:
-            raise ValueError(f"schedule 'zero_bubble' (ZB-V) runs two stages per rank: {2 * pp} stages, got {n_stages}")
+        if n_segments != 2 * pp:
+            raise ValueError(f"schedule 'zero_bubble' (ZB-V) runs two segments per rank: {2 * pp} segments, "
+                             f"got {n_segments}")
         return [pp_rank, 2 * pp - 1 - pp_rank]
     raise ValueError(f"unknown pipeline schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
 
@@ -56,9 +58,9 @@ def _schedule_class(schedule: str):
 
 @dataclass
 class Pipeline:
-    modules: list[nn.Module]  # this rank's stage modules (parameter names are the whole model's)
-    ids: list[int]  # their stage indices
-    n_stages: int
+    modules: list[nn.Module]  # this rank's segment modules (parameter names are the whole model's)
+    ids: list[int]  # their segment indices
+    n_segments: int
     schedule: object
     n_microbatches: int
 
@@ -68,15 +70,15 @@ class Pipeline:
 
     @property
     def has_last(self) -> bool:
-        return self.n_stages - 1 in self.ids
+        return self.n_segments - 1 in self.ids
 
     def named_parameters(self):
         for m in self.modules:
             yield from m.named_parameters()
 
     def union(self) -> nn.Module:
-        """One module holding this rank's stages under the whole model's names (what the optimizer, the EMA and
-        checkpoints see): the stage itself, or for several stages per rank their children merged."""
+        """One module holding this rank's segments under the whole model's names (what the optimizer, the EMA and
+        checkpoints see): the segment itself, or for several segments per rank their children merged."""
         if len(self.modules) == 1:
             return self.modules[0]
         return _Union(self.modules)
@@ -84,13 +86,13 @@ class Pipeline:
 
     def step(self, inputs: list[tuple] | None, targets: list | None, slots: dict | None = None,
              input_fn=None, target_fn=None) -> list[torch.Tensor]:
-        """One iteration over ``n_microbatches`` micro-batches: ``inputs[i]`` = the first stage's positional
-        tensors of micro-batch i (ignored unless this rank owns stage 0), ``targets[i]`` = what ``loss_fn`` gets
-        as its second argument (ignored unless this rank owns the last stage). Gradients accumulate into this
-        rank's stage parameters. Returns the micro-batches' losses on the rank owning the last stage, else [].
+        """One iteration over ``n_microbatches`` micro-batches: ``inputs[i]`` = the first segment's positional
+        tensors of micro-batch i (ignored unless this rank owns segment 0), ``targets[i]`` = what ``loss_fn`` gets
+        as its second argument (ignored unless this rank owns the last segment). Gradients accumulate into this
+        rank's segment parameters. Returns the micro-batches' losses on the last segment's rank, else [].
 
         With a fill schedule (``build_pipeline(..., fill=True)``): ``slots`` = frozen work per slot
-        (``fill.FrozenFill.slots``), ``input_fn`` / ``target_fn`` = the first stage's inputs / the last stage's
+        (``fill.FrozenFill.slots``), ``input_fn`` / ``target_fn`` = the first segment's inputs / the last segment's
         targets computed on demand (frozen work inline or delivered mid-step, instead of ``inputs`` / ``targets``)."""
         if slots is not None or input_fn is not None or target_fn is not None:
             if not hasattr(self.schedule, "slots"):
@@ -109,10 +111,10 @@ class Pipeline:
 
 
 class _Union(nn.Module):
-    def __init__(self, stages: list[nn.Module]):
+    def __init__(self, segments: list[nn.Module]):
         super().__init__()
-        for name in stages[0]._modules:
-            kids = [st._modules.get(name) for st in stages]
+        for name in segments[0]._modules:
+            kids = [seg._modules.get(name) for seg in segments]
             present = [k for k in kids if k is not None]
             if not present:
                 setattr(self, name, None)
@@ -126,8 +128,8 @@ class _Union(nn.Module):
                             merged[i] = b
                 setattr(self, name, merged)
             else:
-                raise ValueError(f"stages on one rank share module {name!r}: this model takes one stage per rank "
-                                 "(gpipe or 1f1b)")
+                raise ValueError(f"segments on one rank share module {name!r}: this model takes one segment per "
+                                 "rank (gpipe or 1f1b)")
 
 
 def build_pipeline(model: nn.Module, bounds: list[tuple[int, int]], schedule: str, n_microbatches: int,
@@ -135,10 +137,10 @@ def build_pipeline(model: nn.Module, bounds: list[tuple[int, int]], schedule: st
                    wrap: Callable[[nn.Module], nn.Module] | None = None,
                    init: Callable[[list[nn.Module]], None] | None = None) -> Pipeline:
     """Cut ``model`` (whole: materialised, or on the meta device) at ``bounds`` (one ``(lo, hi)`` block range per
-    stage, covering the trunk) and keep the stages this rank owns in ``pp_group``. Stages cut from a meta model
+    segment, covering the trunk) and keep the segments this rank owns in ``pp_group``. Segments cut from a meta model
     are allocated empty on ``device`` and filled by ``init(modules)`` (so no rank holds the whole model).
     ``fill``: run GPipe / 1F1B with ``fill.FillSchedule`` (frozen work in the bubbles; the only private-API
-    path). ``wrap``: data parallelism for each stage module (DDP / FSDP2 on the dp mesh); ``PipelineStage`` skips
+    path). ``wrap``: data parallelism for each segment module (DDP / FSDP2 on the dp mesh); ``PipelineStage`` skips
     its gradient sync until the last backward of the step."""
     if fill and schedule not in ("gpipe", "1f1b"):
         raise ValueError(f"bubble filling covers gpipe and 1f1b; schedule {schedule!r} takes frozen work computed "
@@ -152,18 +154,18 @@ def build_pipeline(model: nn.Module, bounds: list[tuple[int, int]], schedule: st
     if bounds[0][0] != 0 or bounds[-1][1] != n or any(a[1] != b[0] for a, b in zip(bounds, bounds[1:])):
         raise ValueError(f"pipeline bounds {bounds} must cover blocks 0..{n} contiguously")
     pp, rank = dist.get_world_size(pp_group), dist.get_rank(pp_group)
-    ids = stage_ids(schedule, rank, pp, len(bounds))
+    ids = segment_ids(schedule, rank, pp, len(bounds))
     modules = []
     for i, sid in enumerate(ids):
-        # the last stage owned keeps the original object; others cut a copy (the model is modified in place)
+        # the last segment owned keeps the original object; others cut a copy (the model is modified in place)
         owner = model if i == len(ids) - 1 else copy.deepcopy(model)
-        mod = make_stage(owner, *bounds[sid])
+        mod = make_segment(owner, *bounds[sid])
         on_meta = any(t.is_meta for t in (*mod.parameters(), *mod.buffers()))
         modules.append(mod.to_empty(device=device) if on_meta else mod.to(device))
     if init is not None:
         init(modules)
     stages = [PipelineStage(wrap(mod) if wrap is not None else mod, sid, len(bounds), device, group=pp_group)
-              for mod, sid in zip(modules, ids)]
+              for mod, sid in zip(modules, ids)]  # torch's runners of the segments
     cls = _schedule_class(schedule)
     if fill:
         from difftrain.parallelism.pipeline.fill import FillSchedule

@@ -2,13 +2,13 @@
 frozen work goes (DiffusionPipe, Tian et al. 2024, sec. 4.2: fill the bubbles with the *next* iteration's frozen
 work, splitting a frozen module over several bubbles by running part of its micro-batch).
 
-One pipeline replica is simulated event by event: a forward waits for the previous stage's output (plus its
-transfer when the stages are on different ranks), a backward for the next stage's gradient; each rank runs its
-actions in the schedule's order: :func:`rank_order` for GPipe and 1F1B (one stage per rank, the order the fill
-runtime executes), torch's own orders for interleaved 1F1B and ZB-V (two stages per rank; ZB's backward split
+One pipeline replica is simulated event by event: a forward waits for the previous segment's output (plus its
+transfer when the segments are on different ranks), a backward for the next segment's gradient; each rank runs its
+actions in the schedule's order: ``orders.rank_order`` for GPipe and 1F1B (one segment per rank, the order the fill
+runtime executes), torch's own orders for interleaved 1F1B and ZB-V (two segments per rank; ZB's backward split
 into input- and weight-gradient halves). Frozen work:
 
-* ``inline``: the first stage computes a micro-batch's frozen work right before its forward (the usual trainer);
+* ``inline``: the first segment computes a micro-batch's frozen work right before its forward (the usual trainer);
 * ``balanced``: every rank computes 1/S of the iteration's frozen work up front, then the results are gathered
   (the public-API fallback for any schedule);
 * ``fill`` (GPipe, 1F1B): the next iteration's frozen work is packed, in sample-sized pieces, into the idle gaps of the
@@ -24,27 +24,9 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from difftrain.parallelism.pipeline.costs import Profile
+from difftrain.parallelism.pipeline.orders import SIM_SCHEDULES, schedule_orders
 
 MODES = ("inline", "balanced", "fill")
-SIM_SCHEDULES = ("gpipe", "1f1b")
-
-
-def rank_order(schedule: str, rank: int, n_stages: int, n_mb: int) -> list[tuple[str, int]]:
-    """The (``"F"`` | ``"B"``, micro-batch) actions of pp rank ``rank`` in execution order.
-
-    GPipe: all forwards, then all backwards. 1F1B (PipeDream-Flush, Narayanan et al. 2021, fig. 4): ``S - 1 - r``
-    warm-up forwards, then one forward / one backward pairs, then the remaining backwards."""
-    if schedule == "gpipe":
-        return [("F", i) for i in range(n_mb)] + [("B", i) for i in range(n_mb)]
-    if schedule == "1f1b":
-        warm = min(n_stages - 1 - rank, n_mb)
-        order = [("F", i) for i in range(warm)]
-        for i in range(n_mb - warm):
-            order += [("F", warm + i), ("B", i)]
-        return order + [("B", i) for i in range(n_mb - warm, n_mb)]
-    raise ValueError(f"the simulator and the fill runtime cover {', '.join(SIM_SCHEDULES)}; got {schedule!r}")
-
-
 @dataclass
 class Event:
     rank: int
@@ -80,33 +62,23 @@ class SimResult:
         return f"iter {self.time * 1e3:.1f} ms (ideal {self.ideal * 1e3:.1f}), idle per rank {idle}"
 
 
-def schedule_orders(schedule: str, n_ranks: int, n_mb: int) -> list[list[tuple[str, int, int]]]:
-    """Per rank, its ``(kind, micro-batch, stage)`` actions: ours for GPipe / 1F1B (one stage per rank), torch's
-    own orders for interleaved 1F1B and ZB-V (``fill.torch_orders``)."""
-    if schedule in SIM_SCHEDULES:
-        return [[(k, i, r) for k, i in rank_order(schedule, r, n_ranks, n_mb)] for r in range(n_ranks)]
-    from difftrain.parallelism.pipeline.fill import torch_orders
-
-    return torch_orders(schedule, n_ranks, n_mb)
-
-
-def _backbone(stage_f: list[float], stage_b: list[float], comm: list[float], orders: list, pre: list[float],
+def _backbone(seg_f: list[float], seg_b: list[float], comm: list[float], orders: list, pre: list[float],
               extra_f0: float) -> dict:
-    """Start/end of every action ``(kind, mb, stage)``; ``pre[r]`` = work before rank r's first action,
-    ``extra_f0`` = inline frozen work before each forward of stage 0. A backward split in I and W (ZB) costs half
-    of ``stage_b`` each."""
-    S, R = len(stage_f), len(orders)
-    owner = {st: r for r, o in enumerate(orders) for _, _, st in o}
+    """Start/end of every action ``(kind, mb, segment)``; ``pre[r]`` = work before rank r's first action,
+    ``extra_f0`` = inline frozen work before each forward of segment 0. A backward split in I and W (ZB) costs half
+    of ``seg_b`` each."""
+    S, R = len(seg_f), len(orders)
+    owner = {seg: r for r, o in enumerate(orders) for _, _, seg in o}
     ends: dict = {}
     starts: dict = {}
     free = list(pre)
     pos = [0] * R
 
-    def hop(a: int, b: int) -> float:  # transfer between neighbouring stages a < b when on different ranks
+    def hop(a: int, b: int) -> float:  # transfer between neighbouring segments a < b when on different ranks
         return comm[a] if owner[a] != owner[b] else 0.0
 
-    def grad_ready(i: int, st: int):
-        e = ends.get(("B", i, st), ends.get(("I", i, st)))
+    def grad_ready(i: int, seg: int):
+        e = ends.get(("B", i, seg), ends.get(("I", i, seg)))
         return None if e is None else e
 
     remaining = sum(len(o) for o in orders)
@@ -114,26 +86,26 @@ def _backbone(stage_f: list[float], stage_b: list[float], comm: list[float], ord
         progressed = False
         for r in range(R):
             while pos[r] < len(orders[r]):
-                kind, i, st = orders[r][pos[r]]
+                kind, i, seg = orders[r][pos[r]]
                 if kind == "F":
-                    dep = 0.0 if st == 0 else ends.get(("F", i, st - 1))
-                    if st > 0 and dep is not None:
-                        dep += hop(st - 1, st)
-                    dur = stage_f[st] + (extra_f0 if st == 0 else 0.0)
+                    dep = 0.0 if seg == 0 else ends.get(("F", i, seg - 1))
+                    if seg > 0 and dep is not None:
+                        dep += hop(seg - 1, seg)
+                    dur = seg_f[seg] + (extra_f0 if seg == 0 else 0.0)
                 elif kind in ("B", "I"):
-                    if st == S - 1:
-                        dep = ends.get(("F", i, st))
+                    if seg == S - 1:
+                        dep = ends.get(("F", i, seg))
                     else:
-                        dep = grad_ready(i, st + 1)
-                        dep = None if dep is None else dep + hop(st, st + 1)
-                    dur = stage_b[st] if kind == "B" else stage_b[st] / 2
+                        dep = grad_ready(i, seg + 1)
+                        dep = None if dep is None else dep + hop(seg, seg + 1)
+                    dur = seg_b[seg] if kind == "B" else seg_b[seg] / 2
                 else:  # W: after its own input-gradient pass
-                    dep = ends.get(("I", i, st))
-                    dur = stage_b[st] / 2
+                    dep = ends.get(("I", i, seg))
+                    dur = seg_b[seg] / 2
                 if dep is None:
                     break
                 start = max(free[r], dep)
-                key = (kind, i, st)
+                key = (kind, i, seg)
                 starts[key], ends[key] = start, start + dur
                 free[r] = start + dur
                 pos[r] += 1
@@ -145,13 +117,13 @@ def _backbone(stage_f: list[float], stage_b: list[float], comm: list[float], ord
 
 
 def _peak_activations(order: list, saved: list[float]) -> float:
-    """Peak bytes of saved activations on a rank: a forward adds its stage's, a full or weight backward frees."""
+    """Peak bytes of saved activations on a rank: a forward adds its segment's, a full or weight backward frees."""
     live = peak = 0.0
-    for kind, _, st in order:
+    for kind, _, seg in order:
         if kind == "F":
-            live += saved[st]
+            live += saved[seg]
         elif kind in ("B", "W"):
-            live -= saved[st]
+            live -= saved[seg]
         peak = max(peak, live)
     return peak
 
@@ -161,7 +133,7 @@ def simulate(profile: Profile, bounds: Sequence[tuple[int, int]], n_mb: int, sch
              frozen_bytes_per_param: float = 2.0, fsdp: bool = False, grad_bytes: float = 2.0,
              owners: dict[str, set[int]] | None = None) -> SimResult:
     """One iteration of ``n_mb`` micro-batches (the profile's ``mb_size`` each) through ``bounds`` (one range per
-    stage; interleaved 1F1B and ZB-V put two stages on each rank). ``owners`` (fill): module -> the ranks that
+    segment; interleaved 1F1B and ZB-V put two segments on each rank). ``owners`` (fill): module -> the ranks that
     hold its weights and run its pieces (default: any rank)."""
     if mode not in MODES:
         raise ValueError(f"frozen work mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -170,11 +142,11 @@ def simulate(profile: Profile, bounds: Sequence[tuple[int, int]], n_mb: int, sch
     if multi and mode == "fill":
         raise ValueError(f"bubble filling covers {', '.join(SIM_SCHEDULES)}; {schedule!r} takes inline or balanced")
     if multi and S % 2:
-        raise ValueError(f"{schedule} runs two stages per rank: an even number of stages, got {S}")
+        raise ValueError(f"{schedule} runs two segments per rank: an even number of segments, got {S}")
     R = S // 2 if multi else S
     orders = schedule_orders(schedule, R, n_mb)
-    owner = {st: r for r, o in enumerate(orders) for _, _, st in o}
-    stage_f, stage_b, comm = _stage_times(profile, bounds)
+    owner = {seg: r for r, o in enumerate(orders) for _, _, seg in o}
+    seg_f, seg_b, comm = _segment_times(profile, bounds)
     frozen_mb = profile.frozen_time  # all frozen modules, one micro-batch
     frozen_total = frozen_mb * n_mb
     gather = sum(f.out_bytes for f in profile.frozen) * n_mb / profile.p2p_bw if R > 1 else 0.0
@@ -184,18 +156,18 @@ def simulate(profile: Profile, bounds: Sequence[tuple[int, int]], n_mb: int, sch
         extra_f0 = frozen_mb
     elif mode == "balanced":
         pre = [frozen_total / R + gather] * R
-    times = _backbone(stage_f, stage_b, comm, orders, pre, extra_f0)
+    times = _backbone(seg_f, seg_b, comm, orders, pre, extra_f0)
     starts, ends = times["starts"], times["ends"]
     events: list[Event] = []
     busy = [0.0] * R
-    for (kind, i, st), s in starts.items():
-        r, e = owner[st], ends[(kind, i, st)]
+    for (kind, i, seg), s in starts.items():
+        r, e = owner[seg], ends[(kind, i, seg)]
         shown = "F" if kind == "F" else "B"
-        if kind == "F" and st == 0 and extra_f0:
+        if kind == "F" and seg == 0 and extra_f0:
             events.append(Event(r, "frozen", s, s + extra_f0, i))
-            events.append(Event(r, "F", s + extra_f0, e, i, f"stage {st}"))
+            events.append(Event(r, "F", s + extra_f0, e, i, f"segment {seg}"))
         else:
-            events.append(Event(r, shown, s, e, i, f"{kind} stage {st}"))
+            events.append(Event(r, shown, s, e, i, f"{kind} segment {seg}"))
         busy[r] += e - s
     for r in range(R):
         if pre[r]:
@@ -223,18 +195,18 @@ def simulate(profile: Profile, bounds: Sequence[tuple[int, int]], n_mb: int, sch
     saved = [sum(b.saved_bytes for b in blocks[lo:hi]) for lo, hi in bounds]
     mem = []
     for r in range(R):
-        mine = [st for st in range(S) if owner[st] == r]
-        n_params = sum(b.params for st in mine for b in blocks[bounds[st][0]:bounds[st][1]])
+        mine = [seg for seg in range(S) if owner[seg] == r]
+        n_params = sum(b.params for seg in mine for b in blocks[bounds[seg][0]:bounds[seg][1]])
         if dp > 1:
             volume = (3 if fsdp else 2) * grad_bytes * n_params * (dp - 1) / dp
-            exposed = max(0.0, volume / dp_bw - sum(stage_b[st] for st in mine) * n_mb)
+            exposed = max(0.0, volume / dp_bw - sum(seg_b[seg] for seg in mine) * n_mb)
             if exposed:
                 events.append(Event(r, "comm", T, T + exposed, label="dp gradient sync"))
         if mode == "fill" and R > 1:  # the modules this rank holds (owners) or runs pieces of
             names = ({n for n, rs in owners.items() if r in rs} if owners else
                      {c.name for (rr, _), cs in placement.items() if rr == r for c in cs})
             frozen_here = sum(f.params for f in profile.frozen if f.name in names)
-        else:  # inline: the first stage's rank holds them; balanced: every rank runs a share of every module
+        else:  # inline: the first segment's rank holds them; balanced: every rank runs a share of every module
             frozen_here = sum(f.params for f in profile.frozen) if (r == owner[0] or mode == "balanced") else 0
         m = dict(params=2 * n_params, optimizer=(bytes_per_param - 2) * n_params / (dp if fsdp else 1),
                  activations=_peak_activations(orders[r], saved), frozen=frozen_bytes_per_param * frozen_here)
@@ -250,30 +222,30 @@ def simulate(profile: Profile, bounds: Sequence[tuple[int, int]], n_mb: int, sch
                      unplaced)
 
 
-def _stage_times(profile: Profile, bounds: Sequence[tuple[int, int]]) -> tuple[list, list, list]:
-    """Per stage forward and backward seconds, and the transfer after each stage but the last."""
+def _segment_times(profile: Profile, bounds: Sequence[tuple[int, int]]) -> tuple[list, list, list]:
+    """Per segment forward and backward seconds, and the transfer after each segment but the last."""
     blocks = profile.blocks
-    stage_f = [sum(b.fwd for b in blocks[lo:hi]) + profile.overhead for lo, hi in bounds]
-    stage_b = [sum(b.bwd for b in blocks[lo:hi]) + profile.overhead for lo, hi in bounds]
-    return stage_f, stage_b, [profile.comm(hi - 1) for lo, hi in bounds[:-1]]
+    seg_f = [sum(b.fwd for b in blocks[lo:hi]) + profile.overhead for lo, hi in bounds]
+    seg_b = [sum(b.bwd for b in blocks[lo:hi]) + profile.overhead for lo, hi in bounds]
+    return seg_f, seg_b, [profile.comm(hi - 1) for lo, hi in bounds[:-1]]
 
 
 def current_plan(profile: Profile, bounds: Sequence[tuple[int, int]], n_mb: int, schedule: str = "1f1b",
                  owners: dict[str, set[int]] | None = None) -> dict[int, list[tuple[int, Chunk, bool]]]:
     """Where *this* iteration's frozen work goes when nothing was prefetched (the first step, a resume): each
-    micro-batch's frozen work, in whole samples, into the idle gaps of any rank that end before the first stage's
-    forward of that micro-batch, earliest gap first; the rest inline on the first stage right before that
+    micro-batch's frozen work, in whole samples, into the idle gaps of any rank that end before the first segment's
+    forward of that micro-batch, earliest gap first; the rest inline on the first segment right before that
     forward. Gaps come from the timeline with all frozen work inline, where every delivery edge (producer's slot
     -> consumer's forward) points forward in time, so adding them cannot create a cycle: the runtime cannot
-    deadlock, and moving work off the first stage only makes it earlier (a producer may then be late: a stall,
+    deadlock, and moving work off the first segment only makes it earlier (a producer may then be late: a stall,
     not a hang). With ``owners`` (module -> the ranks holding it) a module's pieces go to its owners only, and
-    what does not fit a gap of an owner runs before that owner's first action when the first stage does not
+    what does not fit a gap of an owner runs before that owner's first action when the first segment does not
     hold the module (an edge from a slot with no predecessor: still acyclic). Returns per rank its
     ``(slot, Chunk, inline)`` pieces in execution order (slot k = before action k of ``rank_order``; inline
-    pieces run at the first stage's forward of their micro-batch)."""
+    pieces run at the first segment's forward of their micro-batch)."""
     S, mb_size = len(bounds), profile.mb_size
     orders = schedule_orders(schedule, S, n_mb)
-    times = _backbone(*_stage_times(profile, bounds), orders, [0.0] * S, profile.frozen_time)
+    times = _backbone(*_segment_times(profile, bounds), orders, [0.0] * S, profile.frozen_time)
     starts = times["starts"]
     gaps = [[start, start + length, r, k] for start, length, r, k in _gaps(orders, starts, times["ends"])]
     pieces: dict[int, list] = {r: [] for r in range(S)}
@@ -401,7 +373,7 @@ def choose_owners(profile: Profile, bounds: Sequence[tuple[int, int]], n_mb: int
 
 def simulate_dp(profile: Profile, n_mb: int, dp: int, dp_bw: float = float("inf"), bytes_per_param: float = 16.0,
                 frozen_bytes_per_param: float = 2.0, fsdp: bool = False, grad_bytes: float = 2.0) -> SimResult:
-    """Data parallel without pipelining: one stage holding every block, frozen work inline (gradient
+    """Data parallel without pipelining: one segment holding every block, frozen work inline (gradient
     accumulation over ``n_mb`` micro-batches)."""
     return simulate(profile, [(0, len(profile.blocks))], n_mb, "1f1b", "inline", dp, dp_bw, bytes_per_param,
                     frozen_bytes_per_param, fsdp, grad_bytes)

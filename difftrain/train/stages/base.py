@@ -1,23 +1,56 @@
-"""Stage: the unit of pluggability. One Trainer, engine and checkpoint format runs every stage.
+"""Stage: the unit of pluggability. A stage is the training objective (pretrain, reflow, progressive, ...); one
+Trainer, engine and checkpoint format runs every stage (docs/ARCHITECTURE.md, "Stages own their modules").
 
-A step is split so a pipeline scheduler can move the frozen part into bubbles (DiffusionPipe):
+**Build order.** The trainer builds the shared parts (:class:`~difftrain.train.build.Shared`: device, meshes,
+frozen encoders, diffusion, conditioner, the run's architecture), then the stage, which *declares* its modules
+and their roles (:meth:`Stage.modules`); the engine then materialises and wraps what is trainable, loads what is
+frozen, checkpoints both (a frozen module by its source's path and fingerprint, not its weights) and hands the
+live modules back (:meth:`Stage.bind`).
 
-    frozen(batch)   no-grad work: encode images (VAE) and captions, teacher outputs
-    prepare(batch)  draw t and noise (keyed by seed, step, sample index), noise assignment, weights
-    forward(model)  the trainable backbone
-    loss(pred)      per-sample loss and its scalar mean
+**Roles.** ``trainable``: gradients, a share of the optimizer, an EMA (the served module's EMA is what sampling
+and export use). ``frozen``: no grad, no optimizer state, loaded once from a :class:`~difftrain.train.sources.
+Source` (a teacher). Model changes (LoRA, ControlNet, fake quantisation: later issues) will apply to the declared
+modules before the engine wraps them.
 
-Stages name their trainable and frozen modules; frozen modules run under no_grad with no
-optimizer state.
+**Step contract**, shared by the plain and the pipelined loop (train/pipeline.py) so both run the same methods:
+
+    frozen(batch)          no-grad work of the shared encoders: VAE latents ``x0`` and the ``cond`` dict
+    prepare(batch)         draw t and noise (keyed by seed, step, sample index), teacher work, targets, weights
+    model_inputs(prep)     (x_t, t, cond) for the trained module (the pipeline feeds these to its first segment)
+    loss(pred, prep)       per-sample loss and its scalar mean, reading only the ``loss_keys`` tensors of prep
+                           (the pipeline carries exactly those to its last segment)
+
+A stage whose step cannot run through a pipeline (several trainable modules, teacher work that needs the whole
+teacher where the pipeline's first segment is) sets ``pipeline_refusal`` to say why; the config check refuses
+``parallel.pp > 1`` for it in one line.
 """
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
+
+TRAINABLE, FROZEN = "trainable", "frozen"
+
+
+@dataclass
+class ModuleSpec:
+    """A module a stage declares. ``meta()``: its architecture on the meta device (parameter counts, the pipeline's
+    cut, dry runs). ``init(device)``: a materialised module with its initial weights (trainable: the seeded
+    init or ``init_from``). ``source``: where a frozen module's weights are read (recorded in checkpoints by path
+    and fingerprint)."""
+    role: str
+    meta: Callable[[], nn.Module]
+    init: Callable[[torch.device], nn.Module] | None = None
+    source: object | None = None  # difftrain.train.sources.Source
+
+    def __post_init__(self):
+        if self.role not in (TRAINABLE, FROZEN):
+            raise ValueError(f"module role must be {TRAINABLE} or {FROZEN}, got {self.role!r}")
 
 
 @dataclass
@@ -31,13 +64,80 @@ class FrozenPiece:
     provides: tuple[str, ...]
 
 
+@dataclass
+class SamplingDefaults:
+    """How a stage's served model samples (``difftrain sample``/``eval``/``export``, sample grids, validation)."""
+    sampler: str
+    steps: int
+    guidance: float
+
+
 class Stage(ABC):
     name: str = ""
+    args_class: type | None = None  # the dataclass that checks config key ``stage_args``
+    served: str = "backbone"  # the trainable module that sampling and export use (its EMA)
+    trained: str = "backbone"  # the trainable module ``model_inputs`` feeds (a pipeline cuts this one)
+    loss_keys: tuple[str, ...] = ("x0", "eps", "t", "weight")
+    pipeline_refusal: str | None = None  # why this stage cannot run with parallel.pp > 1 (None: it can)
 
-    def trainable_modules(self) -> dict[str, nn.Module]:
-        return {}
+    def __init__(self, shared):
+        self.shared = shared
+        self.live: dict[str, nn.Module] = {}
 
-    def frozen_modules(self) -> dict[str, nn.Module]:
+    @abstractmethod
+    def modules(self) -> dict[str, ModuleSpec]:
+        """Every module the stage trains or reads, by name (stable: checkpoint keys)."""
+
+    def bind(self, live: dict[str, nn.Module]) -> None:
+        """The engine's live modules by name: trainable ones wrapped for forward (DDP/FSDP2), frozen ones loaded."""
+        self.live = live
+
+    @classmethod
+    def parse_args(cls, cfg):
+        """``cfg.stage_args`` as ``args_class`` (types, choices, bounds, required keys), or None for a stage without
+        arguments. ``ConfigError`` naming ``stage_args.KEY``."""
+        from difftrain.config import ConfigError, _coerce, _fields, _in_range, _range_text
+
+        if cls.args_class is None:
+            if cfg.stage_args:
+                raise ConfigError(f"config key 'stage_args' must be empty: stage '{cfg.stage}' takes no arguments")
+            return None
+        fields = _fields(cls.args_class)
+        kwargs = {}
+        for key, value in cfg.stage_args.items():
+            if key not in fields:
+                raise ConfigError(f"unknown config key 'stage_args.{key}' for stage '{cfg.stage}'; valid keys: "
+                                  f"{', '.join(fields)}")
+            kwargs[key] = _coerce(f"stage_args.{key}", fields[key], value)
+            bounds = fields[key].metadata.get("bounds")
+            if bounds and not _in_range(kwargs[key], bounds):
+                raise ConfigError(f"config key 'stage_args.{key}' must be {_range_text(bounds)}, got {value}")
+        missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING and n not in kwargs]
+        if missing:
+            raise ConfigError(f"config key 'stage_args.{missing[0]}' is required by stage '{cfg.stage}'")
+        return cls.args_class(**kwargs)
+
+    @classmethod
+    def sampling(cls, cfg) -> SamplingDefaults:
+        """The served model's sampler, steps and guidance: the run's ``run.sample_*`` unless the stage fixes them.
+        May read the stage's sources (a teacher's own sampling); the trainer saves the result in every checkpoint's
+        train state, which is what ``sample``/``eval``/``export`` then use."""
+        return SamplingDefaults(cfg.run.sample_sampler, cfg.run.sample_steps, cfg.run.sample_guidance)
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        """Stage-specific config checks (one-line ``ConfigError``), run by ``config_checks.validate``."""
+
+    @classmethod
+    def roles(cls, cfg) -> dict[str, tuple[str, str]]:
+        """Without reading a file: each module's (role, config key of its weights source), in ``modules()`` order
+        (dry runs plan a stage whose sources do not exist yet)."""
+        return {cls.trained: (TRAINABLE, "init_from")}
+
+    @classmethod
+    def sources(cls, cfg) -> dict[str, str]:
+        """The weight sources the stage reads besides ``init_from`` (config key -> text), checked at launch."""
         return {}
 
     @abstractmethod
@@ -50,9 +150,13 @@ class Stage(ABC):
     @abstractmethod
     def prepare(self, batch: dict, step: int) -> dict: ...
 
-    @abstractmethod
-    def forward(self, model: nn.Module, prep: dict) -> torch.Tensor: ...
+    def model_inputs(self, prep: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        return prep["x_t"], prep["t"], prep["cond"]
+
+    def forward(self, prep: dict) -> torch.Tensor:
+        x, t, cond = self.model_inputs(prep)
+        return self.live[self.trained](x, t, cond)
 
     @abstractmethod
     def loss(self, pred: torch.Tensor, prep: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (scalar loss to backpropagate, detached per-sample loss [B])."""
+        """Returns (scalar loss to backpropagate, detached per-sample loss [B]); reads only ``loss_keys`` of prep."""

@@ -1,24 +1,24 @@
-"""Pipeline stages cut from our backbones at block boundaries: the trainable part DiffusionPipe pipelines.
+"""Pipeline segments cut from our backbones at block boundaries: the trainable part DiffusionPipe pipelines.
 
-``make_stage(model, lo, hi)`` keeps trunk blocks ``lo .. hi-1`` of a DiT (image or video) or of the UNet wrapper,
-plus the embeddings on the first stage and the output head on the last, and drops every other submodule (set to
-``None``), so the stage's parameter names (FQNs) are the full model's: a pipelined checkpoint is the union of the
-stages' state dicts and loads into the whole model, and back (DCP reshards by name).
+``make_segment(model, lo, hi)`` keeps trunk blocks ``lo .. hi-1`` of a DiT (image or video) or of the UNet wrapper,
+plus the embeddings on the first segment and the output head on the last, and drops every other submodule (set
+to ``None``), so the segment's parameter names (FQNs) are the full model's: a pipelined checkpoint is the union of
+the segments' state dicts and loads into the whole model, and back (DCP reshards by name).
 
-A stage is an ``nn.Module`` whose ``forward`` takes and returns positional tensors only, the contract of
-``torch.distributed.pipelining.PipelineStage``:
+A segment is an ``nn.Module`` whose ``forward`` takes and returns positional tensors only, the contract of
+``torch.distributed.pipelining.PipelineStage`` (which runs it):
 
-* first stage: ``(x_t, t, *cond)`` with ``cond`` in ``cond_keys(model)`` order (``class_labels`` or
-  ``text_states, text_mask``);
-* between stages ("the wire"): everything the remaining blocks need, computed once on the first stage so every
-  stage gets it (DiffusionPipe, Tian et al. 2024, sec. 3: stages need the conditioning of every block):
+* first segment: ``(x_t, t, *cond)`` with ``cond`` in ``cond_keys(model)`` order (``class_labels`` or
+  ``text_states, text_mask``; then ``guidance`` for a model with ``guidance_embed``);
+* between segments ("the wire"): everything the remaining blocks need, computed once on the first segment so
+  every segment gets it (DiffusionPipe, Tian et al. 2024, sec. 3: segments need the conditioning of every block):
   DiT: ``(x, c[, mod][, text, text_keep])`` — tokens, the t(+class) embedding, adaLN-single's shared
   projection, the projected caption and its keep-mask as float (1 = attend); the UNet:
   ``(h, emb[, context, context_bias], *skips)`` — the open skip tensors travel with the activation;
-* last stage: the prediction ``[B, C, H, W]`` (``[B, T, C, H, W]`` for video).
+* last segment: the prediction ``[B, C, H, W]`` (``[B, T, C, H, W]`` for video).
 
-Gradients of the wire's float tensors flow back to the first stage (the embeddings are trained once, where they
-live). The image size is fixed per stage (``grid``): a pipeline schedule's p2p buffers have fixed shapes anyway.
+Gradients of the wire's float tensors flow back to the first segment (the embeddings are trained once, where they
+live). The image size is fixed per segment (``grid``): a pipeline schedule's p2p buffers have fixed shapes anyway.
 """
 from __future__ import annotations
 
@@ -30,20 +30,21 @@ from difftrain.models.unet import UNet
 
 
 def cond_keys(model: nn.Module) -> tuple[str, ...]:
-    """The conditioning tensors the first stage takes after ``(x_t, t)``, in order."""
+    """The conditioning tensors the first segment takes after ``(x_t, t)``, in order."""
     cfg = model.config
+    keys = ()
     if getattr(cfg, "num_classes", 0) > 0:
-        return ("class_labels",)
-    if getattr(cfg, "text_dim", 0) > 0:
-        return ("text_states", "text_mask")
-    return ()
+        keys = ("class_labels",)
+    elif getattr(cfg, "text_dim", 0) > 0:
+        keys = ("text_states", "text_mask")
+    return keys + (("guidance",) if getattr(cfg, "guidance_embed", False) else ())
 
 
 def num_blocks(model: nn.Module) -> int:
     return len(model.blocks)
 
 
-class _Stage(nn.Module):
+class _Segment(nn.Module):
     """Registers the kept children of ``model`` under their own names (so FQNs match the full model) and keeps
     ``model`` itself unregistered, for its ``embed`` / ``final`` / ``stem`` / ``head`` methods."""
 
@@ -51,21 +52,21 @@ class _Stage(nn.Module):
         super().__init__()
         n = num_blocks(model)
         if not 0 <= lo < hi <= n:
-            raise ValueError(f"stage blocks [{lo}, {hi}) out of range for a trunk of {n} blocks")
+            raise ValueError(f"segment blocks [{lo}, {hi}) out of range for a trunk of {n} blocks")
         self.lo, self.hi, self.first, self.last = lo, hi, lo == 0, hi == n
         object.__setattr__(self, "model", model)
         for name, child in model.named_children():
             setattr(self, name, child)
 
 
-class DiTStage(_Stage):
+class DiTSegment(_Segment):
     def __init__(self, model: DiT, lo: int, hi: int):
         super().__init__(model, lo, hi)
         for i in range(num_blocks(model)):
             if not lo <= i < hi:
                 model.blocks[i] = None
         if not self.first:
-            for name in ("patch_embed", "t_embed", "y_embed", "text_embed", "t_block"):
+            for name in ("patch_embed", "t_embed", "y_embed", "text_embed", "t_block", "g_embed"):
                 setattr(model, name, None)
                 setattr(self, name, None)
         if not self.last:
@@ -93,7 +94,7 @@ class DiTStage(_Stage):
         return _contiguous(wire)
 
 
-class UNetStage(_Stage):
+class UNetSegment(_Segment):
     def __init__(self, model: UNet, lo: int, hi: int):
         super().__init__(model, lo, hi)
         for i in range(num_blocks(model)):
@@ -133,10 +134,10 @@ class UNetStage(_Stage):
 
 
 class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the gradient a fresh contiguous tensor: the gradient a UNet stage sends
+    """Identity whose backward makes the gradient a fresh contiguous tensor: the gradient a UNet segment sends
     upstream for a received activation or skip is a channel slice of its concatenation's gradient, and p2p
     (gloo) buffers must be contiguous. Only on consumed tensors: pass-through outputs must not be views (the
-    zero-bubble backward detaches stage outputs in place)."""
+    zero-bubble backward detaches segment outputs in place)."""
 
     @staticmethod
     def forward(ctx, x):
@@ -153,18 +154,18 @@ def _contiguous(wire: tuple) -> tuple:
     return tuple(w.contiguous() for w in wire)
 
 
-def make_stage(model: nn.Module, lo: int, hi: int) -> _Stage:
-    """The pipeline stage owning trunk blocks ``lo .. hi-1`` of ``model`` (modified in place: every other block
-    and, off the first/last stage, the embeddings/head are dropped). ``model`` may be materialised or on the meta
-    device; only the stage's modules stay referenced."""
+def make_segment(model: nn.Module, lo: int, hi: int) -> _Segment:
+    """The pipeline segment owning trunk blocks ``lo .. hi-1`` of ``model`` (modified in place: every other block
+    and, off the first/last segment, the embeddings/head are dropped). ``model`` may be materialised or on the
+    meta device; only the segment's modules stay referenced."""
     if isinstance(model, DiT):
-        return DiTStage(model, lo, hi)
+        return DiTSegment(model, lo, hi)
     if isinstance(model, UNet):
-        return UNetStage(model, lo, hi)
-    raise TypeError(f"no pipeline stages for {type(model).__name__}: DiT, VideoDiT and UNet can be cut")
+        return UNetSegment(model, lo, hi)
+    raise TypeError(f"no pipeline segments for {type(model).__name__}: DiT, VideoDiT and UNet can be cut")
 
 
 def wire_bytes(outputs) -> int:
-    """Bytes a stage sends downstream per micro-batch (what crossing a boundary costs: the UNet's skips)."""
+    """Bytes a segment sends downstream per micro-batch (what crossing a boundary costs: the UNet's skips)."""
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     return sum(o.numel() * o.element_size() for o in outputs)

@@ -1,4 +1,4 @@
-"""Pipeline stages cut from DiT (image, video; adaLN-zero and -single), and the UNet (skips across the cut):
+"""Pipeline segments cut from DiT (image, video; adaLN-zero and -single), and the UNet (skips across the cut):
 chained on one process they equal the whole model's output and gradients, and their parameter names are the
 whole model's, partitioned."""
 import copy
@@ -11,7 +11,7 @@ import torch
 
 from difftrain.config import ModelConfig
 from difftrain.models import registry
-from difftrain.parallelism.pipeline.stages import cond_keys, make_stage, num_blocks, wire_bytes
+from difftrain.parallelism.pipeline.segments import cond_keys, make_segment, num_blocks, wire_bytes
 
 TEXT_DIM, LEN, CLASSES = 16, 5, 10
 
@@ -47,7 +47,7 @@ def _inputs(model, kw, b=3):
 
 
 @pytest.mark.parametrize("form", sorted(FORMS))
-def test_stages_equal_the_whole_model(form):
+def test_segments_equal_the_whole_model(form):
     kw, bounds = FORMS[form]
     model = _model(kw)
     with torch.no_grad():  # non-zero final layers / gates, so gradients reach every block
@@ -59,26 +59,26 @@ def test_stages_equal_the_whole_model(form):
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     assert bounds[-1][1] == num_blocks(model)
-    stages = [make_stage(copy.deepcopy(model), lo, hi) for lo, hi in bounds]
-    for s in stages:
+    segments = [make_segment(copy.deepcopy(model), lo, hi) for lo, hi in bounds]
+    for s in segments:
         s.zero_grad(set_to_none=True)
-    names = [set(n for n, _ in s.named_parameters()) for s in stages]
+    names = [set(n for n, _ in s.named_parameters()) for s in segments]
     assert set().union(*names) == set(n for n, _ in model.named_parameters())  # every parameter, once
     assert sum(len(n) for n in names) == len(list(model.parameters()))
-    for s in stages:  # a stage's state dict is a piece of the whole model's
+    for s in segments:  # a segment's state dict is a piece of the whole model's
         whole = model.state_dict()
         assert all(torch.equal(v, whole[k]) for k, v in s.state_dict().items())
 
     acts = (x, t, *(cond[k] for k in cond_keys(model)))
     sent = []
-    for s in stages:
+    for s in segments:
         acts = s(*acts)
         if not s.last:
             sent.append(wire_bytes(acts))
     out = acts
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     out.square().mean().backward()
-    grads = {n: p.grad for s in stages for n, p in s.named_parameters() if p.grad is not None}
+    grads = {n: p.grad for s in segments for n, p in s.named_parameters() if p.grad is not None}
     assert grads.keys() == ref_grads.keys()
     for n in grads:
         torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-7, msg=n)
@@ -94,7 +94,7 @@ def test_unet_skips_cross_the_cut():
     n = num_blocks(model)
     sizes = []
     for cut in range(1, n):
-        first = make_stage(copy.deepcopy(model), 0, cut)
+        first = make_segment(copy.deepcopy(model), 0, cut)
         sizes.append(len(first(x, t, cond["class_labels"])) - 2)  # skips = wire minus (h, emb)
     levels = model.config.levels
     assert sizes.index(max(sizes)) == levels - 1  # after the last down block (before the mid block)
@@ -104,6 +104,6 @@ def test_unet_skips_cross_the_cut():
 def test_bad_bounds_and_models():
     model = _model(FORMS["dit_class"][0])
     with pytest.raises(ValueError, match="out of range"):
-        make_stage(model, 2, 9)
-    with pytest.raises(TypeError, match="no pipeline stages"):
-        make_stage(torch.nn.Linear(2, 2), 0, 1)
+        make_segment(model, 2, 9)
+    with pytest.raises(TypeError, match="no pipeline segments"):
+        make_segment(torch.nn.Linear(2, 2), 0, 1)
