@@ -184,7 +184,7 @@ def _pairs(c: Campaign, name: str, env, log) -> None:
     g = load_generator(teacher, env.device)
     writer = PairWriter(g, teacher, r["count"], solver=r["solver"], steps=r["steps"], guidance=r["guidance"],
                         batch=r["batch"], shard_size=r["shard_size"], seed=r["seed"], dtype=r["dtype"],
-                        prompts=r["prompts"])
+                        prompts=r["prompts"], captions_from=r["captions_from"])
     writer.prepare(out, env.rank)  # refuses a folder of another request (the decision checked it already)
     _barrier(env)
     if env.rank == 0:

@@ -34,7 +34,7 @@ TOP_KEYS = ("dir", "config", "overrides", "stages", "eval")
 TRAIN_KEYS = ("kind", "stage", "config", "from", "data_from", "overrides", "stage_args")
 # a pairs step's request: difftrain distill pairs' options (difftrain/distill/pairs.py); None = the teacher's own
 PAIRS_DEFAULTS = {"count": None, "solver": None, "steps": None, "guidance": None, "batch": 64, "shard_size": 1024,
-                  "seed": 0, "dtype": "float32", "prompts": None}
+                  "seed": 0, "dtype": "float32", "prompts": None, "captions_from": None}
 PAIRS_KEYS = ("kind", "from", *PAIRS_DEFAULTS)
 EVAL_DEFAULTS = {"ref": None, "extractor": "inception", "samples": 1000, "ref_samples": 0,
                  "nfe": [1, 2, 4, 8, 16, 32], "teacher_samplers": ["euler"], "guidance": None, "seed": 0,
@@ -306,6 +306,8 @@ def _request(body: dict, where: str) -> dict:
     if r["prompts"] is not None and (not isinstance(r["prompts"], list)
                                      or not all(isinstance(x, str) for x in r["prompts"])):
         raise ConfigError(f"{where}: key 'prompts' must be a list of captions, got {r['prompts']!r}")
+    if r["captions_from"] is not None and not isinstance(r["captions_from"], str):
+        raise ConfigError(f"{where}: key 'captions_from' must be a shard spec (a string), got {r['captions_from']!r}")
     return r
 
 

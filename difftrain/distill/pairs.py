@@ -41,6 +41,7 @@ this run.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import signal
 from pathlib import Path
@@ -50,6 +51,29 @@ import torch
 from difftrain.config import ConfigError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def read_captions(spec: str, count: int) -> list[str]:
+    """The first ``count`` captions (``KEY.txt``) of a shard spec, in shard and sample order (samples without one are
+    passed over); fewer when the shards hold fewer (then they are cycled). ``ConfigError`` naming ``--captions-from``
+    when there are none."""
+    from difftrain.data.spec import parse_spec
+    from difftrain.data.tario import ShardError, read_shard
+
+    out: list[str] = []
+    try:
+        for source in parse_spec(spec, "--captions-from"):
+            for url in source.urls:
+                for sample, _ in read_shard(url):
+                    if "txt" in sample:
+                        out.append(sample["txt"].decode("utf-8", "replace").strip())
+                        if len(out) == count:
+                            return out
+    except (ShardError, ValueError, OSError) as e:
+        raise ConfigError(f"--captions-from {spec}: {e}") from None
+    if not out:
+        raise ConfigError(f"--captions-from {spec}: no sample has a caption (KEY.txt)")
+    return out
 
 
 def shard_name(k: int) -> str:
@@ -62,7 +86,7 @@ class PairWriter:
 
     def __init__(self, g, teacher: str | Path, count: int, *, solver: str | None = None, steps: int | None = None,
                  guidance: float | None = None, batch: int = 64, shard_size: int = 1024, seed: int = 0,
-                 dtype: str = "float32", prompts: list[str] | None = None):
+                 dtype: str = "float32", prompts: list[str] | None = None, captions_from: str | None = None):
         from difftrain.data.latents import encoder_identity, fingerprint
         from difftrain.eval.generator import sampler_name
         from difftrain.sampling import sample_shape
@@ -76,8 +100,11 @@ class PairWriter:
                               "(a shard holds whole chunks)")
         if dtype not in DTYPES:
             raise ConfigError(f"--dtype {dtype!r} is not one of: {', '.join(DTYPES)}")
-        if prompts and g.cond != "text":
-            raise ConfigError(f"--prompt is for text-conditioned teachers; {teacher} is model.cond={g.cond!r}")
+        if (prompts or captions_from) and g.cond != "text":
+            raise ConfigError(f"--prompt / --captions-from are for text-conditioned teachers; {teacher} is "
+                              f"model.cond={g.cond!r}")
+        if prompts and captions_from:
+            raise ConfigError("give --prompt or --captions-from, not both")
         how = g.sampling
         self.solver = sampler_name(solver or (how.sampler if how else g.cfg.run.sample_sampler))
         self.steps = int(steps if steps is not None else how.steps if how else g.cfg.run.sample_steps)
@@ -86,6 +113,9 @@ class PairWriter:
         self.guidance = float(guidance if guidance is not None else how.guidance if how else g.cfg.run.sample_guidance)
         self.g, self.count, self.batch, self.shard_size, self.seed = g, count, batch, shard_size, seed
         self.dtype_name, self.dtype = dtype, DTYPES[dtype]
+        self.captions_from = captions_from
+        if captions_from:  # the training data's own captions, in shard order: the pairs follow its distribution
+            prompts = read_captions(captions_from, count)
         self.prompts = list(prompts or g.cfg.run.sample_prompts) if g.cond == "text" else None
         if self.prompts == []:
             raise ConfigError(f"--prompt: the text-conditioned teacher {teacher} has no run.sample_prompts (an export "
@@ -112,7 +142,12 @@ class PairWriter:
                   "buckets": [self.size], "frames": self.shape[0] if len(self.shape) == 4 else 0}
         info = folder_info(self.identity, self.fingerprints, self.text, self.g.vae, False, self.dtype_name, source,
                            self.names(), self.batch)
-        conditions = {"cond": self.g.cond, **({"prompts": self.prompts} if self.prompts is not None else {}),
+        if self.captions_from:  # a hash stands for what may be millions of captions
+            digest = hashlib.sha256("\n".join(self.prompts).encode()).hexdigest()[:16]
+            captions = {"captions_from": self.captions_from, "captions": len(self.prompts), "captions_sha256": digest}
+        else:
+            captions = {"prompts": self.prompts} if self.prompts is not None else {}
+        conditions = {"cond": self.g.cond, **captions,
                       **({"num_classes": self.num_classes} if self.g.cond == "class" else {})}
         info["pairs"] = {"teacher": self.teacher, "step": self.g.step, "fingerprint": self.teacher_fingerprint,
                          "solver": self.solver, "steps": self.steps, "guidance": self.guidance, "seed": self.seed,
@@ -234,6 +269,8 @@ def add_pairs_args(parser: argparse.ArgumentParser) -> None:
                         help="storage dtype of x^, z and text states (float32 keeps them exact)")
     parser.add_argument("--prompt", action="append", help="caption (repeat for several; cycled; text teachers; "
                                                           "default: the teacher's run.sample_prompts)")
+    parser.add_argument("--captions-from", help="a shard spec: pair the first COUNT captions (KEY.txt) of these "
+                                                "shards, in order (text teachers; e.g. the teacher's data.train)")
 
 
 def run_pairs(args) -> dict:
@@ -247,7 +284,7 @@ def run_pairs(args) -> dict:
     g = load_generator(args.teacher, device)
     writer = PairWriter(g, args.teacher, args.count, solver=args.solver, steps=args.steps, guidance=args.guidance,
                         batch=args.batch, shard_size=args.shard_size, seed=args.seed, dtype=args.dtype,
-                        prompts=args.prompt)
+                        prompts=args.prompt, captions_from=args.captions_from)
     writer.prepare(Path(args.out), env.rank)  # every request error before any process group
     try:
         if env.world_size > 1:

@@ -79,7 +79,7 @@ def teachers(tmp_path_factory):
 
 def make_pairs(teacher, out, count=10, **kw):
     kw = {"solver": SOLVER, "steps": STEPS, "guidance": GUIDANCE, "batch": 4, "shard_size": 8, "seed": 3, **kw}
-    if teacher.name == "text":
+    if teacher.name == "text" and not kw.get("captions_from"):
         kw.setdefault("prompts", PROMPTS)  # an export keeps no run.sample_prompts
     writer = PairWriter(load_generator(teacher, CPU), teacher, count, **kw)
     return writer, write_pairs(writer, out, progress=False)
@@ -203,12 +203,31 @@ def test_rerun_resumes_bit_identical_and_refuses_another_request(teachers, tmp_p
 def test_request_errors_are_one_line(teachers, tmp_path):
     g = load_generator(teachers["class"], CPU)
     for kw, msg in (({"batch": 4, "shard_size": 6}, "--shard-size 6 must be a positive multiple of --batch 4"),
-                    ({"prompts": ["a 7"]}, "--prompt is for text-conditioned teachers"),
+                    ({"prompts": ["a 7"]}, "--prompt / --captions-from are for text-conditioned teachers"),
                     ({"solver": "rk45"}, "unknown sampler 'rk45'"), ({"dtype": "bfloat16"}, "--dtype")):
         with pytest.raises(ConfigError, match=msg):
             PairWriter(g, teachers["class"], 8, **kw)
     with pytest.raises(ConfigError, match="--prompt: the text-conditioned teacher .* has no run.sample_prompts"):
         PairWriter(load_generator(teachers["text"], CPU), teachers["text"], 8)
+
+
+def test_captions_from_the_training_shards(teachers, digits, tmp_path):
+    """``--captions-from``: the first COUNT captions of the shards in order (InstaFlow pairs LAION's own captions),
+    recorded by spec, count and hash; the pairs carry them as KEY.txt."""
+    from difftrain.data.tario import read_shard
+    from difftrain.distill.pairs import read_captions
+
+    first = [s["txt"].decode().strip() for s, _ in read_shard(digits["train"].replace("{00000..00006}", "00000"))]
+    assert read_captions(digits["train"], 5) == first[:5]
+    writer, _ = make_pairs(teachers["text"], tmp_path, count=6, prompts=None, captions_from=digits["train"])
+    pairs = members(tmp_path / "00000.tar")  # 6 pairs: one shard of 8
+    assert [v["txt"].decode() for v in pairs.values()] == first[:6]
+    info = writer.info()["pairs"]
+    assert info["captions_from"] == digits["train"] and info["captions"] == 6 and "prompts" not in info
+    with pytest.raises(ConfigError, match="give --prompt or --captions-from, not both"):
+        PairWriter(writer.g, teachers["text"], 6, prompts=PROMPTS, captions_from=digits["train"])
+    with pytest.raises(ConfigError, match=r"--captions-from .*/nope/\{0\.\.1\}\.tar"):
+        read_captions(str(tmp_path / "nope/{0..1}.tar"), 3)
 
 
 def test_cli_writes_the_same_shards(teachers, tmp_path, capsys):
