@@ -102,6 +102,11 @@ def _cmd_export(args) -> None:
     from difftrain.train.build import read_model_config
 
     g = load_run(args.run, torch.device("cpu"))
+    if g.cfg.diffusion.target == "x_eps":
+        from difftrain.models.dit_export import ExportError
+
+        raise ExportError(f"cannot export {args.run}: diffusion.target=x_eps (x and eps predictions merged by the "
+                          "noise level) has no diffusers scheduler; train the student with target x or v to export it")
     state = {k: v.detach() for k, v in g.model.state_dict().items()}
     cls_name = g.model.save_diffusers(state, args.out)
     meta = {"step": g.step, "diffusers_class": cls_name, "timestep_scale": 1000.0, "arch": read_model_config(args.run)[0],

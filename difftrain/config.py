@@ -112,7 +112,7 @@ class DiffusionConfig:
     # loss weighting (difftrain/diffusion/weightings.py); docs/DIFFUSION.md
     weighting: str = identity("none", ["none", "min_snr", "sd3", "truncated_snr"])
     weighting_args: dict = identity({})
-    target: str = identity("v", ["eps", "v", "x", "velocity"])
+    target: str = identity("v", ["eps", "v", "x", "velocity", "x_eps"])  # x_eps: 2x output channels
     t_min: float = identity(1e-4, ge=0.0, lt=1.0)
     t_max: float = identity(1.0 - 1e-4, gt=0.0, le=1.0)
     # noise assignment (difftrain/diffusion/assign.py): none, linear (Immiscible diffusion, Hungarian), knn

@@ -106,6 +106,8 @@ class Diffusion:
         if distance not in DISTANCES:
             raise ValueError(f"unknown loss distance '{distance}'; valid: {', '.join(DISTANCES)}")
         dtype = torch.promote_types(pred.dtype, torch.float32)
+        if self.target_kind == "x_eps":  # the merged x̂0 against x0 (targets.merge_x_eps)
+            pred = T.merge_x_eps(pred.to(dtype), self.add_noise(x0, eps, t).to(dtype), t.to(dtype), self.path)
         per_sample = DISTANCES[distance](pred, self.target(x0, eps, t))
         lw = self.loss_weight(t)
         if lw is not None:

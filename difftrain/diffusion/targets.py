@@ -8,6 +8,12 @@ Every target is linear in (x0, ε): target = a(t)·x0 + b(t)·ε, with x_t = α�
 | "x"        | 1    | 0    | predict the data                                          |
 | "v"        | −σ   | α    | Salimans & Ho 2022, sec. 4 / appendix D: v = α·ε − σ·x0    |
 | "velocity" | α'   | σ'   | dx_t/dt (Lipman et al. 2023 eq. 3; = ε − x0 on RF)        |
+| "x_eps"    | 1    | 0    | both: 2C channels (x̃, ε̃) merged (see ``merge_x_eps``)     |
+
+"x_eps" is Salimans & Ho 2022's "x & ε" output (sec. 4): the model predicts x̃ and ε̃ in twice the data's channels
+and x̂0 = σ²·x̃ + α·(x_t − σ·ε̃), i.e. x̃ and the x implied by ε̃ weighted by σ² and α² (divided by α² + σ², which is
+1 on VP paths), so x̂0 = x̃ at pure noise and x_t/α at σ = 0: well-defined at both ends, as a distilled student with
+few steps needs. Its loss is in x space on the merged x̂0 (the target is x0; weightings treat it as "x").
 
 On VP paths v = dx/dφ with x = cos φ·x0 + sin φ·ε (φ = atan(σ/α)), the rotation speed. On non-VP
 paths "v" is the same formula with the path's α, σ — still an invertible target (the system's
@@ -29,7 +35,7 @@ import torch
 
 from difftrain.diffusion.paths import Path
 
-TARGETS = ("eps", "v", "x", "velocity")
+TARGETS = ("eps", "v", "x", "velocity", "x_eps")
 
 
 def _bcast(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -42,7 +48,7 @@ def coefficients(kind: str, t: torch.Tensor, path: Path) -> tuple[torch.Tensor, 
     """(a, b) with target = a·x0 + b·ε, each shaped like t."""
     if kind == "eps":
         return torch.zeros_like(t), torch.ones_like(t)
-    if kind == "x":
+    if kind in ("x", "x_eps"):  # x_eps: its loss is on the merged x̂0
         return torch.ones_like(t), torch.zeros_like(t)
     if kind == "v":
         return -path.sigma(t), path.alpha(t)
@@ -55,14 +61,31 @@ def target(kind: str, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, path
     """The regression target of ``kind`` for clean data x0 and noise ε at time t."""
     if kind == "eps":
         return eps
-    if kind == "x":
+    if kind in ("x", "x_eps"):
         return x0
     a, b = coefficients(kind, t, path)
     return _bcast(a, x0) * x0 + _bcast(b, x0) * eps
 
 
+def merge_x_eps(pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, path: Path) -> torch.Tensor:
+    """x̂0 of an "x_eps" prediction [B, 2C, ...] (x̃ then ε̃ along dim 1) at x_t [B, C, ...]:
+    (σ²·x̃ + α·(x_t − σ·ε̃)) / (α² + σ²) (Salimans & Ho 2022, sec. 4)."""
+    c = x_t.shape[1]
+    if pred.shape[1] != 2 * c:
+        raise ValueError(f"diffusion.target=x_eps needs a model with twice the data's channels ({2 * c}, "
+                         f"model.args.out_channels), got {pred.shape[1]}")
+    x_pred, eps_pred = pred[:, :c], pred[:, c:]
+    alpha, sigma = (_bcast(c_, x_t) for c_ in (path.alpha(t), path.sigma(t)))
+    return (sigma.square() * x_pred + alpha * (x_t - sigma * eps_pred)) / (alpha.square() + sigma.square())
+
+
 def to_x0_eps(kind: str, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, path: Path):
     """(x̂0, ε̂) from a prediction of ``kind`` at x_t; the exact inverse of ``target``."""
+    if kind == "x_eps":
+        x0 = merge_x_eps(pred, x_t, t, path)
+        sigma = _bcast(path.sigma(t), x_t)
+        floor = torch.finfo(sigma.dtype).tiny ** 0.5
+        return x0, (x_t - _bcast(path.alpha(t), x_t) * x0) / sigma.clamp(min=floor)
     a, b = coefficients(kind, t, path)
     alpha, sigma = path.alpha(t), path.sigma(t)
     det = alpha * b - sigma * a
@@ -78,4 +101,6 @@ def to_x0(kind: str, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, pat
     """x̂0 only (what samplers consume)."""
     if kind == "x":
         return pred
+    if kind == "x_eps":
+        return merge_x_eps(pred, x_t, t, path)
     return to_x0_eps(kind, pred, x_t, t, path)[0]

@@ -62,7 +62,7 @@ class XSpaceWeighting(Weighting):
     def weight(self, t, path, target_kind):
         tt = t.detach().to(torch.float64)
         lam = path.logsnr(tt)
-        if target_kind == "x":
+        if target_kind in ("x", "x_eps"):  # x_eps: a loss on the merged x̂0
             w = self.x_weight(lam)
         elif target_kind == "eps":  # (σ/α)² = 1/SNR, computed in log space (stable at α → 0)
             w = torch.exp(torch.log(self.x_weight(lam)) - lam)

@@ -19,12 +19,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from difftrain.errors import DifftrainError
+
 if TYPE_CHECKING:  # annotations only: DiT.save_diffusers / load_diffusers call this module
     from difftrain.models.dit import DiT, DiTConfig
 
 
-class ExportError(ValueError):
-    """The model uses an option the target format cannot express; the message names it."""
+class ExportError(DifftrainError, ValueError):
+    """The model uses an option the target format cannot express; the message names it (one line from the CLI)."""
 
 
 def diffusers_target(cfg: DiTConfig) -> tuple[str, dict]:

@@ -63,7 +63,7 @@ def test_parsing_errors_are_one_line_naming_the_stage_and_key():
 def test_a_stage_config_error_names_the_stage(tmp_path):
     c = campaign({"stages": {"teacher": {}, "pd": {"stage": "progressive", "from": "teacher"}}}, tmp_path)
     with pytest.raises(ConfigError, match=r"^campaign stage 'pd': config key 'diffusion.target'"):
-        c.config_for("pd")  # the demo's velocity target: a progressive student predicts x or v
+        c.config_for("pd")  # the demo's velocity target: a progressive student predicts x, v or both
 
 
 def test_shard_patterns_need_no_quotes_in_a_campaign_file(tmp_path):

@@ -33,7 +33,7 @@ REFLOW = ["stage=reflow", "data.kind=latent", "data.require_caption=false", "dif
      "config key 'stage_args.grid' must be >= 0, got -1"),
     (["stage=reflow", "diffusion.path=rf", "diffusion.target=velocity"], "config key 'data.kind' = 'image'"),
     (["stage=progressive", "diffusion.target=v"], "config key 'stage_args.teacher' is required by stage 'progressive'"),
-    (["stage=progressive", "stage_args.teacher=x", "diffusion.target=eps"], "a progressive student predicts x or v"),
+    (["stage=progressive", "stage_args.teacher=x", "diffusion.target=eps"], "a progressive student predicts x, v or both"),
     (["stage=progressive", "stage_args.teacher=x", "diffusion.target=v", "parallel.pp=2"],
      "config key 'parallel.pp' = 2: stage 'progressive' cannot be pipelined: its teacher's two DDIM steps"),
 ])

@@ -20,8 +20,11 @@ def _batch(b=64, seed=0):
     return x0, eps, t
 
 
+LINEAR = [k for k in TARGETS if k != "x_eps"]  # x_eps predicts 2C channels: its own tests below
+
+
 @pytest.mark.parametrize("path_name", sorted(PATHS))
-@pytest.mark.parametrize("kind", TARGETS)
+@pytest.mark.parametrize("kind", LINEAR)
 def test_conversions_are_exact(path_name, kind):
     path = PATHS[path_name]()
     x0, eps, t = _batch()
@@ -50,13 +53,44 @@ def test_target_oracles():
         target("score", x0, eps, t, rf)
 
 
-@pytest.mark.parametrize("kind", TARGETS)
+@pytest.mark.parametrize("kind", LINEAR)
 def test_conversions_finite_at_singular_points(kind):
     path = VPCosine()
     t = torch.tensor([0.0, 1.0])
     x = torch.randn(2, 5)
     x0, eps = to_x0_eps(kind, torch.randn(2, 5), x, t, path)
     assert not torch.isnan(x0).any() and not torch.isnan(eps).any()
+
+
+@pytest.mark.parametrize("path_name", sorted(PATHS))
+def test_x_eps_merges_both_predictions(path_name):
+    """Salimans & Ho 2022 sec. 4: x^ = (sigma^2 x~ + alpha (x_t - sigma eps~)) / (alpha^2 + sigma^2): exact for exact
+    predictions, x~ at pure noise, x_t / alpha at sigma = 0, and the loss is zero for exact predictions."""
+    from difftrain.diffusion.targets import merge_x_eps
+
+    path = PATHS[path_name]()
+    x0, eps, t = _batch()
+    a, s = path.alpha(t).view(-1, 1, 1, 1), path.sigma(t).view(-1, 1, 1, 1)
+    x_t = a * x0 + s * eps
+    both = torch.cat([x0, eps], 1)
+    assert (to_x0("x_eps", both, x_t, t, path) - x0).abs().max() <= 1e-10
+    x0_hat, eps_hat = to_x0_eps("x_eps", both, x_t, t, path)
+    assert (x0_hat - x0).abs().max() <= 1e-10 and (eps_hat - eps).abs().max() <= 1e-9
+    # a wrong x~ or eps~ moves x^ by its share: sigma^2 / (alpha^2 + sigma^2) and alpha sigma / (alpha^2 + sigma^2)
+    d = torch.ones_like(x0)
+    k = (a.square() + s.square())
+    assert torch.allclose(merge_x_eps(torch.cat([x0 + d, eps], 1), x_t, t, path) - x0, s.square() / k * d)
+    assert torch.allclose(merge_x_eps(torch.cat([x0, eps + d], 1), x_t, t, path) - x0, -a * s / k * d)
+    ends = torch.tensor([1.0, 0.0], dtype=F64)  # pure noise (alpha = 0 on VP-cosine and RF) and data (sigma = 0)
+    xt = torch.randn(2, 3, 4, 4, dtype=F64)
+    out = merge_x_eps(torch.cat([x0[:2], eps[:2]], 1), xt, ends, path)
+    if path.alpha(ends)[0] == 0:
+        assert torch.equal(out[0], x0[0])
+    assert torch.allclose(out[1], xt[1] / path.alpha(ends)[1])
+    diff = Diffusion(path, Uniform(), "x_eps")
+    assert diff.loss(both.float(), x0.float(), eps.float(), t.float()).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="needs a model with twice the data's channels"):
+        to_x0("x_eps", x0, x_t, t, path)
 
 
 # ---- Diffusion -------------------------------------------------------------------------------

@@ -85,9 +85,9 @@ class ProgressiveStage(PretrainStage):
             if not cfg.model.args.get("guidance_embed") or cfg.model.cond == "none":
                 raise ConfigError("config key 'stage_args.guidance_range' needs a conditional student that takes the "
                                   "guidance scale as an input: set model.args.guidance_embed=true")
-        if cfg.diffusion.target not in ("x", "v"):
+        if cfg.diffusion.target not in ("x", "v", "x_eps"):
             raise ConfigError(f"config key 'diffusion.target' = '{cfg.diffusion.target}': a progressive student "
-                              "predicts x or v (Salimans & Ho 2022, sec. 4: eps explodes as alpha -> 0)")
+                              "predicts x, v or both (x_eps) (Salimans & Ho 2022, sec. 4: eps explodes as alpha -> 0)")
 
     @classmethod
     def roles(cls, cfg) -> dict[str, tuple[str, str]]:
