@@ -171,8 +171,15 @@ class Trainer:
         if ckpt.latest_checkpoint(self.ckpt_root) is None:
             return False
         tensors = self._tensors()
+        reading = dict(tensors)  # what DCP reads into: the same tensors, in the checkpoint's own layout
+
+        def before_load(state: dict) -> None:
+            self._check_resume(state)
+            reading.clear()
+            reading.update(tensors if "served" in state else _flat_layout(tensors, self.stage.served))
+
         # the newest complete checkpoint that loads; a corrupt one is named in a warning and the previous is used
-        found = ckpt.resume_newest(self.ckpt_root, tensors, before_load=self._check_resume)
+        found = ckpt.resume_newest(self.ckpt_root, reading, before_load=before_load)
         if found is None:
             return False
         last, state = found
@@ -359,3 +366,17 @@ class Trainer:
 
 def _nothing() -> None:
     pass
+
+
+def _flat_layout(tensors: dict, served: str) -> dict:
+    """The engine's tensors under a checkpoint's keys from before stages owned their modules (one module, no name:
+    ``model.FQN``, ``optim.FQN.*``, ``ema.FQN``): the same tensor objects, so reading into them resumes the run."""
+    prefix = served + "."
+
+    def strip(d: dict) -> dict:
+        if any(not k.startswith(prefix) for k in d):
+            raise ConfigError(f"a checkpoint from before named modules holds one module; this stage has others "
+                             f"besides '{served}'")
+        return {k[len(prefix):]: v for k, v in d.items()}
+
+    return {**tensors, **{k: strip(tensors[k]) for k in ("model", "optim", "ema") if k in tensors}}

@@ -85,6 +85,39 @@ def test_kill_mid_save_keeps_previous_checkpoint(straight, digits, tmp_path):
     assert_same(weights(straight, "model")[1], weights(d, "model")[1])
 
 
+def test_a_checkpoint_from_before_named_modules_resumes_bitwise(straight, digits, tmp_path):
+    """Checkpoints written before stages owned their modules hold one module under flat keys (``model.FQN``,
+    ``optim.FQN.*``, ``ema.FQN``) and no ``served`` in their train state: the straight run's step-10 checkpoint
+    rewritten that way resumes, and ends bitwise as the straight run."""
+    import json
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    from difftrain.train import checkpoint as ckpt
+
+    d = tmp_path / "old"
+    shutil.copytree(straight, d)
+    shutil.rmtree(d / "checkpoints" / "step_00000020")
+    (d / "checkpoints" / "latest").write_text("step_00000010")
+    c = d / "checkpoints" / "step_00000010"
+    md = ckpt.read_metadata(c / ".metadata")
+    state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in md.state_dict_metadata.items()}
+    ckpt.load_tensors(c, state)
+    flat = {re.sub(r"^(model|optim|ema)\.backbone\.", r"\1.", k): v for k, v in state.items()}
+    assert len(flat) == len(state) and any(k.startswith("model.blocks.") for k in flat)
+    for f in [*c.glob("*.distcp"), c / ".metadata"]:
+        f.unlink()
+    dcp.save(flat, storage_writer=FileSystemWriter(c), no_dist=True)
+    train_state = json.loads((c / "train_state.json").read_text())
+    for key in ("stage", "served", "modules", "frozen", "sampling"):
+        train_state.pop(key)
+    (c / "train_state.json").write_text(json.dumps(train_state))
+    train(2, d, digits)
+    assert_same_weights(straight, d, 20)
+
+
 def test_two_fsdp2_ranks_resume_on_one_process(straight, digits, tmp_path):
     d = tmp_path / "reshard"
     train(2, d, digits, "run.steps=10", "parallel.engine=fsdp2")
