@@ -128,6 +128,23 @@ def agree_finite(norm: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
     return bad[0] == 0
 
 
+@torch.no_grad()
+def spec_meta_copy(spec, original: nn.Module, meshes: Meshes, pcfg: ParallelConfig, device: torch.device) -> nn.Module:
+    """A derived module: ``spec.meta()`` sharded like ``original`` (FSDP2: the same blocks on the same mesh; DDP: no
+    wrapper, it takes no gradient), materialised, then the original's parameters and buffers copied shard by shard,
+    so it never exists whole on a rank that holds a shard."""
+    from difftrain.parallelism.parallelize import apply_fsdp2
+
+    module = spec.meta().requires_grad_(False)
+    if pcfg.engine == "fsdp2":
+        apply_fsdp2(module, meshes)
+    module.to_empty(device=device)
+    mine = dict(module.named_parameters()) | dict(module.named_buffers())
+    for n, t in [*original.named_parameters(), *original.named_buffers()]:
+        _local(mine[n]).copy_(_local(t))
+    return module.eval()
+
+
 class TorchEngine(Engine):
     """DDP or FSDP2 with torch's fused AdamW, a learning-rate table indexed by applied updates and a (sharded)
     EMA; a step with a non-finite loss or gradient is skipped on every rank (see the module docstring).
@@ -149,6 +166,7 @@ class TorchEngine(Engine):
         self.models = {n: m if n in done else parallelize(m, meshes, pcfg, device) for n, m in modules.items()}
         self.container = nn.ModuleDict(self.models)  # one tree: parameter and state-dict names are NAME.*
         self.frozen: dict[str, nn.Module] = {}
+        self.derived: dict[str, nn.Module] = {}
         self.params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
         self.max_norm = ocfg.grad_clip
         self.lr_table = lr_table(ocfg, total_steps, device)
@@ -167,7 +185,7 @@ class TorchEngine(Engine):
                    total_steps: int) -> "TorchEngine":
         """Materialise a stage's declared modules (``Stage.modules``) and train the trainable ones. A module read from
         a run's checkpoint under FSDP2 goes meta -> sharded -> loaded, so it never exists whole on a rank."""
-        from difftrain.train.stages.base import TRAINABLE
+        from difftrain.train.stages.base import DERIVED, FROZEN, TRAINABLE
 
         sharded_load = set()  # FSDP2 modules read from a run: meta -> sharded -> DCP load of their own shards
 
@@ -187,8 +205,13 @@ class TorchEngine(Engine):
         trainable = {n: build(n, s, True) for n, s in specs.items() if s.role == TRAINABLE}
         engine = cls(trainable, meshes, pcfg, ocfg, device, total_steps, wrapped=sharded_load)
         for n, s in specs.items():
-            if s.role != TRAINABLE:
+            if s.role == FROZEN:
                 engine.frozen[n] = build(n, s, False).requires_grad_(False).eval()
+            elif s.role == DERIVED:  # the original's architecture, sharded as it is, holding a copy of its weights
+                if s.of not in trainable:
+                    raise ValueError(f"derived module '{n}' copies '{s.of}', which is not a trainable module")
+                module = spec_meta_copy(s, trainable[s.of], meshes, pcfg, device)
+                engine.derived[n] = module
         return engine
 
     @property
@@ -204,8 +227,8 @@ class TorchEngine(Engine):
         return next(iter(self.modules.values()))
 
     def live(self) -> dict[str, nn.Module]:
-        """Every module by name: the trainable ones as wrapped for forward, the frozen ones."""
-        return {**self.models, **self.frozen}
+        """Every module by name: the trainable ones as wrapped for forward, the frozen and derived ones."""
+        return {**self.models, **self.frozen, **self.derived}
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -254,10 +277,15 @@ class TorchEngine(Engine):
     def state_dict(self) -> dict:
         model_sd = get_model_state_dict(self.container, options=self._sd_options)
         optim_sd = get_optimizer_state_dict(self.container, self.optimizer, options=self._sd_options)
-        return {"model": model_sd, "optim": optim_sd["state"], "ema": self.ema.state_dict()}
+        out = {"model": model_sd, "optim": optim_sd["state"], "ema": self.ema.state_dict()}
+        if self.derived:
+            out["derived"] = {n: get_model_state_dict(m, options=self._sd_options) for n, m in self.derived.items()}
+        return out
 
     def load_state_dict(self, sd: dict, step: int) -> None:
         set_model_state_dict(self.container, sd["model"], options=self._sd_options)
+        for n, m in self.derived.items():
+            set_model_state_dict(m, sd["derived"][n], options=self._sd_options)
         groups = get_optimizer_state_dict(self.container, self.optimizer, options=self._sd_options)["param_groups"]
         set_optimizer_state_dict(self.container, self.optimizer, {"state": sd["optim"], "param_groups": groups},
                                  options=self._sd_options)

@@ -334,6 +334,7 @@ class PipelinedStep:
         t.metrics.add_samples(per_t[0][:n], per_t[1][:n])
         loss = per_t[0][:n].sum()  # every pp rank has the losses: all of them agree on a skip with the dp ranks
         gnorm, ok = eng.step(step, loss)
+        t.stage.after_step(step, ok)
         t.metrics.add_step(gnorm, ok, fwd_bwd=t1 - t0, optim=time.perf_counter() - t1, step=step + 1,
                            keys=batch.get("keys"), loss_ok=torch.isfinite(loss))
 

@@ -162,7 +162,7 @@ class Trainer:
         state = {"step": self.step, "data_g": data["g"], "world_size": self.world,
                  "config_hash": self.config_hash, "config": to_dict(self.cfg), "stage": self.cfg.stage,
                  "served": self.stage.served, "modules": {n: s.role for n, s in self.specs.items()},
-                 "sampling": dataclasses.asdict(self.sampling()),
+                 "sampling": dataclasses.asdict(self.sampling()), "stage_state": self.stage.state_dict(),
                  "frozen": self.frozen_sources}
         return ckpt.save(self.ckpt_root, self.step, self._tensors(), state, self.cfg.run.keep_last,
                          rank_state={"data": data})
@@ -185,6 +185,7 @@ class Trainer:
         last, state = found
         self.step = state["step"]
         self.engine.load_state_dict(tensors, self.step)
+        self.stage.load_state_dict(state.get("stage_state") or {})
         torch.set_rng_state(tensors["rng"]["cpu"])
         try:  # the data-loader states of the same checkpoint as the tensors
             self.loader.load_state_dict([r["data"] for r in ckpt.read_rank_states(last, state.get("world_size"))])
@@ -257,6 +258,7 @@ class Trainer:
             self.metrics.add_samples(per_sample, prep["t"])
         t1 = time.perf_counter()
         gnorm, ok = self.engine.step(self.step, loss_sum)  # skipped on every rank when anything is non-finite
+        self.stage.after_step(self.step, ok)  # derived modules (a target network) follow the update
         t2 = time.perf_counter()
         self.metrics.add_step(gnorm, ok, fwd_bwd=t1 - t0, optim=t2 - t1, step=self.step + 1, keys=batch.get("keys"),
                               loss_ok=torch.isfinite(loss_sum))

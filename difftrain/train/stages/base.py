@@ -9,7 +9,8 @@ live modules back (:meth:`Stage.bind`).
 
 **Roles.** ``trainable``: gradients, a share of the optimizer, an EMA (the served module's EMA is what sampling
 and export use). ``frozen``: no grad, no optimizer state, loaded once from a :class:`~difftrain.train.sources.
-Source` (a teacher). Model changes (LoRA, ControlNet, fake quantisation: later issues) will apply to the declared
+Source` (a teacher). ``derived``: a copy of a trainable module with its own update rule (``after_step``: a target
+network). A stage's own non-tensor state (``state_dict``) goes into every checkpoint's train state. Model changes (LoRA, ControlNet, fake quantisation: later issues) will apply to the declared
 modules before the engine wraps them.
 
 **Step contract**, shared by the plain and the pipelined loop (train/pipeline.py) so both run the same methods:
@@ -34,7 +35,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-TRAINABLE, FROZEN = "trainable", "frozen"
+TRAINABLE, FROZEN, DERIVED = "trainable", "frozen", "derived"
+ROLES = (TRAINABLE, FROZEN, DERIVED)
 
 
 @dataclass
@@ -42,15 +44,20 @@ class ModuleSpec:
     """A module a stage declares. ``meta()``: its architecture on the meta device (parameter counts, the pipeline's
     cut, dry runs). ``init(device)``: a materialised module with its initial weights (trainable: the seeded
     init or ``init_from``). ``source``: where a frozen module's weights are read (recorded in checkpoints by path
-    and fingerprint)."""
+    and fingerprint). ``of``: a derived module's trainable original: it starts as a copy of it (sharded like it),
+    has no grad and no optimizer state, is checkpointed (``derived.NAME.*``) and moves only by the stage's
+    ``after_step`` (a target network: an EMA of the student with its own decay schedule)."""
     role: str
     meta: Callable[[], nn.Module]
     init: Callable[[torch.device], nn.Module] | None = None
     source: object | None = None  # difftrain.train.sources.Source
+    of: str | None = None  # derived: the trainable module it copies
 
     def __post_init__(self):
-        if self.role not in (TRAINABLE, FROZEN):
-            raise ValueError(f"module role must be {TRAINABLE} or {FROZEN}, got {self.role!r}")
+        if self.role not in ROLES:
+            raise ValueError(f"module role must be one of {', '.join(ROLES)}, got {self.role!r}")
+        if (self.role == DERIVED) != (self.of is not None):
+            raise ValueError("a derived module names the trainable module it copies (of=...), and only it does")
 
 
 @dataclass
@@ -89,8 +96,20 @@ class Stage(ABC):
         """Every module the stage trains or reads, by name (stable: checkpoint keys)."""
 
     def bind(self, live: dict[str, nn.Module]) -> None:
-        """The engine's live modules by name: trainable ones wrapped for forward (DDP/FSDP2), frozen ones loaded."""
+        """The engine's live modules by name: trainable ones wrapped for forward (DDP/FSDP2), frozen ones loaded,
+        derived ones as copies of their originals."""
         self.live = live
+
+    def after_step(self, step: int, ok: torch.Tensor) -> None:
+        """After each optimizer step (``ok``: whether it was applied, a 0-dim device tensor; no host sync): move
+        derived modules (a target network's update). Default: nothing."""
+
+    def state_dict(self) -> dict:
+        """The stage's own non-tensor state (JSON), saved in every checkpoint's train state and restored on resume."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (a checkpoint from before the stage had state gives ``{}``)."""
 
     @classmethod
     def parse_args(cls, cfg):
