@@ -46,21 +46,21 @@ def campaign_yaml(d: Path, data: dict, n: dict) -> str:
     common = "[data.num_workers=1, eval.every=0, run.sample_every=0, run.log_every=50, run.progress=false]"
     pd = "diffusion.target=v, diffusion.weighting=truncated_snr"
     rf2 = "\n".join(f"  rf2_s{s}: {{stage: reflow, from: pairs, overrides: [run.steps={n['rf2']}, run.seed={s}, "
-                    f"run.ckpt_every={n['rf2']}]}}" for s in SEEDS)
+                    f"run.ckpt_every=500]}}" for s in SEEDS)
     return f"""# written by benchmarks/distill.py
 dir: {d / "campaign"}
 config: {REPO / "configs/demo.yaml"}
 overrides: {common}
 stages:
-  teacher: {{overrides: [run.steps={n['teacher']}, run.ckpt_every={n['teacher']}, data.train={data['train']}]}}
+  teacher: {{overrides: [run.steps={n['teacher']}, run.ckpt_every=500, data.train={data['train']}]}}
   pairs: {{kind: pairs, from: teacher, count: {n['pairs']}, solver: euler, steps: 32, guidance: 2.0}}
 {rf2}
   pd4: {{stage: progressive, from: teacher, stage_args: {{steps: 4, teacher_guidance: 2.0}},
-        overrides: [run.steps={n['pd']}, run.ckpt_every={n['pd']}, data.train={data['train']}, {pd}]}}
+        overrides: [run.steps={n['pd']}, run.ckpt_every=500, data.train={data['train']}, {pd}]}}
   pd2: {{stage: progressive, from: pd4, stage_args: {{steps: 2}},
-        overrides: [run.steps={n['pd']}, run.ckpt_every={n['pd']}, data.train={data['train']}, {pd}]}}
+        overrides: [run.steps={n['pd']}, run.ckpt_every=500, data.train={data['train']}, {pd}]}}
   pd1: {{stage: progressive, from: pd2, stage_args: {{steps: 1}},
-        overrides: [run.steps={n['pd']}, run.ckpt_every={n['pd']}, data.train={data['train']}, {pd}]}}
+        overrides: [run.steps={n['pd']}, run.ckpt_every=500, data.train={data['train']}, {pd}]}}
 """
 
 
