@@ -85,7 +85,8 @@ class Source:
         """The run config the weights were trained with (a run's newest checkpoint's; an export's sections as
         ``generator.load_export`` rebuilds them); None for a diffusers folder."""
         if self.is_run:
-            return run_config(self.path, int(self.fingerprint()["step"]))
+            step = ckpt.read_train_state(ckpt.latest_checkpoint(self.path / "checkpoints"))["step"]
+            return run_config(self.path, int(step))
         if (self.path / "difftrain.json").is_file():
             from difftrain.config import Config, DiffusionConfig
 
