@@ -16,13 +16,18 @@ reflow pairs (32 Euler steps at the demo's CFG 2.0), trains 2-RF on them with 3 
   s), and the straightness of both flows (Liu et al. 2022, eq. 5: the mean squared deviation of the velocity from
   the straight line, 256 samples, 32 Euler steps, the pairs' CFG scale for the teacher, none for 2-RF whose pairs
   carry it);
-* each progressive student at its own step count (DDIM, no CFG: it is distilled in).
+* each progressive student at its own step count (DDIM, no CFG: it is distilled in);
+* the few-step students of issue 16 (``FEW``, each from the teacher, ``FULL["few"]`` steps at lr 1e-4): consistency
+  distillation (Heun teacher steps, CFG 2 distilled in) and easy consistency tuning (iCT's recipe from the teacher)
+  at NFE 1, 2, 4 with their multistep consistency samplers, DMD2's one-step generator at NFE 1; then the best
+  student at 1 NFE and at 2 NFE (any method; a progressive round keeps one seed) trained and sampled with seeds 1
+  and 2 as well: ``ratio_1nfe`` / ``ratio_2nfe`` are their mean FID over the 3 seeds / the teacher's best.
 
 Every result is kept under ``DIR`` (the campaign's checkpoints, each evaluation's chunks, ``DIR/straightness/*.json``),
 so a killed benchmark rerun resumes where it stopped. Writes ``DIR/results.md`` and ``DIR/fid_vs_nfe.png`` and ends
 with one line of ``key=value`` figures: ``rf2_straighter`` (1 when 2-RF is straighter than 1-RF on every seed),
 ``rf2_vs_rf1_fid_1nfe`` (mean 2-RF / 1-RF FID at one step), ``pd_ratio_1nfe``, ``pd_ratio_2nfe`` (student FID / the
-teacher's best), ...
+teacher's best), ``ratio_1nfe``, ``ratio_2nfe``, ``class_acc_1nfe``, ``wall_STAGE_s`` (each stage's training time), ...
 """
 from __future__ import annotations
 
@@ -38,11 +43,22 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 NFES = [1, 2, 4, 8, 16, 32]
 SEEDS = [0, 1, 2]
-FULL = {"teacher": 3000, "pairs": 4096, "rf2": 1500, "pd": 600, "samples": 1000, "straight": 256}
-QUICK = {"teacher": 40, "pairs": 128, "rf2": 20, "pd": 10, "samples": 100, "straight": 32}
+FULL = {"teacher": 3000, "pairs": 4096, "rf2": 1500, "pd": 600, "samples": 1000, "straight": 256, "few": 1000}
+QUICK = {"teacher": 40, "pairs": 128, "rf2": 20, "pd": 10, "samples": 100, "straight": 32, "few": 10}
+# the few-step students (issue 16), each from the teacher: stage_args and overrides (a campaign stage's body)
+FEW = {
+    # consistency distillation of the guided teacher (CFG 2 distilled in): Heun teacher steps on 16 uniform intervals
+    "cd": "{stage: consistency, from: teacher, stage_args: {teacher_guidance: 2.0, steps: 16, solver: heun}}",
+    # easy consistency tuning (iCT's recipe started from the teacher, no teacher at training time)
+    "ect": ("{stage: consistency, from: teacher, stage_args: {teacher: '', grid: karras, steps: 10, steps_max: 80, "
+            "target_ema: 0, loss: pseudo_huber, weight: inverse_step, t_sampling: lognormal, boundary: edm}}"),
+    # distribution matching (DMD2): one-step generator, fake score 4 steps per generator step, real score at CFG 2
+    "dmd": "{stage: dmd, from: teacher, stage_args: {teacher_guidance: 2.0, fake_updates: 4}}",
+}
+FEW_OPTIM = "optim.lr=1e-4, optim.warmup_steps=20, optim.schedule=constant"
 
 
-def campaign_yaml(d: Path, data: dict, n: dict) -> str:
+def campaign_yaml(d: Path, data: dict, n: dict, few: list[tuple[str, int]] = ()) -> str:
     common = "[data.num_workers=1, eval.every=0, run.sample_every=0, run.log_every=50, run.progress=false]"
     pd = "diffusion.target=v, diffusion.weighting=truncated_snr"
     rf2 = "\n".join(f"  rf2_s{s}: {{stage: reflow, from: pairs, overrides: [run.steps={n['rf2']}, run.seed={s}, "
@@ -61,7 +77,14 @@ stages:
         overrides: [run.steps={n['pd']}, run.ckpt_every=500, data.train={data['train']}, {pd}]}}
   pd1: {{stage: progressive, from: pd2, stage_args: {{steps: 1}},
         overrides: [run.steps={n['pd']}, run.ckpt_every=500, data.train={data['train']}, {pd}]}}
-"""
+""" + "".join(few_stage(name, s, data, n) for name, s in few)
+
+
+def few_stage(name: str, seed: int, data: dict, n: dict) -> str:
+    """A few-step student's campaign stage: FEW[name] with the common overrides (seed s > 0: ``NAME_sS``)."""
+    body = FEW[name][:-1]  # the mapping without its closing brace
+    over = f"run.steps={n['few']}, run.ckpt_every=500, run.seed={seed}, data.train={data['train']}, {FEW_OPTIM}"
+    return f"  {name if seed == 0 else f'{name}_s{seed}'}: {body}, overrides: [{over}]}}\n"
 
 
 def run(args: list[str], log: Path) -> None:
@@ -123,6 +146,14 @@ def straightness(d: Path, model: str, n: dict, guidance: float) -> float:
     return value
 
 
+def stage_wall(d: Path, stage: str) -> float | None:
+    """The stage's training wall time (the campaign record's ``wall_s``; None for stages trained before it kept one)."""
+    try:
+        return json.loads((d / "campaign" / stage / "campaign.json").read_text()).get("wall_s")
+    except (OSError, ValueError):
+        return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dir", default="runs/bench_distill")
@@ -138,7 +169,8 @@ def main() -> None:
 
     data = ({"train": str(d / "data" / "train" / "{00000..00006}.tar")} if (d / "data" / "train").is_dir()
             else write_digits(d / "data", image_size=16, progress=False))
-    (d / "campaign.yaml").write_text(campaign_yaml(d, data, n))
+    few = [(m, 0) for m in FEW]
+    (d / "campaign.yaml").write_text(campaign_yaml(d, data, n, few))
     print(f"campaign {d / 'campaign.yaml'} (log {log})", flush=True)
     torchrun(2, ["campaign", str(d / "campaign.yaml"), "--skip-eval"], log)
 
@@ -155,18 +187,52 @@ def main() -> None:
     straight1 = straightness(d, "teacher", n, guidance=2.0)
     straight2 = [straightness(d, f"rf2_s{s}", n, guidance=1.0) for s in SEEDS]
 
+    # the few-step students at NFE 1, 2, 4 (their own samplers; DMD's generator is one-step), seed 0; then the best
+    # student at 1 and at 2 NFE (any method, progressive and 2-RF included) trained and sampled with seeds 1 and 2
+    students = evaluate(d, data, n, [m for m in FEW if m != "dmd"], 0, "consistency", log, None, [1, 2, 4])
+    students += evaluate(d, data, n, ["dmd"], 0, "dmd", log)
+    candidates = students + list(pd.values()) + [r for r in rf2 if r["seed"] == 0]
+    rf2_2 = evaluate(d, data, n, ["rf2_s0"], 0, "rf2_2nfe", log, ["euler"], [2])
+    candidates += rf2_2
+    best_at = {k: min((r for r in candidates if r["nfe"] == k), key=lambda r: r["fid"]) for k in (1, 2)}
+    method = {k: r["model"].split("_s")[0] for k, r in best_at.items()}
+    seeded: dict[int, list[dict]] = {}
+    extra = sorted({(method[k], s) for k in (1, 2) for s in SEEDS[1:] if method[k] in FEW})
+    if extra:
+        (d / "campaign.yaml").write_text(campaign_yaml(d, data, n, few + extra))
+        torchrun(2, ["campaign", str(d / "campaign.yaml"), "--skip-eval"], log)
+    for k in (1, 2):
+        r0 = best_at[k]
+        runs = {s: (method[k] if s == 0 else f"{method[k]}_s{s}") for s in SEEDS}
+        if method[k] == "rf2":
+            runs = {s: f"rf2_s{s}" for s in SEEDS}
+        if method[k] not in FEW and method[k] != "rf2":
+            seeded[k] = [r0]  # a progressive round: one seed (each seed would retrain the chain of rounds)
+            continue
+        seeded[k] = [r0 if s == 0 else evaluate(d, data, n, [runs[s]], s, f"best{k}_seed{s}", log,
+                                                [r0["sampler"]], [int(r0["steps"])])[0] for s in SEEDS]
+    walls = {m: stage_wall(d, m) for m in ["teacher", "rf2_s0", "pd4", "pd2", "pd1", *FEW]}
+
     lines = ["| model | sampler | NFE | seed | FID | KID | precision | recall | class acc |", "|---" * 9 + "|"]
-    for r in rows + rf1 + rf2 + list(pd.values()):
+    for r in rows + rf1 + rf2 + list(pd.values()) + rf2_2 + students + [r for k in (1, 2) for r in seeded[k][1:]]:
         acc = r.get("class_acc", float("nan"))
         lines.append(f"| {r['model']} | {r['sampler']} | {r['nfe']} | {r['seed']} | {r['fid']:.2f} | {r['kid']:.1f} | "
                      f"{r['precision']:.3f} | {r['recall']:.3f} | {acc:.3f} |")
     lines += ["", f"teacher's best: {best['sampler']} at NFE {best['nfe']}, FID {best['fid']:.2f}",
               f"straightness: 1-RF {straight1:.4g}; 2-RF " + ", ".join(f"{v:.4g}" for v in straight2)]
+    for k in (1, 2):
+        fids = [r["fid"] for r in seeded[k]]
+        lines.append(f"best {k}-NFE student: {method[k]} ({best_at[k]['sampler']}), FID "
+                     + ", ".join(f"{v:.2f}" for v in fids) + f" over {len(fids)} seed(s): "
+                     f"{statistics.mean(fids) / best['fid']:.3f}x the teacher's best")
+    lines.append("training wall time per stage (s, 2 ranks): "
+                 + ", ".join(f"{m} {w:.0f}" for m, w in walls.items() if w is not None))
     (d / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
     from difftrain.eval.plots import plot_fid_vs_nfe
 
-    plot_fid_vs_nfe(rows + rf2 + list(pd.values()), d / "fid_vs_nfe.png", title="digits: teacher, 2-RF, progressive",
+    plot_fid_vs_nfe(rows + rf2 + list(pd.values()) + students, d / "fid_vs_nfe.png",
+                    title="digits: teacher, 2-RF, progressive, consistency, DMD",
                     series=lambda r: f"{r['model'].split('_s')[0]} / {r['sampler']}")
     ratio = statistics.mean(b["fid"] / a_["fid"] for a_, b in zip(rf1, rf2))
     figures = {
@@ -178,6 +244,13 @@ def main() -> None:
         **{f"pd{k}_fid": r["fid"] for k, r in pd.items()},
         "pd_ratio_4nfe": pd[4]["fid"] / best["fid"], "pd_ratio_2nfe": pd[2]["fid"] / best["fid"],
         "pd_ratio_1nfe": pd[1]["fid"] / best["fid"],
+        **{f"{r['model']}_fid_{r['nfe']}nfe": r["fid"] for r in students},
+        "best_1nfe": method[1], "best_2nfe": method[2],
+        "ratio_1nfe": statistics.mean(r["fid"] for r in seeded[1]) / best["fid"],
+        "ratio_2nfe": statistics.mean(r["fid"] for r in seeded[2]) / best["fid"],
+        "class_acc_1nfe": statistics.mean(r.get("class_acc", float("nan")) for r in seeded[1]),
+        "class_acc_2nfe": statistics.mean(r.get("class_acc", float("nan")) for r in seeded[2]),
+        **{f"wall_{m}_s": w for m, w in walls.items() if w is not None},
         "quick": int(a.quick), "load_avg_start": load, "wall_s": time.time() - t0,
     }
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()))

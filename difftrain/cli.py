@@ -107,15 +107,25 @@ def _cmd_export(args) -> None:
 
         raise ExportError(f"cannot export {args.run}: diffusion.target=x_eps (x and eps predictions merged by the "
                           "noise level) has no diffusers scheduler; train the student with target x or v to export it")
+    from difftrain.models.scheduler_export import write_scheduler
+
     state = {k: v.detach() for k, v in g.model.state_dict().items()}
     cls_name = g.model.save_diffusers(state, args.out)
+    # how the served model samples, as a stock diffusers scheduler (DIR/scheduler), or the reason there is none
+    scheduler = write_scheduler(args.out, g.diffusion, g.sampling.sampler, g.sampling.steps)
     meta = {"step": g.step, "diffusers_class": cls_name, "timestep_scale": 1000.0, "arch": read_model_config(args.run)[0],
             "diffusion": to_dict(g.cfg.diffusion), "encoders": to_dict(g.cfg.encoders),
             "stage": g.cfg.stage,
             "sampling": {"guidance": g.sampling.guidance, "steps": g.sampling.steps, "sampler": g.sampling.sampler},
+            "scheduler": scheduler,
             "model": dataclasses.asdict(g.acfg)}
     (Path(args.out) / "difftrain.json").write_text(json.dumps(meta, indent=1))
     print(f"exported EMA weights of step {g.step} as diffusers {cls_name} to {args.out}")
+    how = f"{g.sampling.sampler}, {g.sampling.steps} steps"
+    if scheduler["class"]:
+        print(f"scheduler: diffusers {scheduler['class']} ({how}) in {Path(args.out) / scheduler['subfolder']}")
+    else:
+        print(f"no diffusers scheduler written ({how}): {scheduler['reason']}")
 
 
 def build_parser() -> argparse.ArgumentParser:

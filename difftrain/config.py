@@ -63,7 +63,7 @@ def execution(default, choices=None, **bounds) -> Any:
     return _tagged(EXECUTION, default, choices, **bounds)
 
 
-SAMPLERS = ("euler", "heun", "ddim", "dpmpp_2m")
+SAMPLERS = ("euler", "heun", "ddim", "dpmpp_2m", "consistency", "lcm", "consistency_edm")  # diffusion.samplers
 
 
 @dataclass

@@ -16,7 +16,7 @@ import torch
 from difftrain.diffusion.diffusion import Diffusion
 from difftrain.diffusion.guidance import guided_denoiser
 from difftrain.diffusion.keyed import keyed_randn
-from difftrain.diffusion.samplers import SAMPLERS, time_grid
+from difftrain.diffusion.samplers import SAMPLERS, STOCHASTIC, time_grid
 from difftrain.train.supervise import point
 
 
@@ -50,12 +50,13 @@ def guided_x0(model, diffusion: Diffusion, conditioner, cond: dict, guidance: fl
 
 @torch.no_grad()
 def sample_model_space(model, diffusion: Diffusion, conditioner, x_T: torch.Tensor, cond: dict, *, steps: int,
-                       sampler: str, guidance: float, progress: bool = False) -> torch.Tensor:
+                       sampler: str, guidance: float, progress: bool = False, noise=None) -> torch.Tensor:
     """The teacher ODE from noise to data in model space: ``x_T`` [B, ...] (noise at t = 1) -> x0 [B, ...] (latents,
     or pixels in [-1, 1] without a VAE; not decoded), integrated by ``sampler`` over the uniform ``steps``-step grid
     from t = 1 to 0 with the CFG-guided denoiser at scale ``guidance`` (unguided without a condition). ``cond`` is
     ``conditioner(captions, labels)`` of the B samples. Batched math may depend on the batch's composition: the same
-    x0 bits need the same batch."""
+    x0 bits need the same batch. ``noise(i)``: the fresh noise of step i of a multistep consistency sampler
+    (``samplers.STOCHASTIC``; ignored by the ODE solvers)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler '{sampler}'; valid: {', '.join(SAMPLERS)}")
     fn = guided_x0(model, diffusion, conditioner, cond, guidance, len(x_T), x_T.device)
@@ -65,7 +66,8 @@ def sample_model_space(model, diffusion: Diffusion, conditioner, x_T: torch.Tens
         return fn(x, t).float()
 
     ts = time_grid(steps, 1.0, 0.0).to(x_T.device)
-    return SAMPLERS[sampler](denoise, x_T, ts, path=diffusion.path, progress=progress)
+    extra = {"noise": noise} if sampler in STOCHASTIC else {}
+    return SAMPLERS[sampler](denoise, x_T, ts, path=diffusion.path, progress=progress, **extra)
 
 
 @torch.no_grad()
@@ -83,9 +85,14 @@ def generate(model, diffusion: Diffusion, conditioner, vae, *, n: int, shape: tu
         hi = min(n, lo + batch_size)
         cond = conditioner(captions[lo:hi] if captions is not None else None,
                            labels[lo:hi] if labels is not None else None)
-        x_T = keyed_randn(seed, 0, range(start + lo, start + hi), shape, "sample").to(device)
+        which = range(start + lo, start + hi)
+        x_T = keyed_randn(seed, 0, which, shape, "sample").to(device)
+
+        def noise(i, which=which):  # a consistency sampler's fresh noise at step i, keyed per image like x_T
+            return keyed_randn(seed, i + 1, which, shape, "sample").to(device)
+
         x0 = sample_model_space(model, diffusion, conditioner, x_T, cond, steps=steps, sampler=sampler,
-                                guidance=guidance, progress=progress)
+                                guidance=guidance, progress=progress, noise=noise)
         pixels = vae.decode(x0).float().clamp(-1, 1)
         channels_last = (0, 2, 3, 1) if pixels.ndim == 4 else (0, 1, 3, 4, 2)  # [.., C, H, W] -> [.., H, W, C]
         out.append(((pixels + 1) * 127.5).round().to(torch.uint8).permute(*channels_last).cpu())

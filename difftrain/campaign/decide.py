@@ -119,6 +119,17 @@ def write_record(c: Campaign, name: str, cfg: Config | None) -> None:
     tmp.replace(d / RECORD)
 
 
+def add_wall_time(c: Campaign, name: str, seconds: float) -> None:
+    """Add ``seconds`` of training to the stage's record (``wall_s``: summed over the launches that trained it)."""
+    rec = read_record(c, name)
+    if rec is None:
+        return
+    rec["wall_s"] = round(float(rec.get("wall_s", 0.0)) + seconds, 1)
+    tmp = c.run_dir(name) / (RECORD + ".tmp")
+    tmp.write_text(json.dumps(rec, indent=1))
+    tmp.replace(c.run_dir(name) / RECORD)
+
+
 def read_record(c: Campaign, name: str) -> dict | None:
     f = c.run_dir(name) / RECORD
     try:

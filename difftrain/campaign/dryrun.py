@@ -183,6 +183,8 @@ def stage_modules(c: Campaign, cfg: Config, arch: str, acfg, plans: dict) -> lis
         if role == "trainable":
             out.append((name, role, registry.build(arch, acfg),
                         text or ("the stage's default source" if len(sources) > 1 else "seeded init")))
+        elif role == "derived":  # key: the trainable module it copies
+            out.append((name, role, registry.build(arch, acfg), f"a copy of '{key}'"))
         else:
             a, ac = _source_arch(c, text, plans, (arch, acfg))
             out.append((name, role, registry.build(a, ac), text))

@@ -8,6 +8,7 @@ model's own unless ``eval.guidance``):
   per step is not 1 (Heun: 2 steps - 1) at the most steps that stay within each NFE (duplicates dropped), so
   its points sit at the NFE it really costs (``generator.count_nfe``);
 * a reflow stage without a grid (k-RF) over the NFE list with Euler;
+* a consistency student with its own multistep sampler at each NFE of the list up to 4;
 * every other student at its own sampler and step count (``Stage.sampling``: a progressive student of N steps
   with DDIM at N, a reflow stage with ``grid: k`` with Euler at k).
 
@@ -58,6 +59,10 @@ def settings(cfg, ev) -> list[tuple[str | None, list[int] | None]]:
         return [(s, steps_for_nfe(s, ev.nfe, path)) for s in ev.teacher_samplers]
     if cfg.stage == "reflow" and not stage_args(cfg).grid:
         return [("euler", steps_for_nfe("euler", ev.nfe, path))]
+    if cfg.stage == "consistency":  # a few-step sampler: its own, at each NFE up to 4 (one evaluation per step)
+        from difftrain.train.stages import STAGES
+
+        return [(STAGES["consistency"].sampling(cfg).sampler, [n for n in ev.nfe if n <= 4] or [1])]
     return [(None, None)]
 
 

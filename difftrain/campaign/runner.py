@@ -14,6 +14,7 @@ runs (difftrain/campaign/decide.py); evaluation follows (difftrain/campaign/resu
 from __future__ import annotations
 
 import argparse
+import time
 
 from difftrain.campaign.spec import PAIRS, Campaign, load_campaign, shown
 from difftrain.config import ConfigError
@@ -150,7 +151,7 @@ def _move_aside(c: Campaign, name: str, env, log) -> None:
 
 
 def _train(c: Campaign, name: str, env, log, signals) -> None:
-    from difftrain.campaign.decide import training_state, write_record
+    from difftrain.campaign.decide import add_wall_time, training_state, write_record
     from difftrain.eval.validate import Validation
     from difftrain.sampling import SampleGrid
     from difftrain.train.trainer import Trainer
@@ -164,7 +165,12 @@ def _train(c: Campaign, name: str, env, log, signals) -> None:
     if env.rank == 0 and not training_state(c.run_dir(name), cfg).output:
         write_record(c, name, cfg)  # the inputs it starts from (compared when the campaign is run again)
     trainer = Trainer(cfg, callbacks=[SampleGrid(), Validation()], signals=signals)
-    out = trainer.fit()
+    t0 = time.monotonic()
+    try:
+        out = trainer.fit()
+    finally:  # an interrupted launch counts too: the record sums every launch's training time
+        if env.rank == 0:
+            add_wall_time(c, name, time.monotonic() - t0)
     if out:
         log(f"campaign: stage '{name}' final " + " ".join(f"{k}={v:.5g}" for k, v in out.items() if "/" not in k),
             flush=True)

@@ -105,7 +105,9 @@ class Campaign:
         """The settings a training stage takes from ``from:`` / ``data_from:`` (applied before its own overrides):
 
         * pretrain / reflow from a training stage: ``init_from=DIR/FROM@ema``
-        * progressive from a training stage: ``stage_args.teacher=DIR/FROM@ema`` (the student starts from it)
+        * progressive / dmd from a training stage: ``stage_args.teacher=DIR/FROM@ema`` (the student starts from it)
+        * consistency from a training stage: ``init_from=`` and ``stage_args.teacher=DIR/FROM@ema`` (distillation;
+          the stage's own ``stage_args: {teacher: ""}`` makes it consistency training initialised from FROM)
         * reflow from a pairs step P (or ``data_from: P``): its shards (``data.kind=latent``, ``data.train``),
           ``diffusion.assign=none`` (each pair keeps its own noise), no source-data filters or caption
           requirement (class pairs carry labels only), and, for ``from: P``, ``init_from=`` P's teacher ``@ema``.
@@ -117,8 +119,11 @@ class Campaign:
             if up.kind == PAIRS:
                 out += self._pairs_data(s.from_)
                 out.append(("init_from", f"{self.run_dir(up.from_)}@ema"))
-            elif s.stage == "progressive":
+            elif s.stage in ("progressive", "dmd"):
                 out.append(("stage_args.teacher", f"{self.run_dir(s.from_)}@ema"))
+            elif s.stage == "consistency":  # distilled from it, or (stage_args.teacher: "") tuned from it (ECT)
+                out += [("init_from", f"{self.run_dir(s.from_)}@ema"),
+                        ("stage_args.teacher", f"{self.run_dir(s.from_)}@ema")]
             else:
                 out.append(("init_from", f"{self.run_dir(s.from_)}@ema"))
         if s.data_from is not None:

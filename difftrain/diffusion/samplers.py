@@ -15,13 +15,18 @@ t_{n−1}), i.e. it returns the last x0 prediction (= x̂0 exactly on VP-cosine 
 what Euler in Karras's σ-space, first-order DPM-Solver++ and Karras Alg. 1 do there; for Euler-in-t
 on VP paths it replaces a step that would not land on the data. ts must not *start* at σ = 0.
 
-NFE: euler, ddim, dpmpp_2m use n evaluations; heun 2n (2n − 1 when ts[-1] is t = 0).
+Multistep consistency sampling (``consistency``, ``lcm``, ``consistency_edm``: Song et al. 2023, Alg. 1) is not an
+ODE solver: at each t_i it maps x to the consistency function's data estimate and re-noises it to t_{i+1} with fresh
+noise (``noise(i)``, keyed per image by ``sampling.generate``).
+
+NFE: euler, ddim, dpmpp_2m and the consistency samplers use n evaluations; heun 2n (2n − 1 when ts[-1] is t = 0).
 Coefficients are computed from ts in float64 on the CPU, then cast to x's dtype and device.
 """
 from __future__ import annotations
 
 import torch
 
+from difftrain.diffusion.consistency import boundary_coefficients
 from difftrain.diffusion.paths import Path
 
 
@@ -37,6 +42,30 @@ def ddim_update(x0_hat, x_t, alpha_t, sigma_t, alpha_s, sigma_s):
     ax0 = alpha_s * x0_hat
     x_s = ax0 + sigma_s * ((x_t - alpha_t * x0_hat) / sigma_t)
     return torch.where(sigma_s == 0, ax0, x_s)
+
+
+
+def ode_step(x0_fn, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, path: Path, solver: str = "ddim"):
+    """One step of the probability-flow ODE from t to s < t per sample (t, s: [B]), from a data prediction
+    ``x0_fn(x, t) -> x0^``: consistency distillation's teacher step (CM Alg. 2; LCM's skipping-step solver when s is
+    k timesteps below t). ``ddim``: x_s = alpha_s x0^ + sigma_s eps^ (``samplers.ddim_update``); ``heun``: Euler
+    predictor and trapezoidal corrector in t (Karras et al. 2022, Alg. 1; two evaluations), first order where
+    sigma_s = 0 as there. Arithmetic in x's dtype (float64 in the stage)."""
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    t_, s_ = t.to(x).reshape(shape), s.to(x).reshape(shape)
+    a_t, sg_t, a_s, sg_s = path.alpha(t_), path.sigma(t_), path.alpha(s_), path.sigma(s_)
+    x0 = x0_fn(x, t)
+    x_ddim = ddim_update(x0, x, a_t, sg_t, a_s, sg_s)
+    if solver == "ddim":
+        return x_ddim
+    if solver != "heun":
+        raise ValueError(f"unknown teacher ODE step '{solver}'; valid: ddim, heun")
+    d = path.d_alpha(t_) * x0 + path.d_sigma(t_) * (x - a_t * x0) / sg_t
+    x_pred = x + (s_ - t_) * d
+    x0_pred = x0_fn(x_pred, s)
+    safe = torch.where(sg_s > 0, sg_s, torch.ones_like(sg_s))
+    d_next = path.d_alpha(s_) * x0_pred + path.d_sigma(s_) * (x_pred - a_s * x0_pred) / safe
+    return torch.where(sg_s > 0, x + 0.5 * (s_ - t_) * (d + d_next), x_ddim)
 
 
 
@@ -162,7 +191,36 @@ def dpmpp_2m(denoise_fn, x_T, ts, *, path: Path, progress: bool = False):
     return x
 
 
-SAMPLERS = {"euler": euler, "heun": heun, "ddim": ddim, "dpmpp_2m": dpmpp_2m}
+@torch.no_grad()
+def consistency(denoise_fn, x_T, ts, *, path: Path, progress: bool = False, boundary: str = "none", noise=None):
+    """Multistep consistency sampling (Song et al. 2023, "Consistency Models", Alg. 1; LCM, Luo et al. 2023, Alg. 3):
+    x0 = f(x, t_i) = a(t_i)·x + b(t_i)·x̂0(x, t_i) (``consistency.boundary_coefficients``), then
+    x = α(t_{i+1})·x0 + σ(t_{i+1})·z_i with fresh noise z_i = ``noise(i)`` (``torch.randn_like`` when None); the
+    last step returns x0 when ts[-1] has σ = 0. One evaluation per step; one step is the one-step generator f(x_T, 1).
+    """
+    g, x = _Grid(ts, path, x_T), x_T
+    a, b = (c.to(g.t) for c in boundary_coefficients(boundary, torch.as_tensor(ts).detach().cpu().double(), path))
+    for i in _steps(g.n, progress):
+        x0 = a[i] * x + b[i] * denoise_fn(x, g.t_batch(i))
+        if g.at_data[i + 1]:
+            x = g.alpha[i + 1] * x0
+        else:
+            z = noise(i) if noise is not None else torch.randn_like(x)
+            x = g.alpha[i + 1] * x0 + g.sigma[i + 1] * z.to(x)
+    return x
+
+
+def _consistency(boundary: str):
+    def sample(denoise_fn, x_T, ts, *, path: Path, progress: bool = False, noise=None):
+        return consistency(denoise_fn, x_T, ts, path=path, progress=progress, boundary=boundary, noise=noise)
+
+    sample.__doc__ = f"Multistep consistency sampling with the '{boundary}' boundary scalings (``consistency``)."
+    return sample
+
+
+SAMPLERS = {"euler": euler, "heun": heun, "ddim": ddim, "dpmpp_2m": dpmpp_2m,
+            "consistency": _consistency("none"), "lcm": _consistency("lcm"), "consistency_edm": _consistency("edm")}
+STOCHASTIC = ("consistency", "lcm", "consistency_edm")  # they take ``noise=`` (fresh noise per step)
 
 
 def time_grid(

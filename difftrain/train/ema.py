@@ -18,6 +18,32 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def _lerp(shadow: list, live: list, decay: float, ok: torch.Tensor | None) -> None:
+    """``shadow += (1 - decay) * ok * (live - shadow)`` over lists of local tensors (``ok`` None: always)."""
+    if ok is None:
+        torch._foreach_lerp_(shadow, live, 1.0 - decay)
+        return
+    weights: dict = {}  # one 0-dim weight per (device, dtype): lerp wants the weight's type to match
+    for s in shadow:
+        if (s.device, s.dtype) not in weights:
+            weights[s.device, s.dtype] = ok.to(device=s.device, dtype=s.dtype) * (1.0 - decay)
+    torch._foreach_lerp_(shadow, live, [weights[s.device, s.dtype] for s in shadow])
+
+
+@torch.no_grad()
+def follow(target: nn.Module, live: nn.Module, decay: float, ok: torch.Tensor | None = None) -> None:
+    """A target network's update (a stage's derived module, ``Stage.after_step``): ``target <- decay target +
+    (1 - decay) live`` parameter by parameter, on the local shards (both are sharded alike: no communication), the
+    weight multiplied by ``ok`` so that a skipped step leaves the target bitwise unchanged without a host sync.
+    ``live`` may be wrapped by DDP (its ``module.`` prefix is matched)."""
+    params = dict(live.named_parameters())
+    pairs = [(p, params.get(n, params.get("module." + n))) for n, p in target.named_parameters()]
+    missing = [n for (n, _), (_, q) in zip(target.named_parameters(), pairs) if q is None]
+    if missing:
+        raise ValueError(f"target network parameter '{missing[0]}' has no counterpart in the live module")
+    _lerp([_local(p) for p, _ in pairs], [_local(q) for _, q in pairs], decay, ok)
+
+
 class EMA:
     def __init__(self, module: nn.Module, decay: float):
         self.decay = decay
@@ -30,16 +56,7 @@ class EMA:
         multiplied by it, so a skipped step leaves the EMA bitwise unchanged without a host sync."""
         # Warm-up as in Karras et al. 2022 / common practice: no averaging over the first steps.
         decay = min(self.decay, (1 + step) / (10 + step))
-        shadow = [_local(self.shadow[n]) for n in self.params]
-        live = [_local(p) for p in self.params.values()]
-        if ok is None:
-            torch._foreach_lerp_(shadow, live, 1.0 - decay)
-            return
-        weights: dict = {}  # one 0-dim weight per (device, dtype): lerp wants the weight's type to match
-        for s in shadow:
-            if (s.device, s.dtype) not in weights:
-                weights[s.device, s.dtype] = ok.to(device=s.device, dtype=s.dtype) * (1.0 - decay)
-        torch._foreach_lerp_(shadow, live, [weights[s.device, s.dtype] for s in shadow])
+        _lerp([_local(self.shadow[n]) for n in self.params], [_local(p) for p in self.params.values()], decay, ok)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow

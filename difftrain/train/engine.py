@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from difftrain.config import OptimConfig, ParallelConfig
@@ -69,7 +70,9 @@ class Engine(ABC):
         """Tensors only (nested dicts), for torch.distributed.checkpoint."""
 
     @abstractmethod
-    def load_state_dict(self, sd: dict, step: int) -> None: ...
+    def load_state_dict(self, sd: dict, step: int, updates: int | None = None) -> None:
+        """Restore :meth:`state_dict`; ``updates``: the optimizer updates applied before the checkpoint (the train
+        state's count; None for checkpoints from before it was kept)."""
 
     @abstractmethod
     def ema_swapped_in(self) -> contextlib.AbstractContextManager: ...
@@ -138,6 +141,7 @@ def spec_meta_copy(spec, original: nn.Module, meshes: Meshes, pcfg: ParallelConf
     module = spec.meta().requires_grad_(False)
     if pcfg.engine == "fsdp2":
         apply_fsdp2(module, meshes)
+        module.set_reshard_after_forward(True)  # no backward follows its forwards: the root reshards too
     module.to_empty(device=device)
     mine = dict(module.named_parameters()) | dict(module.named_buffers())
     for n, t in [*original.named_parameters(), *original.named_buffers()]:
@@ -150,7 +154,10 @@ class TorchEngine(Engine):
     EMA; a step with a non-finite loss or gradient is skipped on every rank (see the module docstring).
 
     It trains the stage's trainable modules (by name: one AdamW over all of them, an EMA of each) and holds its
-    frozen ones (no grad, no optimizer state): :meth:`from_stage`. Checkpoint tensors are keyed by module name
+    frozen ones (no grad, no optimizer state): :meth:`from_stage`. AdamW's state is per parameter and it steps only
+    parameters that got a gradient, so a stage that alternates its modules (DMD's generator and fake score) gives
+    each its own moments and step counts: a module whose forward ran without grad in a step is left bitwise as it
+    was (its grads are None after every step). Checkpoint tensors are keyed by module name
     (``model.NAME.*``, ``optim.NAME.*``, ``ema.NAME.*``), so a stage's modules resume and reshard by name."""
 
     norm_group = None  # ranks whose grad norms add up (the pipeline segments); None = this rank's parameters
@@ -196,6 +203,8 @@ class TorchEngine(Engine):
                 if not trainable:
                     module.requires_grad_(False)
                 module = parallelize(module, meshes, pcfg, device)
+                if not trainable:  # no backward follows its forwards: the root reshards too (not left gathered)
+                    module.set_reshard_after_forward(True)
                 module.to_empty(device=device)
                 source.load(module)
                 sharded_load.add(name)
@@ -253,6 +262,9 @@ class TorchEngine(Engine):
         self.updates += ok
         self._set_lr()
         self.ema.update(step, ok)
+        for m in self.models.values():  # an FSDP2 root whose forward ran without grad stays gathered: reshard it,
+            if isinstance(m, FSDPModule):  # so the EMA swap, checkpoints and the next step see the shards (no-op
+                m.reshard()  # after a backward)
         return norm, ok
 
     def _set_lr(self) -> None:
@@ -282,7 +294,7 @@ class TorchEngine(Engine):
             out["derived"] = {n: get_model_state_dict(m, options=self._sd_options) for n, m in self.derived.items()}
         return out
 
-    def load_state_dict(self, sd: dict, step: int) -> None:
+    def load_state_dict(self, sd: dict, step: int, updates: int | None = None) -> None:
         set_model_state_dict(self.container, sd["model"], options=self._sd_options)
         for n, m in self.derived.items():
             set_model_state_dict(m, sd["derived"][n], options=self._sd_options)
@@ -292,9 +304,12 @@ class TorchEngine(Engine):
         self.ema.load_state_dict(sd["ema"])
         for group in self.optimizer.param_groups:  # load_state_dict put a deep copy of the lr tensor there
             group["lr"] = self.lr_t
-        # the updates applied so far come back with the optimizer's own step counters (skipped steps excluded)
+        # the updates applied so far (skipped steps excluded): the train state's count; for older checkpoints the
+        # optimizer's own step counters, whose maximum is it only when every step updates every parameter
         steps = [s["step"] for s in self.optimizer.state.values() if "step" in s]
-        if steps:
+        if updates is not None:
+            self.updates.fill_(updates)
+        elif steps:
             self.updates.copy_(torch.stack([s.to(self.device) for s in steps]).max())
         else:
             self.updates.zero_()

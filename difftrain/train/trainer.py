@@ -159,7 +159,7 @@ class Trainer:
                                  f"(newest complete checkpoint: {newest if newest is not None else 'none'})")
         # The look-ahead batch is fetched but not trained on: resume must start with it.
         data = self.loader.state_dict(self._data.peek()["position"]["g"] if self._data is not None else None)
-        state = {"step": self.step, "data_g": data["g"], "world_size": self.world,
+        state = {"step": self.step, "updates": int(self.engine.updates), "data_g": data["g"], "world_size": self.world,
                  "config_hash": self.config_hash, "config": to_dict(self.cfg), "stage": self.cfg.stage,
                  "served": self.stage.served, "modules": {n: s.role for n, s in self.specs.items()},
                  "sampling": dataclasses.asdict(self.sampling()), "stage_state": self.stage.state_dict(),
@@ -184,7 +184,7 @@ class Trainer:
             return False
         last, state = found
         self.step = state["step"]
-        self.engine.load_state_dict(tensors, self.step)
+        self.engine.load_state_dict(tensors, self.step, updates=state.get("updates"))
         self.stage.load_state_dict(state.get("stage_state") or {})
         torch.set_rng_state(tensors["rng"]["cpu"])
         try:  # the data-loader states of the same checkpoint as the tensors

@@ -23,12 +23,9 @@ class TargetStage(PretrainStage):
 
     @torch.no_grad()
     def after_step(self, step, ok):
-        from difftrain.train.ema import _local
+        from difftrain.train.ema import follow
 
-        target, live = self.live["target"], dict(self.live["backbone"].named_parameters())
-        for n, p in target.named_parameters():
-            q = live.get(n, live.get("module." + n))  # DDP's wrapper prefixes its parameters
-            _local(p).lerp_(_local(q), 0.5 * ok.to(p.dtype))
+        follow(self.live["target"], self.live["backbone"], 0.5, ok)
         self.updates += int(ok)
 
     def state_dict(self):

@@ -17,8 +17,9 @@ import torch
 
 from difftrain.models import registry
 from difftrain.train.build import load_run_weights, read_model_config
+from difftrain.train import checkpoint as ckpt
 from difftrain.train.checkpoint import MARKER, latest_checkpoint, read_train_state
-from tests.conftest import REPO, run_cmd, torchrun
+from tests.conftest import REPO, torchrun
 
 COMMON = ("configs/demo.yaml run.steps=20 run.ckpt_every=10 run.keep_last=3 run.log_every=1 run.progress=false "
           "run.sample_every=0 model.name=DiT-T/2 model.cond=class model.num_classes=10 model.args.depth=2 "
@@ -36,6 +37,21 @@ def weights(run_dir, which):
     m = registry.materialize(registry.build(arch, acfg), "cpu", seed=1)
     step = load_run_weights(run_dir, m, which=which)
     return step, {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def checkpoint(run_dir, step: int | None = None) -> tuple[dict, dict]:
+    """Every tensor of a run's checkpoint of ``step`` (default: the newest) under its flat key (``model.NAME.*``,
+    ``optim.NAME.*``, ``ema.NAME.*``, ``derived.NAME.*``, ``rng.*``), and its train state."""
+    root = run_dir / "checkpoints"
+    d = ckpt.latest_checkpoint(root) if step is None else ckpt.step_dir(root, step)
+    md = ckpt.read_metadata(d / ".metadata")
+    tensors = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in md.state_dict_metadata.items()}
+    ckpt.load_tensors(d, tensors)
+    return tensors, ckpt.read_train_state(d)
+
+
+def part(tensors: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def assert_same_weights(run_a, run_b, step: int, tol=0.0):

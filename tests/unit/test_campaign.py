@@ -143,6 +143,15 @@ def test_dry_run_of_the_digits_recipe_builds_every_stage_with_the_real_models():
         if p.kind == "progressive":
             assert roles == {"student": "trainable", "teacher": "frozen", "text encoder": "frozen"}
             assert {m.name: m.params for m in p.modules}["teacher"] == real
+        elif name == "cd":  # consistency distillation: the EMA target network is a derived copy of the student
+            assert roles == {"student": "trainable", "teacher": "frozen", "target": "derived",
+                             "text encoder": "frozen"}
+        elif name == "ect":  # consistency training started from the teacher: no teacher, no target (iCT: mu = 0)
+            assert roles == {"student": "trainable", "text encoder": "frozen"}
+        elif p.kind == "dmd":  # two trainable networks against the frozen real score
+            assert roles == {"generator": "trainable", "fake": "trainable", "teacher": "frozen",
+                             "text encoder": "frozen"}
+            assert p.modules[1].bytes_per_rank == 20 * real
         else:
             assert roles == {"backbone": "trainable", "text encoder": "frozen"}
         trained = p.modules[0]

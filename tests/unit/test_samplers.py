@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from difftrain.diffusion.paths import PATHS, RectifiedFlow, VPCosine, VPLinear
-from difftrain.diffusion.samplers import SAMPLERS, time_grid
+from difftrain.diffusion.samplers import SAMPLERS, STOCHASTIC, time_grid
 
 F64 = torch.float64
 S = torch.linspace(0.5, 1.5, 16, dtype=F64)  # per-dimension data std
 ORDER = {"euler": 1, "ddim": 1, "heun": 2, "dpmpp_2m": 2}
+ODE = sorted(set(SAMPLERS) - set(STOCHASTIC))  # the consistency samplers re-noise: tests/unit/test_consistency.py
 
 
 def _variance(path, t):
@@ -33,7 +34,7 @@ def _exact_denoiser(path):
 
 
 @pytest.mark.parametrize("path_name", ["vp_cosine", "rf"])
-@pytest.mark.parametrize("name", sorted(SAMPLERS))
+@pytest.mark.parametrize("name", ODE)
 def test_convergence_order(path_name, name):
     path, delta = PATHS[path_name](), 0.02
     t_hi, t_lo = torch.tensor(1 - delta, dtype=F64), torch.tensor(delta, dtype=F64)
@@ -49,7 +50,7 @@ def test_convergence_order(path_name, name):
 
 
 @pytest.mark.parametrize("path", [VPCosine(), RectifiedFlow(), VPLinear()], ids=["cos", "rf", "lin"])
-@pytest.mark.parametrize("name", sorted(SAMPLERS))
+@pytest.mark.parametrize("name", ODE)
 def test_full_range_endpoints(path, name):
     """From t = 1 (pure noise on cos/rf) to t = 0: finite, and close to the exact ODE solution."""
     x = torch.randn(4, 16, generator=torch.Generator().manual_seed(1), dtype=F64)
@@ -125,7 +126,7 @@ def test_rf_euler_equals_ddim():
     assert torch.allclose(a, b, atol=1e-12) and not math.isnan(float(a.sum()))
 
 
-@pytest.mark.parametrize("name", sorted(SAMPLERS))
+@pytest.mark.parametrize("name", ODE)
 def test_eps_model_from_pure_noise_needs_the_pixel_clip(name):
     """An eps prediction at t = 1 (α = 0) gives no x̂0: unclipped, any error blows up the first step; the pixel-space
     clip of ``Diffusion.sample_x0`` keeps every sampler finite and in range from the exact eps model of data

@@ -14,9 +14,10 @@ from difftrain.train.stages.base import SamplingDefaults
 
 
 def test_stage_choices_are_the_registry():
-    with pytest.raises(ConfigError, match="config key 'stage' = 'nope' is not one of: pretrain, reflow, progressive"):
+    with pytest.raises(ConfigError, match="config key 'stage' = 'nope' is not one of: pretrain, reflow, progressive, "
+                                          "consistency, dmd"):
         load_config(None, ["stage=nope"])
-    assert set(STAGES) == {"pretrain", "reflow", "progressive"}
+    assert set(STAGES) == {"pretrain", "reflow", "progressive", "consistency", "dmd"}
 
 
 REFLOW = ["stage=reflow", "data.kind=latent", "data.require_caption=false", "diffusion.path=rf",
@@ -36,6 +37,9 @@ REFLOW = ["stage=reflow", "data.kind=latent", "data.require_caption=false", "dif
     (["stage=progressive", "stage_args.teacher=x", "diffusion.target=eps"], "a progressive student predicts x, v or both"),
     (["stage=progressive", "stage_args.teacher=x", "diffusion.target=v", "parallel.pp=2"],
      "config key 'parallel.pp' = 2: stage 'progressive' cannot be pipelined: its teacher's two DDIM steps"),
+    (["stage=consistency", "parallel.pp=2"], "config key 'parallel.pp' = 2: stage 'consistency' cannot be pipelined"),
+    (["stage=dmd", "stage_args.teacher=x", "parallel.pp=2"],
+     "config key 'parallel.pp' = 2: stage 'dmd' cannot be pipelined: it trains two networks"),
 ])
 def test_stage_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as e:

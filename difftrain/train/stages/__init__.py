@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 from difftrain.train.stages.base import Stage
+from difftrain.train.stages.consistency import ConsistencyStage
+from difftrain.train.stages.dmd import DMDStage
 from difftrain.train.stages.pretrain import PretrainStage
 from difftrain.train.stages.progressive import ProgressiveStage
 from difftrain.train.stages.reflow import ReflowStage
 
-STAGES: dict[str, type[Stage]] = {s.name: s for s in (PretrainStage, ReflowStage, ProgressiveStage)}
+STAGES: dict[str, type[Stage]] = {s.name: s for s in (PretrainStage, ReflowStage, ProgressiveStage,
+                                                             ConsistencyStage, DMDStage)}
 
 
 def stage_args(cfg):

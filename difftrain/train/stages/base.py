@@ -150,8 +150,9 @@ class Stage(ABC):
 
     @classmethod
     def roles(cls, cfg) -> dict[str, tuple[str, str]]:
-        """Without reading a file: each module's (role, config key of its weights source), in ``modules()`` order
-        (dry runs plan a stage whose sources do not exist yet)."""
+        """Without reading a file: each module's (role, config key of its weights source; for a derived module the
+        name of the trainable module it copies), in ``modules()`` order (dry runs plan a stage whose sources do not
+        exist yet)."""
         return {cls.trained: (TRAINABLE, "init_from")}
 
     @classmethod

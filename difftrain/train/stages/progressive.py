@@ -22,19 +22,8 @@ import torch
 
 from difftrain.config import ConfigError, identity
 from difftrain.diffusion.keyed import keyed_rand
-from difftrain.train.stages.base import FROZEN, TRAINABLE, ModuleSpec, SamplingDefaults
-from difftrain.train.stages.pretrain import PretrainStage
-
-
-def teacher_guidance(teacher: str, default: float) -> float:
-    """The CFG scale the teacher itself samples with (its checkpoint's saved sampling, e.g. 1.0 for a student that
-    has CFG distilled in), so an unguided round samples as its teacher does; ``default`` when it cannot be read."""
-    from difftrain.train.sources import Source
-
-    try:
-        return Source.parse("stage_args.teacher", teacher).sampling(default).guidance
-    except (ConfigError, OSError, ValueError):
-        return default
+from difftrain.train.stages.base import SamplingDefaults
+from difftrain.train.stages.teacher import TeacherStage
 
 
 @dataclass
@@ -45,83 +34,35 @@ class ProgressiveArgs:
     guidance_range: list = identity([])  # [w_min, w_max]: w per sample, an input of the student (guidance_embed)
 
 
-class ProgressiveStage(PretrainStage):
+class ProgressiveStage(TeacherStage):
     name = "progressive"
     args_class = ProgressiveArgs
-    served = trained = "student"
     pipeline_refusal = ("its teacher's two DDIM steps run in prepare, on the ranks of the first and last pipeline "
                         "segments, which would each need the whole teacher (placing teacher work in the pipeline's "
                         "bubbles comes with the consistency-distillation stages)")
 
     def __init__(self, shared, args: ProgressiveArgs):
-        super().__init__(shared)
-        from difftrain.diffusion.diffusion import build_diffusion
+        super().__init__(shared, args)
         from difftrain.diffusion.progressive import round_steps
-        from difftrain.train.sources import Source
 
-        self.args = args
-        self.source = Source.parse("stage_args.teacher", args.teacher)
-        tcfg = self.source.config()
-        self.teacher_diffusion = (build_diffusion(tcfg.diffusion, pixel_space=not shared.cfg.encoders.vae)
-                                  if tcfg is not None else self.diffusion)
-        if self.teacher_diffusion.path.name != self.diffusion.path.name:
-            raise ConfigError(f"config key 'diffusion.path' = '{self.diffusion.path.name}', but the teacher "
-                              f"'{args.teacher}' was trained on '{self.teacher_diffusion.path.name}': the student "
-                              "must take its steps on the teacher's path")
         # student step i: t[i] -> t_end[i] on its N-step grid; the teacher's 2N-step grid passes t_mid[i] (float64)
         self.t_start, self.t_mid, self.t_end = round_steps(args.steps)
 
     @classmethod
     def check(cls, cfg) -> None:
-        if not cls.parse_args(cfg).teacher:
+        args = cls.parse_args(cfg)
+        if not args.teacher:
             raise ConfigError("config key 'stage_args.teacher' is required by stage 'progressive' (RUN@ema, RUN@raw "
                               "or an export folder)")
-        r = cls.parse_args(cfg).guidance_range
-        if r:
-            if (len(r) != 2 or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in r)
-                    or r[0] > r[1]):
-                raise ConfigError(f"config key 'stage_args.guidance_range' = {r}: two numbers [w_min, w_max], "
-                                  "w_min <= w_max")
-            if not cfg.model.args.get("guidance_embed") or cfg.model.cond == "none":
-                raise ConfigError("config key 'stage_args.guidance_range' needs a conditional student that takes the "
-                                  "guidance scale as an input: set model.args.guidance_embed=true")
+        cls.check_guidance(cfg, args)
         if cfg.diffusion.target not in ("x", "v", "x_eps"):
             raise ConfigError(f"config key 'diffusion.target' = '{cfg.diffusion.target}': a progressive student "
                               "predicts x, v or both (x_eps) (Salimans & Ho 2022, sec. 4: eps explodes as alpha -> 0)")
 
     @classmethod
-    def roles(cls, cfg) -> dict[str, tuple[str, str]]:
-        return {"student": (TRAINABLE, "init_from"), "teacher": (FROZEN, "stage_args.teacher")}
-
-    @classmethod
-    def sources(cls, cfg) -> dict[str, str]:
-        return {"stage_args.teacher": cls.parse_args(cfg).teacher}
-
-    @classmethod
     def sampling(cls, cfg) -> SamplingDefaults:
         a = cls.parse_args(cfg)
-        if a.guidance_range:  # w is the student's input: the run's scale
-            return SamplingDefaults("ddim", a.steps, cfg.run.sample_guidance)
-        if a.teacher_guidance != 1.0:  # CFG distilled in at one scale: no CFG on top
-            return SamplingDefaults("ddim", a.steps, 1.0)
-        return SamplingDefaults("ddim", a.steps, teacher_guidance(a.teacher, cfg.run.sample_guidance))
-
-    def modules(self) -> dict[str, ModuleSpec]:
-        from difftrain.models import registry
-        from difftrain.train.sources import Source
-
-        init = Source.parse("init_from", self.shared.cfg.init_from) if self.shared.cfg.init_from else self.source
-        found = self.source.model_config()
-        arch, acfg = found if found is not None else (self.shared.arch, self.shared.acfg)
-
-        def teacher(device: torch.device):
-            model = registry.materialize(registry.build(arch, acfg), device, seed=0)
-            self.source.load(model)
-            return model
-
-        return {"student": self.shared.backbone_spec(init),  # initialised from the teacher unless init_from says
-                "teacher": ModuleSpec(FROZEN, meta=lambda: registry.build(arch, acfg), init=teacher,
-                                      source=self.source)}
+        return SamplingDefaults("ddim", a.steps, cls.guidance(cfg, a))
 
     def draw_t(self, batch: dict, step: int) -> torch.Tensor:
         """The index of each sample's student step (keyed), as a float tensor [B] (prepare maps it to times)."""
@@ -129,28 +70,18 @@ class ProgressiveStage(PretrainStage):
         return (u * self.args.steps).floor().clamp(max=self.args.steps - 1)
 
     def prepare(self, batch: dict, step: int) -> dict:
-        from difftrain.diffusion.guidance import guided_denoiser
         from difftrain.diffusion.progressive import progressive_target, teacher_two_steps
 
-        x0, cond = batch["x0"], batch["cond"]
+        x0 = batch["x0"]
         eps = self.noise(batch, step)
         i = self.draw_t(batch, step).long()
         t64, mid64, end64 = self.t_start[i], self.t_mid[i], self.t_end[i]
         t = t64.to(x0)
         x_t = self.diffusion.add_noise(x0, eps, t)
-        w = self.args.teacher_guidance
-        if self.args.guidance_range and cond:  # w per sample (keyed): the teacher's CFG scale, the student's input
-            lo, hi = self.args.guidance_range
-            w = (lo + (hi - lo) * keyed_rand(self.seed, step, batch["index"], "guidance", torch.float64)).to(x0)
-            cond = {**cond, "guidance": w}
-        uncond = self.conditioner.null(x0.shape[0]) if cond and (torch.is_tensor(w) or w != 1.0) else {}
+        cond, w, uncond = self.guided(batch, step, x0)
         with torch.no_grad():
-            x0_fn = guided_denoiser(self.live["teacher"], cond, uncond, w if cond else 1.0,
-                                    to_x0=self.teacher_diffusion.sample_x0)
+            teacher_x0 = self.teacher_x0(cond, w, uncond, x0.dtype)  # the two steps and x~ in float64
             path = self.diffusion.path
-            def teacher_x0(x, tt):  # the teacher runs in the data's dtype; the two steps and x~ in float64
-                return x0_fn(x.to(x0.dtype), tt.to(x0.dtype)).double()
-
             z_end = teacher_two_steps(teacher_x0, x_t.double(), t64, mid64, end64, path)
             x_tilde = progressive_target(x_t.double(), t64, z_end, end64, path)
             shape = (-1,) + (1,) * (x0.ndim - 1)
