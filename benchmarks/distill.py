@@ -1,7 +1,7 @@
 """Reflow and progressive distillation on the digits: does 2-RF straighten the teacher's flow and beat it at one
 step, and how close do progressive students of 4, 2 and 1 steps come to the teacher's best?
 
-    python benchmarks/distill.py                       # the full run (resumable; training alone took ~80 min here)
+    python benchmarks/distill.py                       # the full run (resumable; training ~80 min + few-step ~55 min here)
     python benchmarks/distill.py --quick               # every piece at toy size (329 s here): checks the script
 
 Everything is the real CLI under torchrun (2 gloo processes): a campaign (``difftrain campaign``, docs/CAMPAIGNS.md)
