@@ -33,7 +33,6 @@ from difftrain.train.stages.teacher import TeacherStage
 class DMDArgs:
     teacher: str = identity("")  # RUN@ema | RUN@raw | an export folder: the real score; required
     teacher_guidance: float = identity(1.0)  # the real score's CFG scale (uncond + w (cond - uncond))
-    guidance_range: list = identity([])  # not supported by this stage (kept for the shared teacher code)
     fake_updates: int = identity(5, ge=1)  # fake-score steps per generator step (DMD2's TTUR)
     t_min: float = identity(0.02, gt=0.0, lt=1.0)  # the noise levels the two scores are compared at
     t_max: float = identity(0.98, gt=0.0, le=1.0)
@@ -56,9 +55,6 @@ class DMDStage(TeacherStage):
         if not a.teacher:
             raise ConfigError("config key 'stage_args.teacher' is required by stage 'dmd' (RUN@ema, RUN@raw or an "
                               "export folder)")
-        if a.guidance_range:
-            raise ConfigError("config key 'stage_args.guidance_range' is not supported by stage 'dmd': the real "
-                              "score takes one CFG scale (stage_args.teacher_guidance)")
         if not a.t_min < a.t_max:
             raise ConfigError(f"config keys 'stage_args.t_min' = {a.t_min} and 't_max' = {a.t_max}: need "
                               "t_min < t_max")
@@ -106,7 +102,8 @@ class DMDStage(TeacherStage):
         u = keyed_rand(self.dmd_seed, step, batch["index"], "t", torch.float64)
         t = (self.args.t_min + (self.args.t_max - self.args.t_min) * u).to(x0)
         eps = keyed_randn(self.dmd_seed, step, batch["index"], x0.shape[1:], "noise").to(x0)
-        prep = {"z": z, "x0": x0, "t": t, "eps": eps, "cond": cond, "weight": None,
+        _, w, uncond = self.guided(batch, step, x0)  # the real score's CFG scale and null condition
+        prep = {"z": z, "x0": x0, "t": t, "eps": eps, "cond": cond, "w": w, "uncond": uncond, "weight": None,
                 "generator": self.generator_step(step)}
         if not prep["generator"]:  # the fake score denoises the generator's current samples
             with torch.no_grad():
@@ -128,8 +125,7 @@ class DMDStage(TeacherStage):
         t, cond = prep["t"], prep["cond"]
         with torch.no_grad():
             x_t = self.diffusion.add_noise(x_g.detach(), prep["eps"].float(), t.float())
-            uncond = self.conditioner.null(len(x_t)) if cond and self.args.teacher_guidance != 1.0 else {}
-            real = self.teacher_x0(cond, self.args.teacher_guidance if cond else 1.0, uncond, x_t.dtype)(x_t, t)
+            real = self.teacher_x0(cond, prep["w"], prep["uncond"], x_t.dtype)(x_t, t)
             fake = self.diffusion.sample_x0(self.live["fake"](x_t, t, cond).float(), x_t, t.float()).double()
             dims = tuple(range(1, x_g.ndim))
             scale = (x_g.detach().double() - real).abs().mean(dim=dims, keepdim=True).clamp_min(1e-12)

@@ -77,7 +77,7 @@ class TeacherStage(PretrainStage):
     def guidance(cls, cfg, args) -> float:
         """The student's sampling guidance: the run's scale as its input (guidance_range), none when one scale is
         distilled in, else the teacher's own (the run's without a teacher)."""
-        if args.guidance_range:
+        if getattr(args, "guidance_range", None):
             return cfg.run.sample_guidance
         if args.teacher_guidance != 1.0:
             return 1.0
@@ -106,7 +106,7 @@ class TeacherStage(PretrainStage):
         """(cond, w, uncond) for the teacher's denoiser: w per sample (keyed) and in the student's cond with
         ``guidance_range``, the fixed ``teacher_guidance`` otherwise; uncond only where CFG applies."""
         cond, w = batch["cond"], self.args.teacher_guidance
-        if self.args.guidance_range and cond:
+        if getattr(self.args, "guidance_range", None) and cond:
             lo, hi = self.args.guidance_range
             w = (lo + (hi - lo) * keyed_rand(self.seed, step, batch["index"], "guidance", torch.float64)).to(x0)
             cond = {**cond, "guidance": w}
