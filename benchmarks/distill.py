@@ -27,7 +27,10 @@ Every result is kept under ``DIR`` (the campaign's checkpoints, each evaluation'
 so a killed benchmark rerun resumes where it stopped. Writes ``DIR/results.md`` and ``DIR/fid_vs_nfe.png`` and ends
 with one line of ``key=value`` figures: ``rf2_straighter`` (1 when 2-RF is straighter than 1-RF on every seed),
 ``rf2_vs_rf1_fid_1nfe`` (mean 2-RF / 1-RF FID at one step), ``pd_ratio_1nfe``, ``pd_ratio_2nfe`` (student FID / the
-teacher's best), ``ratio_1nfe``, ``ratio_2nfe``, ``class_acc_1nfe``, ``wall_STAGE_s`` (each stage's training time), ...
+teacher's best), ``ratio_1nfe``, ``ratio_2nfe``, ``class_acc_1nfe``, ``wall_STAGE_s`` (each stage's training time),
+``teacher_fill_speedup`` / ``teacher_fill_vs_balanced`` (with ``_lo`` / ``_hi``: 95% CIs): a progressive step on 2
+pipeline ranks at M = 4 with its teacher in the bubbles vs inline and vs pre-computed (``benchmarks/teacher_fill.py``,
+run here once and kept in ``DIR/teacher_fill.json``), ...
 """
 from __future__ import annotations
 
@@ -154,6 +157,20 @@ def stage_wall(d: Path, stage: str) -> float | None:
         return None
 
 
+def teacher_fill(d: Path, quick: bool) -> tuple[dict, str]:
+    """The teacher in the pipeline's bubbles (``benchmarks/teacher_fill.py``: 2 pp ranks, M = 4, paired rounds):
+    its figures and tables, kept in ``DIR/teacher_fill.json`` (delete it to measure again)."""
+    cache = d / "teacher_fill.json"
+    if not cache.exists():
+        out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "teacher_fill.py")] + (["--quick"] * quick),
+                             check=True, capture_output=True, text=True).stdout.strip().splitlines()
+        figures = {k: float(v) for k, v in (kv.split("=") for kv in out[-1].split())}
+        tables = "\n".join(line for line in out[:-1] if line.startswith(("|", "##", "per micro-batch")))
+        cache.write_text(json.dumps({"figures": figures, "tables": tables}))
+    got = json.loads(cache.read_text())
+    return got["figures"], got["tables"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dir", default="runs/bench_distill")
@@ -212,6 +229,7 @@ def main() -> None:
         seeded[k] = [r0 if s == 0 else evaluate(d, data, n, [runs[s]], s, f"best{k}_seed{s}", log,
                                                 [r0["sampler"]], [int(r0["steps"])])[0] for s in SEEDS]
     walls = {m: stage_wall(d, m) for m in ["teacher", "rf2_s0", "pd4", "pd2", "pd1", *FEW]}
+    fill, fill_tables = teacher_fill(d, a.quick)
 
     lines = ["| model | sampler | NFE | seed | FID | KID | precision | recall | class acc |", "|---" * 9 + "|"]
     for r in rows + rf1 + rf2 + list(pd.values()) + rf2_2 + students + [r for k in (1, 2) for r in seeded[k][1:]]:
@@ -227,6 +245,7 @@ def main() -> None:
                      f"{statistics.mean(fids) / best['fid']:.3f}x the teacher's best")
     lines.append("training wall time per stage (s, 2 ranks): "
                  + ", ".join(f"{m} {w:.0f}" for m, w in walls.items() if w is not None))
+    lines += ["", fill_tables]
     (d / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
     from difftrain.eval.plots import plot_fid_vs_nfe
@@ -251,6 +270,7 @@ def main() -> None:
         "class_acc_1nfe": statistics.mean(r.get("class_acc", float("nan")) for r in seeded[1]),
         "class_acc_2nfe": statistics.mean(r.get("class_acc", float("nan")) for r in seeded[2]),
         **{f"wall_{m}_s": w for m, w in walls.items() if w is not None},
+        **{k: v for k, v in fill.items() if k.startswith("teacher_fill")},
         "quick": int(a.quick), "load_avg_start": load, "wall_s": time.time() - t0,
     }
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()))

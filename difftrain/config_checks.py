@@ -120,6 +120,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if cfg.parallel.pp > 1 and stage.pipeline_refusal:
         raise ConfigError(f"config key 'parallel.pp' = {cfg.parallel.pp}: stage '{cfg.stage}' cannot be pipelined: "
                           f"{stage.pipeline_refusal}")
+    if cfg.parallel.pp > 1 and cfg.diffusion.assign != "none" and "teacher" in stage.roles(cfg):
+        raise ConfigError(f"config key 'diffusion.assign' = '{cfg.diffusion.assign}' with parallel.pp > 1: the "
+                          "pipeline runs the teacher's step as frozen work on slices of a micro-batch, and noise "
+                          "assignment pairs a whole micro-batch's samples with its noise; use assign none")
     if world_size is not None:
         check_launch(cfg, world_size)
 

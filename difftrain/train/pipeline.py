@@ -187,7 +187,7 @@ class PipelinedStep:
         self.placement = None  # this rank's slots for the next step's frozen work (fill)
         self.current = None  # every rank's pieces of a step's own frozen work when nothing was prefetched (fill)
         self.owners = None  # frozen piece -> the pp ranks holding its module (None: every rank holds every one)
-        self.provides: list[tuple[str, tuple]] = []  # (piece, what it provides) in Stage.frozen_pieces order
+        self.provides: list[tuple[str, tuple]] = []  # (group of pieces, what it provides), in groups() order
         self.spec: dict = {}  # frozen output shapes, shared by every step's FrozenFill
         self.per_sample: list[torch.Tensor] = []
         self.nan = False
@@ -200,34 +200,60 @@ class PipelinedStep:
     def keys(self):
         return cond_keys(self.engine.whole)
 
+    @staticmethod
+    def groups(pieces) -> list[list]:
+        """The frozen pieces as the pipeline places them: a piece that ``needs`` others runs after them on the same
+        samples and rank (a teacher's step after the latents and caption states it reads), so each such chain is
+        one group; a piece nothing needs is a group of its own. In ``frozen_pieces`` order."""
+        by_name = {p.name: p for p in pieces}
+        group_of = {p.name: i for i, p in enumerate(pieces)}
+        for p in pieces:
+            for need in p.needs:
+                if need not in by_name:
+                    raise ValueError(f"frozen piece {p.name!r} needs {need!r}, which the stage does not declare")
+                old, new = group_of[need], group_of[p.name]
+                group_of = {k: (new if g == old else g) for k, g in group_of.items()}
+        out: dict[int, list] = {}
+        for p in pieces:
+            out.setdefault(group_of[p.name], []).append(p)
+        return list(out.values())
+
+    def _flat(self, piece, out: dict) -> list[torch.Tensor]:
+        return [t for key in piece.provides for t in
+                ([out["cond"][k] for k in self.keys] if key == "cond" else [out[key]])]
+
     def _frozen(self, step: int, placement=None):
-        """The stage's ``frozen`` work by module (``Stage.frozen_pieces``), each returning its part of
-        ``(x0, *cond)`` batch-first; a module this rank does not hold (``pp_frozen_owners=partition``) is not
-        callable here."""
+        """The stage's ``frozen`` work by group of pieces (:meth:`groups` of ``Stage.frozen_pieces``), each returning
+        its pieces' outputs, batch-first, in order; a group whose modules this rank does not hold
+        (``pp_frozen_owners=partition``) is not callable here."""
         from difftrain.parallelism.pipeline.fill import FrozenFill, FrozenModule
 
         mods = []
-        for piece in self.t.stage.frozen_pieces(step):
-            def run(mb: dict, piece=piece) -> tuple:
-                out = piece.fn(mb)
-                return tuple(t for key in piece.provides for t in
-                             ([out["x0"]] if key == "x0" else [out["cond"][k] for k in self.keys]))
+        for group in self.groups(self.t.stage.frozen_pieces(step)):
+            def run(mb: dict, group=group) -> tuple:
+                flat, batch = [], dict(mb)
+                for piece in group:
+                    out = piece.fn(batch)
+                    batch.update(out)
+                    flat += self._flat(piece, out)
+                return tuple(flat)
 
-            held = self.owners is None or self.engine.pp_rank in self.owners[piece.name]
-            mods.append(FrozenModule(piece.name, run if held else None))
+            name = "+".join(p.name for p in group)
+            held = self.owners is None or self.engine.pp_rank in self.owners[name]
+            mods.append(FrozenModule(name, run if held else None))
         return FrozenFill(mods, placement or {}, self.engine.pp_group, self.t.device, self.spec)
 
-    def _unpack(self, o: dict[str, tuple]) -> tuple[torch.Tensor, dict]:
-        """One micro-batch's frozen outputs by piece -> (x0, cond)."""
-        x0, cond = None, {}
+    def _unpack(self, o: dict[str, tuple]) -> dict:
+        """One micro-batch's frozen outputs by group -> the frozen batch's keys (``x0``, ``cond``, teacher work)."""
+        out = {}
         for name, provides in self.provides:
             vals = list(o[name])
             for key in provides:
-                if key == "x0":
-                    x0 = vals.pop(0)
+                if key == "cond":
+                    out["cond"], vals = dict(zip(self.keys, vals)), vals[len(self.keys):]
                 else:
-                    cond, vals = dict(zip(self.keys, vals)), vals[len(self.keys):]
-        return x0, cond
+                    out[key] = vals.pop(0)
+        return out
 
     def _plan(self, mbs: list[dict], step: int) -> None:
         """Which pp ranks hold which frozen module (``pp_frozen_owners``) and where the frozen work goes: the
@@ -236,15 +262,16 @@ class PipelinedStep:
         from difftrain.parallelism.pipeline.simulate import choose_owners, current_plan, simulate
 
         self.placement = {}
-        pieces = self.t.stage.frozen_pieces(step)
-        self.provides = [(p.name, p.provides) for p in pieces]
+        groups = self.groups(self.t.stage.frozen_pieces(step))
+        self.provides = [("+".join(p.name for p in g), tuple(k for p in g for k in p.provides)) for g in groups]
         partition = self.t.cfg.parallel.pp_frozen_owners == "partition"
         if not (self.engine.fill or partition):
             return
         size = len(mbs[0]["index"])
-        costs = [profile_frozen(p.name, lambda p=p: p.fn(mbs[0]), "flops", _HW,
-                                params=sum(q.numel() for q in p.module.parameters()) if p.module else 0)
-                 for p in pieces]
+        fill = self._frozen(step)
+        costs = [profile_frozen(name, lambda name=name: fill.modules[name](mbs[0]), "flops", _HW,
+                                params=sum(q.numel() for p in g if p.module is not None for q in p.module.parameters()))
+                 for (name, _), g in zip(self.provides, groups)]
         cfg = self.t.cfg
         prof = Profile(block_costs(self.engine.whole, cfg.model.frames, cfg.encoders.text_max_length, size), costs,
                        size)
@@ -255,8 +282,8 @@ class PipelinedStep:
             else:  # balanced: one module per rank, round robin by size
                 order = sorted(costs, key=lambda c: -c.params)
                 self.owners = {c.name: {i % self.engine.pp} for i, c in enumerate(order)}
-            self.engine.offload([p.module for p in pieces if p.module is not None
-                                 and self.engine.pp_rank not in self.owners[p.name]])
+            self.engine.offload([p.module for (name, _), g in zip(self.provides, groups) for p in g
+                                 if p.module is not None and self.engine.pp_rank not in self.owners[name]])
         if not self.engine.fill:
             return
         plan = simulate(prof, bounds, self.M, schedule, "fill", owners=self.owners)
@@ -287,9 +314,9 @@ class PipelinedStep:
 
         def prep_of(i: int, o: dict) -> dict:  # prepare once per micro-batch (first and last segment share a rank)
             if i not in preps:
-                x0, cond = self._unpack(o)
-                prep = t.stage.prepare({**mbs[i], "x0": x0, "cond": cond}, step)
-                prep["valid"] = mbs[i]["valid"].to(x0.device)
+                out = self._unpack(o)
+                prep = t.stage.prepare({**mbs[i], **out}, step)
+                prep["valid"] = mbs[i]["valid"].to(out["x0"].device)
                 preps[i] = prep
             return preps[i]
 

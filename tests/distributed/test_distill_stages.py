@@ -17,6 +17,7 @@ from tests.distributed.test_resume import COMMON, assert_same_weights, weights
 # data.streams fixed: the same batches on 1 and 2 ranks
 SMALL = " ".join(COMMON) + " optim.eps=1e-6 data.streams=2"
 PD = "stage=progressive stage_args.steps=2 diffusion.target=v diffusion.weighting=truncated_snr run.steps=6"
+PD_PP = "parallel.pp=2 parallel.pp_microbatches=2"
 RF = "stage=reflow data.kind=latent data.require_caption=false run.steps=6"
 
 
@@ -39,7 +40,12 @@ def runs(digits, tmp_path_factory):
                  "pd_ddp", f"{student} run.dir={out}/pd_ddp",
                  "pd_fsdp2", f"{student} parallel.engine=fsdp2 run.dir={out}/pd_fsdp2",
                  "rf_fsdp2", f"{reflow} parallel.engine=fsdp2 run.dir={out}/rf_fsdp2",
-                 "rf_pp", f"{reflow} parallel.pp=2 parallel.pp_microbatches=2 run.dir={out}/rf_pp"])
+                 "rf_pp", f"{reflow} parallel.pp=2 parallel.pp_microbatches=2 run.dir={out}/rf_pp",
+                 # the teacher's two DDIM steps as frozen work: prefetched into the bubbles, or computed up front
+                 "pd_pp_fill", f"{student} {PD_PP} parallel.pp_frozen=fill run.dir={out}/pd_pp_fill",
+                 "pd_pp_partition", f"{student} {PD_PP} parallel.pp_frozen=fill parallel.pp_frozen_owners=partition "
+                                    f"parallel.pp_frozen_tolerance=10 run.dir={out}/pd_pp_partition",
+                 "pd_pp_balanced", f"{student} {PD_PP} parallel.pp_frozen=balanced run.dir={out}/pd_pp_balanced"])
     return out, student
 
 
@@ -58,14 +64,26 @@ def test_progressive_student_on_two_ranks_equals_one_process(runs, engine):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("frozen", ["fill", "partition", "balanced"])
+def test_pipelined_progressive_with_the_teacher_as_frozen_work_equals_one_process(runs, frozen):
+    """pp=2: the teacher's steps run as frozen pieces after the encoders (in the previous step's bubbles, held by
+    one pp rank with partition, or an equal share per rank up front); the student equals one process."""
+    assert_student_equals(runs[0], "pd_single", f"pd_pp_{frozen}")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["fsdp2", "pp"])
 def test_reflow_student_on_two_ranks_and_pipelined_equals_one_process(runs, layout):
-    out, _ = runs
-    (_, ref), (_, got), (_, teacher) = (weights(out / r, "model") for r in ("rf_single", f"rf_{layout}", "teacher"))
+    assert_student_equals(runs[0], "rf_single", f"rf_{layout}")
+
+
+def assert_student_equals(out, single: str, run: str) -> None:
+    """The student of run ``run`` ends where the one-process run ``single`` ends (and away from its teacher)."""
+    (_, ref), (_, got), (_, teacher) = (weights(out / r, "model") for r in (single, run, "teacher"))
     assert ref.keys() == got.keys() and any(not torch.equal(ref[k], teacher[k]) for k in ref)
     for k in ref:
         diff = (ref[k] - got[k]).abs().max().item()
-        assert diff <= 1e-5, f"{layout}: {k} differs by {diff}"
+        assert diff <= 1e-5, f"{run}: {k} differs by {diff}"
 
 
 @pytest.mark.slow

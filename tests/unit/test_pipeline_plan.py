@@ -198,6 +198,39 @@ def test_fill_leftovers_spread_over_ranks():
     assert fill.time <= balanced.time * 1.1
 
 
+def test_fill_leftovers_end_level_and_never_lose_to_balanced():
+    """A teacher's steps dwarf the bubbles: the leftovers are water-filled (every rank ends within one sample of
+    the others, up to the per-call fixed costs), so filling is never slower than pre-computing."""
+    S, M = 2, 4
+    for fixed in (0.0, 3.0):
+        prof = _profile(frozen=[("latents+text+teacher", 16.0)])
+        prof.frozen[0].fixed = fixed
+        fill = simulate(prof, uniform_bounds(8, S), M, "1f1b", "fill")
+        balanced = simulate(prof, uniform_bounds(8, S), M, "1f1b", "balanced")
+        assert fill.time <= balanced.time + 1e-9, fixed
+        ends = [max(e.end for e in fill.events if e.rank == r) for r in range(S)]
+        # level within one sample, plus the fixed costs of the calls a rank's run adds (one per micro-batch)
+        assert abs(ends[0] - ends[1]) <= M * fixed + 16.0 / 8 + 1e-9
+        got = _placed_samples(fill.placement)
+        assert all(sum(hi - lo for lo, hi in v) == 8 for v in got.values()) and len(got) == M
+
+
+def test_a_calls_fixed_cost_keeps_small_chunks_out_of_small_gaps():
+    """Affine chunk costs (``FrozenCost.fixed``): a call on n of 8 samples costs fixed + (fwd - fixed) n / 8, and
+    the fill plan charges it, so it places no chunk into a gap that cannot hold one call."""
+    from difftrain.parallelism.pipeline.simulate import _fit, fill_plan
+
+    f = FrozenCost("t", 8.0, 16, 0, fixed=4.0)
+    assert f.chunk_seconds(8, 8) == 8.0 and f.chunk_seconds(1, 8) == 4.5 and f.chunk_seconds(4, 8) == 6.0
+    assert _fit(f, 4.4, 8, 8) == 0 and _fit(f, 4.5, 8, 8) == 1 and _fit(f, 100.0, 8, 8) == 8
+    prof = _profile(frozen=[("t", 8.0)])
+    prof.frozen[0].fixed = 4.0
+    r = simulate(prof, uniform_bounds(8, 2), 4, "1f1b", "fill")
+    frozen = [e for e in r.events if e.kind == "frozen"]
+    assert sum(e.end - e.start for e in frozen) == pytest.approx(sum(
+        prof.frozen[0].chunk_seconds(c.hi - c.lo, 8) for cs in r.placement.values() for c in cs))
+
+
 def test_dp_sync_exposed_only_beyond_backward():
     prof = _profile(params=10**6)
     fast = simulate(prof, [(0, 8)], 4, "1f1b", dp=8, dp_bw=1e12)
@@ -264,3 +297,24 @@ def test_plan_from_run_config(capsys, tmp_path):
     main(["plan", "configs/demo.yaml", "--gpus", "2", "--hardware", "a100", "--timeline", str(tmp_path / "p.png")])
     out = capsys.readouterr().out
     assert "DiT-T/2" in out and "text_encoder" in out and (tmp_path / "p.png").is_file()
+
+
+def test_plan_covers_distillation_stages(capsys):
+    """A teacher stage's plan costs the teacher's forwards as frozen work chained after the encoders; a stage that
+    cannot be pipelined is planned data parallel only, and says why."""
+    from difftrain.cli import main
+
+    base = ["plan", "configs/demo.yaml"]
+    opts = ["--gpus", "4", "--hardware", "a100"]
+    main([*base, "stage=pretrain", *opts])
+    plain = capsys.readouterr().out
+    main([*base, "stage=progressive", "stage_args.teacher=runs/t@ema", "diffusion.target=v",
+          "stage_args.teacher_guidance=2.0", *opts])
+    out = capsys.readouterr().out
+    assert "teacher's 4 forwards per sample are frozen work" in out and "text_encoder+teacher" in out
+    share = [float(line.split("; ")[1].split("%")[0]) for text in (plain, out) for line in text.splitlines()
+             if line.startswith("per sample:")]
+    assert share[1] > share[0] + 100  # four teacher forwards on top of the text encoder
+    main([*base, "stage=dmd", "stage_args.teacher=runs/t@ema", *opts])
+    out = capsys.readouterr().out
+    assert "stage 'dmd' cannot be pipelined" in out and "pp=" not in out.split("best:")[1]

@@ -63,6 +63,12 @@ class FrozenCost:
     out_bytes: int  # result bytes per micro-batch
     params: int
     consumer: str = "first"  # the segment that needs the result: "first" (latents, text) or "last" (teacher)
+    fixed: float = 0.0  # seconds of a call whatever its samples (launches, tokenising): see chunk_seconds
+
+    def chunk_seconds(self, n: int, mb_size: int) -> float:
+        """A call on ``n`` of a micro-batch's ``mb_size`` samples: affine in n (``fwd`` at n = mb_size, ``fixed`` +
+        one sample's share at n = 1), so splitting a micro-batch over bubbles is charged what small calls cost."""
+        return self.fixed + (self.fwd - self.fixed) * n / mb_size
 
 
 @dataclass
@@ -83,7 +89,8 @@ class Profile:
         r = mb_size / self.mb_size
         blocks = [BlockCost(b.fwd * r, b.bwd * r, int(b.out_bytes * r), int(b.saved_bytes * r), b.params)
                   for b in self.blocks]
-        frozen = [FrozenCost(f.name, f.fwd * r, int(f.out_bytes * r), f.params, f.consumer) for f in self.frozen]
+        frozen = [FrozenCost(f.name, f.fixed + (f.fwd - f.fixed) * r, int(f.out_bytes * r), f.params, f.consumer,
+                             f.fixed) for f in self.frozen]
         return Profile(blocks, frozen, mb_size, self.p2p_bw, self.latency, self.overhead)
 
     @property

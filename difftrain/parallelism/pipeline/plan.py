@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from difftrain.parallelism.pipeline.costs import (HARDWARE, Hardware, Profile, meta_inputs, profile_blocks,
-                                                  profile_frozen)
+from difftrain.parallelism.pipeline.costs import (HARDWARE, FrozenCost, Hardware, Profile, meta_inputs,
+                                                  profile_blocks, profile_frozen)
 from difftrain.parallelism.pipeline.partition import partition
 from difftrain.parallelism.pipeline.simulate import SimResult, simulate
 
@@ -103,7 +103,7 @@ def preset_profile(name: str, hw: Hardware) -> tuple[Profile, int, str]:
     return Profile(blocks, frozen, 1, hw.p2p_bw, hw.latency), p["global_batch"], p["about"]
 
 
-def config_profile(path: str, hw: Hardware) -> tuple[Profile, int, str]:
+def config_profile(path: str, hw: Hardware, overrides: tuple = ()) -> tuple[Profile, int, str]:
     """The profile of a run config's model and encoders (built on meta from their config.json files)."""
     import json
 
@@ -111,7 +111,7 @@ def config_profile(path: str, hw: Hardware) -> tuple[Profile, int, str]:
     from difftrain.config_checks import load_config
     from difftrain.models.registry import arch_config, build
 
-    cfg = load_config(path)
+    cfg = load_config(path, overrides)
     frozen_mods = []
     text_dim, L = 0, cfg.encoders.text_max_length
     with torch.device("meta"):
@@ -145,8 +145,45 @@ def config_profile(path: str, hw: Hardware) -> tuple[Profile, int, str]:
         inputs = meta_inputs(acfg, m.frames, L, dtype=torch.bfloat16)
         blocks = profile_blocks(model, inputs, "flops", hw)
         frozen = [profile_frozen(n, fn, "flops", hw, params=n_p) for n, fn, n_p in frozen_mods]
-    return (Profile(blocks, frozen, 1, hw.p2p_bw, hw.latency), cfg.data.batch_size,
-            f"{m.name} at model size {m.image_size} from {path}")
+        frozen = _with_teacher(cfg, frozen, model, inputs, hw)
+    about = f"{m.name} at model size {m.image_size} from {path}"
+    return Profile(blocks, frozen, 1, hw.p2p_bw, hw.latency), cfg.data.batch_size, about
+
+
+def stage_note(path: str, overrides: tuple = ()) -> tuple[str, bool]:
+    """A run config's stage as the plan sees it: (a line for the plan, whether it may be pipelined)."""
+    from difftrain.config_checks import load_config
+    from difftrain.train.stages import STAGES
+
+    cfg = load_config(path, overrides)
+    stage = STAGES[cfg.stage]
+    if stage.pipeline_refusal:
+        return f"stage '{cfg.stage}' cannot be pipelined ({stage.pipeline_refusal}): data-parallel plans only", False
+    if hasattr(stage, "teacher_forwards") and "teacher" in stage.roles(cfg):
+        return (f"stage '{cfg.stage}': the teacher's {stage.teacher_forwards(cfg)} forwards per sample are frozen "
+                "work that depends only on the batch, the keyed noise and t: prefetched into the bubbles after the "
+                "encoders, on the same samples (one chained frozen module)"), True
+    return "", True
+
+
+def _with_teacher(cfg, frozen: list, model, inputs, hw: Hardware) -> list:
+    """A teacher stage's frozen work as the trainer runs it: the encoders, then the teacher's forwards on their
+    outputs, one chain (``PipelinedStep.groups``) placed as one module. The teacher has the run's architecture
+    (a teacher stage's student starts as its teacher)."""
+    from difftrain.train.stages import STAGES
+
+    stage = STAGES[cfg.stage]
+    if not hasattr(stage, "teacher_forwards") or "teacher" not in stage.roles(cfg) or stage.pipeline_refusal:
+        return frozen
+    from difftrain.parallelism.pipeline.segments import cond_keys
+
+    k = stage.teacher_forwards(cfg)
+    cond = dict(zip(cond_keys(model), inputs[2:]))
+    teacher = profile_frozen("teacher", lambda: [model(inputs[0], inputs[1], cond) for _ in range(k)], "flops", hw,
+                             params=_params(model))
+    chain = [*frozen, teacher]
+    return [FrozenCost("+".join(f.name for f in chain), sum(f.fwd for f in chain), sum(f.out_bytes for f in chain),
+                       sum(f.params for f in chain), "first")]
 
 
 def candidates(profile: Profile, gpus: int, global_batch: int, hw: Hardware, headroom: float = 0.9):
@@ -259,6 +296,7 @@ def _hidden(c: Candidate) -> float:
 
 def add_plan_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("config", help=f"a preset ({', '.join(PRESETS)}) or a run config YAML")
+    ap.add_argument("overrides", nargs="*", help="the run config's dotted KEY=VALUE overrides (e.g. stage=progressive)")
     ap.add_argument("--gpus", type=int, default=64)
     ap.add_argument("--hardware", default="h100", choices=sorted(HARDWARE))
     ap.add_argument("--global-batch", type=int, default=0, help="override the preset's / config's global batch")
@@ -267,9 +305,14 @@ def add_plan_args(ap: argparse.ArgumentParser) -> None:
 
 def run_plan(a: argparse.Namespace) -> None:
     hw = HARDWARE[a.hardware]
-    profile, batch, about = (preset_profile(a.config, hw) if a.config in PRESETS else config_profile(a.config, hw))
+    over = tuple(getattr(a, "overrides", ()) or ())
+    profile, batch, about = (preset_profile(a.config, hw) if a.config in PRESETS else
+                             config_profile(a.config, hw, over))
+    note, pipelined = stage_note(a.config, over) if a.config not in PRESETS else ("", True)
     batch = a.global_batch or batch
-    cands = candidates(profile, a.gpus, batch, hw)
+    cands = [c for c in candidates(profile, a.gpus, batch, hw) if pipelined or c.pp == 1]
+    if note:
+        print(note)
     print(explain(cands, a.gpus, hw, about, profile))
     best = max((c for c in cands if c.fits), key=lambda c: c.throughput, default=None)
     if a.timeline and best is not None:

@@ -254,7 +254,6 @@ def current_plan(profile: Profile, bounds: Sequence[tuple[int, int]], n_mb: int,
     for i in range(n_mb):
         deadline = starts[("F", i, 0)]
         for f in profile.frozen:
-            per = f.fwd / mb_size
             done = 0
             mine = owners.get(f.name, set(range(S)))
             for g in gaps:
@@ -263,11 +262,11 @@ def current_plan(profile: Profile, bounds: Sequence[tuple[int, int]], n_mb: int,
                 if g[2] not in mine:
                     continue
                 room = min(g[1], deadline) - g[0]
-                fit = min(mb_size - done, int(room / per + 1e-9) if per else mb_size - done)
+                fit = _fit(f, room, mb_size - done, mb_size)
                 if room <= 0 or fit <= 0:
                     continue
                 pieces[g[2]].append((g[3], Chunk(f.name, i, done, done + fit), False))
-                g[0] += fit * per
+                g[0] += f.chunk_seconds(fit, mb_size)
                 done += fit
             if done < mb_size and 0 in mine:
                 pieces[0].append((f_slot[i], Chunk(f.name, i, done, mb_size), True))
@@ -293,7 +292,15 @@ def _gaps(orders: list, starts: dict, ends: dict, T: float | None = None) -> lis
 
 def _chunk_time(profile: Profile, c: Chunk) -> float:
     f = next(f for f in profile.frozen if f.name == c.name)
-    return f.fwd * (c.hi - c.lo) / profile.mb_size
+    return f.chunk_seconds(c.hi - c.lo, profile.mb_size)
+
+
+def _fit(f, room: float, left: int, mb_size: int) -> int:
+    """How many of ``left`` samples of ``f`` one call can take in ``room`` seconds."""
+    per = (f.fwd - f.fixed) / mb_size
+    if room < f.fixed + per - 1e-12:
+        return 0
+    return min(left, int((room - f.fixed) / per + 1e-9)) if per else left
 
 
 def fill_plan(profile: Profile, orders: list[list[tuple[str, int]]], starts: dict, ends: dict, n_mb: int,
@@ -306,7 +313,8 @@ def fill_plan(profile: Profile, orders: list[list[tuple[str, int]]], starts: dic
     S = len(orders)
     owners = owners or {}
     gaps = _gaps(orders, starts, ends, T)
-    per_sample = {f.name: f.fwd / profile.mb_size for f in profile.frozen}
+    cost = {f.name: f for f in profile.frozen}
+    per_sample = {f.name: (f.fwd - f.fixed) / profile.mb_size for f in profile.frozen}
     work = [(f.name, mb) for f in profile.frozen for mb in range(n_mb)]
     done = {w: 0 for w in work}  # samples of each (module, micro-batch) placed so far
     placement: dict = {}
@@ -319,31 +327,60 @@ def fill_plan(profile: Profile, orders: list[list[tuple[str, int]]], starts: dic
             left = profile.mb_size - done[(name, mb)]
             if left == 0 or (name in owners and r not in owners[name]):
                 continue
-            fit = min(left, int(room / per_sample[name] + 1e-9) if per_sample[name] else left)
+            fit = _fit(cost[name], room, left, profile.mb_size)
             if fit <= 0:
                 break  # keep the order: the gap is full for this piece
             lo = done[(name, mb)]
             placement.setdefault((r, slot), []).append(Chunk(name, mb, lo, lo + fit))
-            room -= fit * per_sample[name]
+            room -= cost[name].chunk_seconds(fit, profile.mb_size)
             done[(name, mb)] += fit
-    # leftovers: whole remaining pieces, each to the (owner) rank whose tail ends first
+    # leftovers: after each rank's last action, module by module, the remaining samples as one contiguous stream
+    # cut into a run per (owner) rank sized so that the ranks end level (water filling): frozen work larger than the
+    # bubbles, such as a teacher's steps, then ends on every rank at once, as ``balanced`` would spread it, in at
+    # most one split call per rank and micro-batch boundary
     tail = [0.0] * S
     finish = []
     for r in range(S):
         finish.append(ends[orders[r][-1]] + sum(_chunk_time(profile, c) for (rr, sl), cs in placement.items()
                                              if rr == r and sl == len(orders[r]) for c in cs))
     unplaced = 0.0
-    for name, mb in work:
-        lo = done[(name, mb)]
-        if lo == profile.mb_size:
+    for f in profile.frozen:
+        stream = [(mb, done[(f.name, mb)]) for mb in range(n_mb) if done[(f.name, mb)] < profile.mb_size]
+        total = sum(profile.mb_size - lo for _, lo in stream)
+        if not total:
             continue
-        r = min(sorted(owners.get(name, range(S))), key=lambda q: finish[q] + tail[q])
-        placement.setdefault((r, len(orders[r])), []).append(Chunk(name, mb, lo, profile.mb_size))
-        d = per_sample[name] * (profile.mb_size - lo)
-        tail[r] += d
-        unplaced += d
+        ranks = sorted(owners.get(f.name, range(S)), key=lambda q: (finish[q] + tail[q], q))
+        share = _water_fill([finish[q] + tail[q] for q in ranks], total, per_sample[f.name])
+        pos = 0  # position in the stream (samples)
+        flat = [(mb, i) for mb, lo in stream for i in range(lo, profile.mb_size)]
+        for r, n in zip(ranks, share):
+            run = flat[pos:pos + n]
+            pos += n
+            while run:  # one chunk per micro-batch the run touches
+                mb, lo = run[0]
+                k = next((j for j, (m, _) in enumerate(run) if m != mb), len(run))
+                c = Chunk(f.name, mb, lo, lo + k)
+                placement.setdefault((r, len(orders[r])), []).append(c)
+                d = _chunk_time(profile, c)
+                tail[r] += d
+                unplaced += d
+                run = run[k:]
     extra_end = [finish[r] + tail[r] - ends[orders[r][-1]] for r in range(S)]
     return placement, unplaced, extra_end
+
+
+def _water_fill(ends: list[float], total: int, per: float) -> list[int]:
+    """Samples per rank (``ends``: when each is free, ascending) so that all end level: ``total`` shared out."""
+    if per <= 0:
+        return [total] + [0] * (len(ends) - 1)
+    k, level = 1, ends[0] + total * per
+    while k < len(ends) and ends[k] < level:  # rank k joins once the level passes its end
+        k += 1
+        level = (sum(ends[:k]) + total * per) / k
+    share = [max(0, int((level - e) / per)) if i < k else 0 for i, e in enumerate(ends)]
+    for i in range(total - sum(share)):  # rounding: the rest one by one, earliest ranks first
+        share[i % k] += 1
+    return share
 
 
 def choose_owners(profile: Profile, bounds: Sequence[tuple[int, int]], n_mb: int, schedule: str = "1f1b",

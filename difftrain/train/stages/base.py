@@ -15,7 +15,9 @@ modules before the engine wraps them.
 
 **Step contract**, shared by the plain and the pipelined loop (train/pipeline.py) so both run the same methods:
 
-    frozen(batch)          no-grad work of the shared encoders: VAE latents ``x0`` and the ``cond`` dict
+    frozen(batch)          no-grad work that reads no live weights: VAE latents ``x0``, the ``cond`` dict, and a
+                           teacher's steps on them (``frozen_pieces``: the same work by module, for a pipeline's
+                           bubbles; a teacher piece ``needs`` the encoders' pieces)
     prepare(batch)         draw t and noise (keyed by seed, step, sample index), teacher work, targets, weights
     model_inputs(prep)     (x_t, t, cond) for the trained module (the pipeline feeds these to its first segment)
     loss(pred, prep)       per-sample loss and its scalar mean, reading only the ``loss_keys`` tensors of prep
@@ -64,11 +66,14 @@ class ModuleSpec:
 class FrozenPiece:
     """Part of a stage's ``frozen`` work done by one frozen module, for a pipeline to place (and hold) apart from
     the rest: ``fn(batch)`` returns the ``provides`` keys of ``frozen``'s output (``"x0"``: a tensor, ``"cond"``: the
-    cond dict); ``module`` holds its weights (None: no weights worth placing apart)."""
+    cond dict, any other key: a batch-first tensor); ``module`` holds its weights (None: no weights worth placing
+    apart). ``needs``: the pieces whose outputs ``fn`` reads (merged into its batch): a teacher's step reads the
+    latents and the caption states, so a pipeline runs it after them on the same samples and rank."""
     name: str
     fn: Callable[[dict], dict]
     module: nn.Module | None
     provides: tuple[str, ...]
+    needs: tuple[str, ...] = ()
 
 
 @dataclass

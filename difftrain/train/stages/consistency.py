@@ -57,8 +57,11 @@ class ConsistencyStage(TeacherStage):
     name = "consistency"
     args_class = ConsistencyArgs
     loss_keys = ("x_t", "t", "f_target", "weight")
-    pipeline_refusal = ("its target f(x_n, t_n) is the student's own (or its target network's) forward in prepare, "
-                        "which needs the whole student where the pipeline's first segment is")
+    teacher_keys = ("x_lo",)
+    pipeline_refusal = ("its target f(x_n, t_n) is the student's own (or its target network's) forward on the live "
+                        "weights, which needs the whole student where the pipeline's last segment is (the teacher's "
+                        "ODE step is frozen work a pipeline could prefetch; the target's forward through the "
+                        "segments is not built)")
 
     def __init__(self, shared, args: ConsistencyArgs):
         super().__init__(shared, args)
@@ -94,6 +97,10 @@ class ConsistencyStage(TeacherStage):
     def sampling(cls, cfg) -> SamplingDefaults:
         a = cls.parse_args(cfg)
         return SamplingDefaults(SAMPLER_OF[a.boundary], a.sample_steps, cls.guidance(cfg, a))
+
+    @classmethod
+    def teacher_evaluations(cls, args) -> int:
+        return 2 if args.solver == "heun" else 1
 
     def modules(self) -> dict[str, ModuleSpec]:
         mods = super().modules()
@@ -150,20 +157,33 @@ class ConsistencyStage(TeacherStage):
                 for c in boundary_coefficients(self.args.boundary, t.double(), self.diffusion.path))
         return a * x.float() + b * x0
 
-    def prepare(self, batch: dict, step: int) -> dict:
+    def _start(self, batch: dict, step: int):
+        """Each sample's interval: (n, t_{n+1}, t_n in float64, sigma or None, eps, x_{t_{n+1}}), all keyed."""
         x0 = batch["x0"]
         eps = self.noise(batch, step)
         n_int = self.intervals(step)
         ts, sigma, probs = self.grid(n_int)
         n = self.draw_interval(batch, step, n_int, probs)
         t_hi64, t_lo64 = ts[n + 1], ts[n]
-        t_hi, t_lo = t_hi64.to(x0), t_lo64.to(x0)
-        x_hi = self.diffusion.add_noise(x0, eps, t_hi)
+        return n, t_hi64, t_lo64, sigma, eps, self.diffusion.add_noise(x0, eps, t_hi64.to(x0))
+
+    @torch.no_grad()
+    def teacher_work(self, batch: dict, step: int) -> dict:
+        """The teacher's ODE step t_{n+1} -> t_n from x_{t_{n+1}} (float64 arithmetic): ``x_lo``."""
+        x0 = batch["x0"]
+        _, t_hi64, t_lo64, _, _, x_hi = self._start(batch, step)
         cond, w, uncond = self.guided(batch, step, x0)
+        return {"x_lo": ode_step(self.teacher_x0(cond, w, uncond, x0.dtype), x_hi.double(), t_hi64, t_lo64,
+                                 self.diffusion.path, self.args.solver).to(x0)}
+
+    def prepare(self, batch: dict, step: int) -> dict:
+        x0 = batch["x0"]
+        n, t_hi64, t_lo64, sigma, eps, x_hi = self._start(batch, step)
+        t_hi, t_lo = t_hi64.to(x0), t_lo64.to(x0)
+        cond, _, _ = self.guided(batch, step, x0)
         with torch.no_grad():
-            if self.source is not None:  # the teacher's ODE step t_{n+1} -> t_n (float64 arithmetic)
-                x_lo = ode_step(self.teacher_x0(cond, w, uncond, x0.dtype), x_hi.double(), t_hi64, t_lo64,
-                                self.diffusion.path, self.args.solver).to(x0)
+            if self.source is not None:  # the teacher's step (frozen work)
+                x_lo = self.teacher_outputs(batch, step)["x_lo"].to(x0)
             else:  # consistency training: the same noise at t_n
                 x_lo = self.diffusion.add_noise(x0, eps, t_lo)
             target = self.live["target"] if self.args.target_ema > 0 else self.live["student"]

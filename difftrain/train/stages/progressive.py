@@ -37,9 +37,7 @@ class ProgressiveArgs:
 class ProgressiveStage(TeacherStage):
     name = "progressive"
     args_class = ProgressiveArgs
-    pipeline_refusal = ("its teacher's two DDIM steps run in prepare, on the ranks of the first and last pipeline "
-                        "segments, which would each need the whole teacher (placing teacher work in the pipeline's "
-                        "bubbles comes with the consistency-distillation stages)")
+    teacher_keys = ("z_end",)
 
     def __init__(self, shared, args: ProgressiveArgs):
         super().__init__(shared, args)
@@ -64,27 +62,46 @@ class ProgressiveStage(TeacherStage):
         a = cls.parse_args(cfg)
         return SamplingDefaults("ddim", a.steps, cls.guidance(cfg, a))
 
+    @classmethod
+    def teacher_evaluations(cls, args) -> int:
+        return 2  # two DDIM steps
+
     def draw_t(self, batch: dict, step: int) -> torch.Tensor:
         """The index of each sample's student step (keyed), as a float tensor [B] (prepare maps it to times)."""
         u = keyed_rand(self.seed, step, batch["index"], "t", torch.float64)
         return (u * self.args.steps).floor().clamp(max=self.args.steps - 1)
 
-    def prepare(self, batch: dict, step: int) -> dict:
-        from difftrain.diffusion.progressive import progressive_target, teacher_two_steps
-
+    def _start(self, batch: dict, step: int):
+        """Each sample's (x_t, t in float64, t_mid, t_end, eps): keyed, identical wherever it is computed."""
         x0 = batch["x0"]
         eps = self.noise(batch, step)
         i = self.draw_t(batch, step).long()
-        t64, mid64, end64 = self.t_start[i], self.t_mid[i], self.t_end[i]
-        t = t64.to(x0)
-        x_t = self.diffusion.add_noise(x0, eps, t)
+        t64 = self.t_start[i]
+        return self.diffusion.add_noise(x0, eps, t64.to(x0)), t64, self.t_mid[i], self.t_end[i], eps
+
+    @torch.no_grad()
+    def teacher_work(self, batch: dict, step: int) -> dict:
+        """The teacher's two DDIM steps t -> t_mid -> t_end from x_t: ``z_end`` (float64)."""
+        from difftrain.diffusion.progressive import teacher_two_steps
+
+        x0 = batch["x0"]
+        x_t, t64, mid64, end64, _ = self._start(batch, step)
         cond, w, uncond = self.guided(batch, step, x0)
-        with torch.no_grad():
-            teacher_x0 = self.teacher_x0(cond, w, uncond, x0.dtype)  # the two steps and x~ in float64
-            path = self.diffusion.path
-            z_end = teacher_two_steps(teacher_x0, x_t.double(), t64, mid64, end64, path)
+        teacher_x0 = self.teacher_x0(cond, w, uncond, x0.dtype)
+        return {"z_end": teacher_two_steps(teacher_x0, x_t.double(), t64, mid64, end64, self.diffusion.path)}
+
+    def prepare(self, batch: dict, step: int) -> dict:
+        from difftrain.diffusion.progressive import progressive_target
+
+        x0 = batch["x0"]
+        x_t, t64, _, end64, _ = self._start(batch, step)
+        cond, _, _ = self.guided(batch, step, x0)
+        z_end = self.teacher_outputs(batch, step)["z_end"].double()
+        path = self.diffusion.path
+        with torch.no_grad():  # x~ in float64
             x_tilde = progressive_target(x_t.double(), t64, z_end, end64, path)
             shape = (-1,) + (1,) * (x0.ndim - 1)
             a, s = path.alpha(t64).reshape(shape), path.sigma(t64).reshape(shape)
             eps_tilde = (x_t.double() - a * x_tilde) / s  # the noise consistent with x~ at (x_t, t): t > 0 here
-        return {"x0": x_tilde.to(x0), "eps": eps_tilde.to(x0), "t": t, "x_t": x_t, "cond": cond, "weight": None}
+        return {"x0": x_tilde.to(x0), "eps": eps_tilde.to(x0), "t": t64.to(x0), "x_t": x_t, "cond": cond,
+                "weight": None}

@@ -3,6 +3,13 @@ from a :class:`~difftrain.train.sources.Source` (``stage_args.teacher``), its pa
 CFG scale (one fixed ``teacher_guidance``, or w per sample from ``guidance_range`` as the student's input: Meng et
 al. 2023's guided distillation, LCM's w-embedding), and how the student then samples with guidance.
 
+**The teacher's work is frozen work** (``teacher_work``, no grad): a step that reads only the batch's latents and
+caption states, the keyed noise, t and w, never the live weights, so it belongs to ``frozen`` (the plain loop runs
+it there, after the encoders) and, pipelined, to the frozen pieces a pipeline places in its bubbles, prefetched a
+step ahead (``frozen_pieces``: the piece ``teacher`` needs ``latents`` and ``text``). Which steps qualify:
+progressive distillation's two DDIM steps and consistency distillation's ODE step do; a consistency target
+network's f(x_n, t_n) and DMD's real and fake scores (on the live generator's output) do not.
+
 The scale convention is ours throughout: x^ = uncond + w (cond - uncond), w = 1 unguided. LCM's omega is w - 1
 (its eq. 7 writes (1 + omega) cond - omega uncond); REFERENCES D's pitfall.
 """
@@ -12,7 +19,7 @@ import torch
 
 from difftrain.config import ConfigError
 from difftrain.diffusion.keyed import keyed_rand
-from difftrain.train.stages.base import FROZEN, TRAINABLE, ModuleSpec
+from difftrain.train.stages.base import FROZEN, TRAINABLE, FrozenPiece, ModuleSpec
 from difftrain.train.stages.pretrain import PretrainStage
 
 
@@ -32,6 +39,7 @@ class TeacherStage(PretrainStage):
     ``teacher``; ``args`` has ``teacher`` (may be empty where the stage allows it), ``teacher_guidance`` and
     ``guidance_range``."""
     served = trained = "student"
+    teacher_keys: tuple[str, ...] = ()  # the batch-first tensors ``teacher_work`` adds to the frozen batch
 
     def __init__(self, shared, args):
         super().__init__(shared)
@@ -83,6 +91,19 @@ class TeacherStage(PretrainStage):
             return 1.0
         return teacher_guidance(args.teacher, cfg.run.sample_guidance) if args.teacher else cfg.run.sample_guidance
 
+    @classmethod
+    def teacher_forwards(cls, cfg) -> int:
+        """Teacher forwards per training sample (``difftrain plan`` costs the teacher's frozen work with it): the
+        stage's ODE evaluations, twice where CFG runs the unconditional branch too."""
+        args = cls.parse_args(cfg)
+        cfg_branches = 2 if cfg.model.cond != "none" and (args.guidance_range or args.teacher_guidance != 1.0) else 1
+        return cls.teacher_evaluations(args) * cfg_branches
+
+    @classmethod
+    def teacher_evaluations(cls, args) -> int:
+        """The teacher's ODE evaluations per sample and step."""
+        return 1
+
     def modules(self) -> dict[str, ModuleSpec]:
         from difftrain.models import registry
         from difftrain.train.sources import Source, parse_optional
@@ -119,3 +140,33 @@ class TeacherStage(PretrainStage):
 
         fn = guided_denoiser(self.live["teacher"], cond, uncond, w, to_x0=self.teacher_diffusion.sample_x0)
         return lambda x, t: fn(x.to(dtype), t.to(dtype)).double()
+
+    @property
+    def prefetches(self) -> bool:
+        """Whether the stage has teacher work that is frozen work (a teacher and ``teacher_keys``; DMD's scores of
+        the live generator's output are not)."""
+        return self.source is not None and bool(self.teacher_keys)
+
+    def teacher_work(self, batch: dict, step: int) -> dict:
+        """The teacher's no-grad work for ``batch`` (with ``x0`` and ``cond``): the ``teacher_keys`` tensors."""
+        raise NotImplementedError
+
+    def teacher_outputs(self, batch: dict, step: int) -> dict:
+        """``teacher_work``'s tensors: the frozen batch's (computed in ``frozen``, or by a pipeline's frozen
+        pieces), computed here for a batch that lacks them."""
+        if all(k in batch for k in self.teacher_keys):
+            return {k: batch[k] for k in self.teacher_keys}
+        with torch.no_grad():
+            return self.teacher_work(batch, step)
+
+    @torch.no_grad()
+    def frozen(self, batch: dict, step: int) -> dict:
+        out = super().frozen(batch, step)
+        return {**out, **self.teacher_work(out, step)} if self.prefetches else out
+
+    def frozen_pieces(self, step: int) -> list[FrozenPiece]:
+        pieces = super().frozen_pieces(step)
+        if not self.prefetches:
+            return pieces
+        return [*pieces, FrozenPiece("teacher", lambda b: self.teacher_work(b, step), self.live.get("teacher"),
+                                     self.teacher_keys, needs=tuple(p.name for p in pieces))]
