@@ -120,6 +120,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if cfg.parallel.pp > 1 and stage.pipeline_refusal:
         raise ConfigError(f"config key 'parallel.pp' = {cfg.parallel.pp}: stage '{cfg.stage}' cannot be pipelined: "
                           f"{stage.pipeline_refusal}")
+    if cfg.parallel.pp > 1 and stage.carried(cfg) and cfg.parallel.pp_schedule not in ("gpipe", "1f1b"):
+        raise ConfigError(f"config key 'parallel.pp_schedule' = {cfg.parallel.pp_schedule!r}: stage '{cfg.stage}' "
+                          f"carries its target network's forward through the segments, which runs with one segment "
+                          "per rank (gpipe or 1f1b)")
     if cfg.parallel.pp > 1 and cfg.diffusion.assign != "none" and "teacher" in stage.roles(cfg):
         raise ConfigError(f"config key 'diffusion.assign' = '{cfg.diffusion.assign}' with parallel.pp > 1: the "
                           "pipeline runs the teacher's step as frozen work on slices of a micro-batch, and noise "

@@ -86,9 +86,10 @@ def broadcast_init(modules: list[nn.Module], whole_meta: nn.Module, source, devi
 
 class PipelineEngine(TorchEngine):
     def __init__(self, module: nn.Module, meshes: Meshes, cfg: Config, device: torch.device, total_steps: int,
-                 loss_fn, source=None, name: str = "backbone"):
+                 loss_fn, source=None, name: str = "backbone", carry: tuple[str, str | None] | None = None):
         """``module``: the whole backbone, materialised or on the meta device; then ``source()`` builds the
-        initial weights once, on global rank 0 (:func:`broadcast_init`)."""
+        initial weights once, on global rank 0 (:func:`broadcast_init`). ``carry``: the stage's target network
+        carried through the segments (``Stage.carried``): ``(mode, derived module name or None)``."""
         from difftrain.parallelism.pipeline.runtime import build_pipeline
 
         pcfg = cfg.parallel
@@ -104,7 +105,8 @@ class PipelineEngine(TorchEngine):
         init = (lambda mods: broadcast_init(mods, self.whole, source, device)) if source is not None else None
         self.pipe = build_pipeline(module, self.bounds, pcfg.pp_schedule, pcfg.pp_microbatches, loss_fn,
                                    self.pp_group, device, fill=self.fill,
-                                   wrap=lambda m: parallelize(m, meshes, pcfg, device, ddp=False), init=init)
+                                   wrap=lambda m: parallelize(m, meshes, pcfg, device, ddp=False), init=init,
+                                   carry=carry[0] if carry else None)
         self.dp_group = meshes.dp.get_group() if pcfg.engine == "ddp" and meshes.dims.dp > 1 else None
         # the pp ranks again, as a group of their own for frozen outputs delivered mid-step (fill.CurrentFill)
         grid = meshes.world.mesh.reshape(self.pp, -1)
@@ -112,6 +114,8 @@ class PipelineEngine(TorchEngine):
         self.name = name  # the stage's trained module: the one cut into segments
         self._swapped = None  # the whole model with the EMA weights, inside ema_swapped_in
         super().__init__({name: self.pipe.union()}, meshes, pcfg, cfg.optim, device, total_steps, wrapped=True)
+        if carry and carry[1]:  # the target network's segments: a derived module under the whole model's names
+            self.derived[carry[1]] = self.pipe.target_union()
         self.last_owner = 0 if pcfg.pp_schedule == "zero_bubble" else self.pp - 1
         self.offloaded: list[nn.Module] = []
 
@@ -157,7 +161,8 @@ class PipelineEngine(TorchEngine):
 
     def live(self) -> dict[str, nn.Module]:
         """Inside :meth:`ema_swapped_in` the whole model with the EMA weights; else this rank's segments."""
-        return {self.name: self._swapped if self._swapped is not None else self.pipe.union(), **self.frozen}
+        return {self.name: self._swapped if self._swapped is not None else self.pipe.union(), **self.frozen,
+                **self.derived}
 
     @property
     def model(self) -> nn.Module:

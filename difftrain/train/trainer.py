@@ -102,16 +102,20 @@ class Trainer:
         if self.dims.pp > 1:  # pipeline parallel (docs/PIPELINE.md): each rank allocates only its segments
             from difftrain.train.pipeline import PipelinedStep, PipelineEngine
 
-            others = [n for n, s in self.specs.items() if n != self.stage.trained and s.role != FROZEN]
+            carried = self.stage.carried(cfg)
+            others = [n for n, s in self.specs.items()
+                      if n != self.stage.trained and s.role != FROZEN and n != carried]
             if others:  # the pipeline cuts one trainable module; the stage should have set pipeline_refusal
                 raise ConfigError(f"config key 'parallel.pp' = {cfg.parallel.pp}: stage '{cfg.stage}' declares "
-                                  f"modules besides '{self.stage.trained}' ({', '.join(others)}) that are not "
-                                  "frozen, which the pipeline does not hold")
+                                  f"modules besides '{self.stage.trained}' ({', '.join(others)}) that are neither "
+                                  "frozen nor a carried target, which the pipeline does not hold")
             self.pp_step = PipelinedStep(self)
             spec = self.specs[self.stage.trained]
             self.engine = PipelineEngine(spec.meta(), self.meshes, cfg, self.device, cfg.run.steps,
                                          self.pp_step.loss_fn, source=lambda: spec.init(torch.device("cpu")),
-                                         name=self.stage.trained)
+                                         name=self.stage.trained,
+                                         carry=(None if carried is None else ("self", None)
+                                                if carried == self.stage.trained else ("copy", carried)))
             self.pp_step.engine = self.engine
             for n, s in self.specs.items():  # a frozen teacher: whole on every pp rank (its work is frozen pieces)
                 if s.role == FROZEN:

@@ -24,6 +24,7 @@ CT = ("stage=consistency stage_args.grid=karras stage_args.steps=10 stage_args.s
       "stage_args.loss=pseudo_huber stage_args.weight=inverse_step stage_args.t_sampling=lognormal "
       "stage_args.boundary=edm stage_args.sample_steps=2 run.steps=6")
 SAMPLE = [sys.executable, "-m", "difftrain", "sample"]
+PP = "parallel.pp=2 parallel.pp_microbatches=2"
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,14 @@ def runs(digits, tmp_path_factory):
                  "cd_ddp", f"{cd} run.dir={out}/cd_ddp",
                  "cd_fsdp2", f"{cd_fsdp2} run.dir={out}/cd_fsdp2",
                  "ct_fsdp2", f"{ct} parallel.engine=fsdp2 run.dir={out}/ct_fsdp2",
-                 "cd_resumed", f"{cd_fsdp2} run.dir={out}/cd_killed"])
+                 "cd_resumed", f"{cd_fsdp2} run.dir={out}/cd_killed",
+                 # pipelined: the teacher's step as frozen work in the bubbles, the target's rows carried through
+                 "cd_pp", f"{cd} {PP} run.dir={out}/cd_pp",
+                 "cd_pp_fsdp2", f"{cd} {PP} parallel.engine=fsdp2 run.dir={out}/cd_pp_fsdp2",
+                 "ct_pp", f"{ct} {PP} parallel.pp_frozen=balanced run.dir={out}/ct_pp",
+                 # 3 steps pipelined, resumed plain (DDP) to 6: the target network's segments reshard by name
+                 "cd_pp_then_plain_a", f"{cd} {PP} run.steps=3 run.dir={out}/cd_pp_then_plain",
+                 "cd_pp_then_plain_b", f"{cd} run.dir={out}/cd_pp_then_plain"])
     return out, killed.returncode, left and left.name
 
 
@@ -93,6 +101,31 @@ def test_cd_student_and_target_network_on_two_ranks_equal_one_process(runs, engi
     assert target.keys() == ref.keys()
     assert any(not torch.equal(target[k], ref[k]) for k in ref)  # it lags the student (mu = 0.95)
     assert_close(target, part(two, "derived.target."), f"{engine} target network")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["cd_pp", "cd_pp_fsdp2", "cd_pp_then_plain"])
+def test_pipelined_cd_with_the_teacher_in_the_bubbles_equals_one_process(runs, run):
+    """pp=2, 1F1B fill: the teacher's Heun step runs as frozen work (prefetched into the previous step's bubbles),
+    the target network's segments (a derived module cut like the student) carry its rows through the pipeline; the
+    student and the target network end where one process's do."""
+    out, _, _ = runs
+    (one, s1), (two, s2) = checkpoint(out / "cd_single"), checkpoint(out / run)
+    assert s2["step"] == 6 and s1["modules"] == s2["modules"]
+    for prefix in ("model.student.", "ema.student.", "derived.target."):
+        assert_close(part(one, prefix), part(two, prefix), f"{run} {prefix}")
+    assert any(not torch.equal(part(one, "derived.target.")[k], v) for k, v in part(one, "model.student.").items()
+               if k in part(one, "derived.target."))
+
+
+@pytest.mark.slow
+def test_pipelined_ct_student_is_its_own_carried_target(runs):
+    """pp=2 balanced, target_ema = 0: the student's own segments run the target's rows without gradient."""
+    out, _, _ = runs
+    (one, _), (two, s2) = checkpoint(out / "ct_single"), checkpoint(out / "ct_pp")
+    assert s2["modules"] == {"student": "trainable"} and not any(k.startswith("derived.") for k in two)
+    for prefix in ("model.student.", "ema.student."):
+        assert_close(part(one, prefix), part(two, prefix), f"ct_pp {prefix}")
 
 
 @pytest.mark.slow

@@ -315,6 +315,9 @@ def test_plan_covers_distillation_stages(capsys):
     share = [float(line.split("; ")[1].split("%")[0]) for text in (plain, out) for line in text.splitlines()
              if line.startswith("per sample:")]
     assert share[1] > share[0] + 100  # four teacher forwards on top of the text encoder
+    main([*base, "stage=consistency", "stage_args.teacher=runs/t@ema", "stage_args.solver=heun", *opts])
+    out = capsys.readouterr().out
+    assert "teacher's 2 forwards" in out and "target network's no-grad forward reads live weights" in out
     main([*base, "stage=dmd", "stage_args.teacher=runs/t@ema", *opts])
     out = capsys.readouterr().out
     assert "stage 'dmd' cannot be pipelined" in out and "pp=" not in out.split("best:")[1]

@@ -37,7 +37,8 @@ REFLOW = ["stage=reflow", "data.kind=latent", "data.require_caption=false", "dif
     (["stage=progressive", "stage_args.teacher=x", "diffusion.target=eps"], "a progressive student predicts x, v or both"),
     (["stage=progressive", "stage_args.teacher=x", "diffusion.target=v", "parallel.pp=2", "diffusion.assign=linear"],
      "config key 'diffusion.assign' = 'linear' with parallel.pp > 1: the pipeline runs the teacher's step"),
-    (["stage=consistency", "parallel.pp=2"], "config key 'parallel.pp' = 2: stage 'consistency' cannot be pipelined"),
+    (["stage=consistency", "parallel.pp=2", "parallel.pp_schedule=zero_bubble"],
+     "config key 'parallel.pp_schedule' = 'zero_bubble': stage 'consistency' carries its target network's forward"),
     (["stage=dmd", "stage_args.teacher=x", "parallel.pp=2"],
      "config key 'parallel.pp' = 2: stage 'dmd' cannot be pipelined: it trains two networks"),
 ])

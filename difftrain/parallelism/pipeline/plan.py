@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from difftrain.parallelism.pipeline.costs import (HARDWARE, FrozenCost, Hardware, Profile, meta_inputs,
-                                                  profile_blocks, profile_frozen)
+from difftrain.parallelism.pipeline.costs import (HARDWARE, BlockCost, FrozenCost, Hardware, Profile,
+                                                  meta_inputs, profile_blocks, profile_frozen)
 from difftrain.parallelism.pipeline.partition import partition
 from difftrain.parallelism.pipeline.simulate import SimResult, simulate
 
@@ -146,6 +146,10 @@ def config_profile(path: str, hw: Hardware, overrides: tuple = ()) -> tuple[Prof
         blocks = profile_blocks(model, inputs, "flops", hw)
         frozen = [profile_frozen(n, fn, "flops", hw, params=n_p) for n, fn, n_p in frozen_mods]
         frozen = _with_teacher(cfg, frozen, model, inputs, hw)
+        from difftrain.train.stages import STAGES
+
+        if STAGES[cfg.stage].carried(cfg):  # a target network's no-grad forward rides along: twice the rows forward
+            blocks = [BlockCost(b.fwd * 2, b.bwd, b.out_bytes * 2, b.saved_bytes, b.params) for b in blocks]
     about = f"{m.name} at model size {m.image_size} from {path}"
     return Profile(blocks, frozen, 1, hw.p2p_bw, hw.latency), cfg.data.batch_size, about
 
@@ -159,11 +163,15 @@ def stage_note(path: str, overrides: tuple = ()) -> tuple[str, bool]:
     stage = STAGES[cfg.stage]
     if stage.pipeline_refusal:
         return f"stage '{cfg.stage}' cannot be pipelined ({stage.pipeline_refusal}): data-parallel plans only", False
+    notes = []
     if hasattr(stage, "teacher_forwards") and "teacher" in stage.roles(cfg):
-        return (f"stage '{cfg.stage}': the teacher's {stage.teacher_forwards(cfg)} forwards per sample are frozen "
-                "work that depends only on the batch, the keyed noise and t: prefetched into the bubbles after the "
-                "encoders, on the same samples (one chained frozen module)"), True
-    return "", True
+        notes.append(f"the teacher's {stage.teacher_forwards(cfg)} forwards per sample are frozen work that depends "
+                     "only on the batch, the keyed noise and t: prefetched into the bubbles after the encoders, on "
+                     "the same samples (one chained frozen module)")
+    if stage.carried(cfg):
+        notes.append(f"the {stage.carried(cfg)} network's no-grad forward reads live weights: it rides along "
+                     "through the segments as extra rows (each block's forward and wire counted twice)")
+    return (f"stage '{cfg.stage}': " + "; ".join(notes) if notes else ""), True
 
 
 def _with_teacher(cfg, frozen: list, model, inputs, hw: Hardware) -> list:

@@ -63,6 +63,13 @@ class Pipeline:
     n_segments: int
     schedule: object
     n_microbatches: int
+    targets: list[nn.Module] | None = None  # carry="copy": the target network's segments (no grad), as modules
+
+    def target_union(self) -> nn.Module | None:
+        """This rank's target-network segments under the whole model's names (carry="copy"), else None."""
+        if not self.targets:
+            return None
+        return self.targets[0] if len(self.targets) == 1 else _Union(self.targets)
 
     @property
     def has_first(self) -> bool:
@@ -135,13 +142,16 @@ class _Union(nn.Module):
 def build_pipeline(model: nn.Module, bounds: list[tuple[int, int]], schedule: str, n_microbatches: int,
                    loss_fn: Callable, pp_group, device: torch.device, fill: bool = False,
                    wrap: Callable[[nn.Module], nn.Module] | None = None,
-                   init: Callable[[list[nn.Module]], None] | None = None) -> Pipeline:
+                   init: Callable[[list[nn.Module]], None] | None = None, carry: str | None = None) -> Pipeline:
     """Cut ``model`` (whole: materialised, or on the meta device) at ``bounds`` (one ``(lo, hi)`` block range per
     segment, covering the trunk) and keep the segments this rank owns in ``pp_group``. Segments cut from a meta model
     are allocated empty on ``device`` and filled by ``init(modules)`` (so no rank holds the whole model).
     ``fill``: run GPipe / 1F1B with ``fill.FillSchedule`` (frozen work in the bubbles; the only private-API
     path). ``wrap``: data parallelism for each segment module (DDP / FSDP2 on the dp mesh); ``PipelineStage`` skips
-    its gradient sync until the last backward of the step."""
+    its gradient sync until the last backward of the step. ``carry``: every micro-batch's second half of rows is a
+    target network's no-grad forward carried through the segments (``carry.Carry``): ``"self"`` runs those rows
+    through the trained segments, ``"copy"`` through a copy of them (``Pipeline.targets``, a derived module made
+    from the initial weights, sharded like them); gpipe / 1f1b only."""
     if fill and schedule not in ("gpipe", "1f1b"):
         raise ValueError(f"bubble filling covers gpipe and 1f1b; schedule {schedule!r} takes frozen work computed "
                          "up front (balanced) instead")
@@ -164,14 +174,24 @@ def build_pipeline(model: nn.Module, bounds: list[tuple[int, int]], schedule: st
         modules.append(mod.to_empty(device=device) if on_meta else mod.to(device))
     if init is not None:
         init(modules)
-    stages = [PipelineStage(wrap(mod) if wrap is not None else mod, sid, len(bounds), device, group=pp_group)
-              for mod, sid in zip(modules, ids)]  # torch's runners of the segments
+    wrap = wrap or (lambda m: m)
+    targets = None
+    if carry is not None:
+        from difftrain.parallelism.pipeline.carry import carry_stages
+
+        if schedule not in ("gpipe", "1f1b"):
+            raise ValueError(f"a carried target network runs with one segment per rank (gpipe, 1f1b), not "
+                             f"{schedule!r}")
+        stages, targets = carry_stages(modules, ids, len(bounds), device, pp_group, wrap, carry)
+    else:
+        stages = [PipelineStage(wrap(mod), sid, len(bounds), device, group=pp_group)
+                  for mod, sid in zip(modules, ids)]  # torch's runners of the segments
     cls = _schedule_class(schedule)
     if fill:
         from difftrain.parallelism.pipeline.fill import FillSchedule
 
         sched = FillSchedule(stages[0], n_microbatches, loss_fn=loss_fn, schedule=schedule)
-        return Pipeline(modules, ids, len(bounds), sched, n_microbatches)
+        return Pipeline(modules, ids, len(bounds), sched, n_microbatches, targets)
     sched = (cls(stages[0], n_microbatches, loss_fn=loss_fn) if schedule in ("gpipe", "1f1b")
              else cls(stages, n_microbatches, loss_fn=loss_fn))
-    return Pipeline(modules, ids, len(bounds), sched, n_microbatches)
+    return Pipeline(modules, ids, len(bounds), sched, n_microbatches, targets)

@@ -172,6 +172,14 @@ class Stage(ABC):
         """``frozen`` split by module (DiffusionPipe places and partitions them apart). Default: one piece."""
         return [FrozenPiece("frozen", lambda b: self.frozen(b, step), None, ("x0", "cond"))]
 
+    @classmethod
+    def carried(cls, cfg) -> str | None:
+        """The module whose no-grad forward the loss also needs, on the second half of ``model_inputs``' rows (a
+        consistency target network: a derived copy of the trained module, or the trained module itself), so a
+        pipeline carries those rows through its segments (``pipeline/carry.py``); ``forward`` returns the stack
+        of both predictions. None: ``model_inputs`` is the trained module's alone."""
+        return None
+
     @abstractmethod
     def prepare(self, batch: dict, step: int) -> dict: ...
 

@@ -15,7 +15,10 @@ probabilities), x_{n+1} = alpha(t_{n+1}) x0 + sigma(t_{n+1}) eps, and its neighb
 
 The loss is d(f_theta(x_{n+1}, t_{n+1}), f_target(x_n, t_n)) with the target network (``target``, a derived module:
 an EMA of the student of decay ``target_ema`` updated after every applied step), or for ``target_ema = 0`` the
-student itself without gradient (iCT), evaluated in ``prepare`` before the student's forward. f = a(t) x + b(t) x0^
+student itself without gradient (iCT), evaluated in ``forward`` next to the student's ([student; target] rows: a
+pipeline carries the target's rows through its segments, ``Stage.carried``). The teacher's step is frozen work
+(``teacher_work``: prefetched into a pipeline's bubbles); the target's forward reads live weights and is not.
+f = a(t) x + b(t) x0^
 with the boundary scalings of ``stage_args.boundary`` (``diffusion/consistency.py``). The served student is the EMA of
 the student (as in CM, separate from the target network) and samples with the multistep consistency sampler of its
 boundary (``consistency``, ``lcm`` or ``consistency_edm``) in ``sample_steps`` steps.
@@ -56,13 +59,8 @@ class ConsistencyArgs:
 class ConsistencyStage(TeacherStage):
     name = "consistency"
     args_class = ConsistencyArgs
-    loss_keys = ("x_t", "t", "f_target", "weight")
+    loss_keys = ("x_t", "t", "x_lo", "t_lo", "weight")
     teacher_keys = ("x_lo",)
-    pipeline_refusal = ("its target f(x_n, t_n) is the student's own (or its target network's) forward on the live "
-                        "weights, which needs the whole student where the pipeline's last segment is (the teacher's "
-                        "ODE step is frozen work a pipeline could prefetch; the target's forward through the "
-                        "segments is not built)")
-
     def __init__(self, shared, args: ConsistencyArgs):
         super().__init__(shared, args)
         self.total = shared.cfg.run.steps
@@ -176,26 +174,44 @@ class ConsistencyStage(TeacherStage):
         return {"x_lo": ode_step(self.teacher_x0(cond, w, uncond, x0.dtype), x_hi.double(), t_hi64, t_lo64,
                                  self.diffusion.path, self.args.solver).to(x0)}
 
+    @classmethod
+    def carried(cls, cfg) -> str:
+        return "target" if cls.parse_args(cfg).target_ema > 0 else "student"
+
     def prepare(self, batch: dict, step: int) -> dict:
         x0 = batch["x0"]
         n, t_hi64, t_lo64, sigma, eps, x_hi = self._start(batch, step)
         t_hi, t_lo = t_hi64.to(x0), t_lo64.to(x0)
         cond, _, _ = self.guided(batch, step, x0)
-        with torch.no_grad():
-            if self.source is not None:  # the teacher's step (frozen work)
-                x_lo = self.teacher_outputs(batch, step)["x_lo"].to(x0)
-            else:  # consistency training: the same noise at t_n
-                x_lo = self.diffusion.add_noise(x0, eps, t_lo)
-            target = self.live["target"] if self.args.target_ema > 0 else self.live["student"]
-            f_target = self.consistency_fn(target, x_lo, t_lo, cond)
+        if self.source is not None:  # the teacher's step (frozen work)
+            x_lo = self.teacher_outputs(batch, step)["x_lo"].to(x0)
+        else:  # consistency training: the same noise at t_n
+            x_lo = self.diffusion.add_noise(x0, eps, t_lo)
         weight = None
         if self.args.weight == "inverse_step":
             weight = (1.0 / (sigma[n + 1] - sigma[n])).to(x0)
-        return {"x0": x0, "eps": eps, "t": t_hi, "x_t": x_hi, "cond": cond, "f_target": f_target, "weight": weight}
+        return {"x0": x0, "eps": eps, "t": t_hi, "x_t": x_hi, "cond": cond, "x_lo": x_lo, "t_lo": t_lo,
+                "weight": weight}
+
+    def model_inputs(self, prep: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """The student's rows (x_{n+1}, t_{n+1}) then the target's (x_n, t_n), the condition for both: a pipeline
+        carries the target's rows through its segments (``Stage.carried``)."""
+        return (torch.cat([prep["x_t"], prep["x_lo"]]), torch.cat([prep["t"], prep["t_lo"]]),
+                {k: torch.cat([v, v]) for k, v in prep["cond"].items()})
+
+    def forward(self, prep: dict) -> torch.Tensor:
+        """[the student's prediction at (x_{n+1}, t_{n+1}); the target's at (x_n, t_n), without gradient]."""
+        pred = self.live["student"](prep["x_t"], prep["t"], prep["cond"])
+        with torch.no_grad():
+            target = self.live["target" if self.args.target_ema > 0 else "student"](prep["x_lo"], prep["t_lo"],
+                                                                                   prep["cond"])
+        return torch.cat([pred, target])
 
     def loss(self, pred: torch.Tensor, prep: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        f = self.consistency_fn(None, prep["x_t"], prep["t"], {}, pred=pred)
-        per = DISTANCES[self.args.loss](f, prep["f_target"])
+        b = len(prep["x_t"])
+        f = self.consistency_fn(None, prep["x_t"], prep["t"], {}, pred=pred[:b])
+        f_target = self.consistency_fn(None, prep["x_lo"], prep["t_lo"], {}, pred=pred[b:].detach())
+        per = DISTANCES[self.args.loss](f, f_target)
         if prep["weight"] is not None:
             per = per * prep["weight"].to(per)
         return per.mean(), per.detach()
