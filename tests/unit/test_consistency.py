@@ -84,6 +84,21 @@ def test_ct_schedule_grows_n_and_mu():
     assert ns == sorted(ns)
 
 
+def test_stage_follows_the_ct_schedule(tmp_path):
+    """``stage_args.schedule=ct``: the stage's intervals grow from ``steps`` to ``steps_max`` by CM's N(k) and its
+    target network's decay is mu(k), mu0 = target_ema at k = 0; iCT's default keeps the decay fixed."""
+    stage, _ = stage_with_teacher(tmp_path, "consistency", "run.steps=1000", "stage_args.steps=2",
+                                  "stage_args.steps_max=150", "stage_args.schedule=ct", "stage_args.target_ema=0.9")
+    for k in (0, 1, 250, 999, 1000):
+        n, mu = ct_schedule(k, 1000, 3, 150, 0.9)
+        assert stage.intervals(k) == n - 1 and stage.target_decay(k) == mu
+    assert stage.intervals(0) == 2 and stage.intervals(1000) == 150 and stage.target_decay(0) == pytest.approx(0.9)
+    assert stage.target_decay(1000) > stage.target_decay(500) > 0.9
+    ict, _ = stage_with_teacher(tmp_path, "consistency", "run.steps=1000", "stage_args.steps=2",
+                                "stage_args.steps_max=150", "stage_args.target_ema=0.9")
+    assert ict.target_decay(500) == 0.9 and ict.intervals(0) == 2
+
+
 def test_lognormal_interval_probabilities_are_the_lognormal_mass_of_each_interval():
     sigmas = karras_sigmas(41).flip(0)  # increasing
     p = lognormal_interval_probs(sigmas)
@@ -211,7 +226,8 @@ def test_stage_config_errors_name_the_key(tmp_path):
            (["stage_args.solver=heun"], "stage_args.teacher"),
            (["diffusion.target=x"], "boundary"),
            (["stage_args.steps=10", "stage_args.steps_max=5"], "steps_max"),
-           (["diffusion.weighting=truncated_snr"], "diffusion.weighting")]
+           (["diffusion.weighting=truncated_snr"], "diffusion.weighting"),
+           (["stage_args.schedule=ct"], "stage_args.schedule' = 'ct' grows N")]
     for extra, words in bad:
         with pytest.raises(ConfigError, match=words):
             load_config(None, ["stage=consistency", *extra])

@@ -11,7 +11,9 @@ probabilities), x_{n+1} = alpha(t_{n+1}) x0 + sigma(t_{n+1}) eps, and its neighb
   A uniform grid of N = 50 intervals is LCM's skipping-step solver (k = 20 of 1000 timesteps).
 * **training** (no teacher): x_n = alpha(t_n) x0 + sigma(t_n) eps with the same eps, the one-sample estimate of the
   teacher's step (CM Alg. 3); iCT: ``steps`` doubling to ``steps_max`` over the run (``consistency.ict_steps``), the
-  Karras grid, lognormal interval sampling, weight 1 / (sigma_{n+1} - sigma_n), pseudo-Huber, ``target_ema = 0``.
+  Karras grid, lognormal interval sampling, weight 1 / (sigma_{n+1} - sigma_n), pseudo-Huber, ``target_ema = 0``;
+  or the original CT's schedule (``schedule=ct``: N(k) from ``steps`` to ``steps_max`` and the target's decay
+  mu(k) = exp(s0 ln mu0 / N(k)), mu0 = ``target_ema``; CM appendix C).
 
 The loss is d(f_theta(x_{n+1}, t_{n+1}), f_target(x_n, t_n)) with the target network (``target``, a derived module:
 an EMA of the student of decay ``target_ema`` updated after every applied step), or for ``target_ema = 0`` the
@@ -30,8 +32,8 @@ from dataclasses import dataclass
 import torch
 
 from difftrain.config import ConfigError, identity
-from difftrain.diffusion.consistency import (BOUNDARIES, SAMPLER_OF, boundary_coefficients, ict_steps, karras_sigmas,
-                                             lognormal_interval_probs, sigma_to_t)
+from difftrain.diffusion.consistency import (BOUNDARIES, SAMPLER_OF, boundary_coefficients, ct_schedule, ict_steps,
+                                             karras_sigmas, lognormal_interval_probs, sigma_to_t)
 from difftrain.diffusion.diffusion import DISTANCES
 from difftrain.diffusion.keyed import keyed_rand
 from difftrain.diffusion.samplers import ode_step
@@ -45,7 +47,8 @@ class ConsistencyArgs:
     solver: str = identity("ddim", ("ddim", "heun"))  # distillation: the teacher's ODE step t_{n+1} -> t_n
     grid: str = identity("uniform", ("uniform", "karras"))  # t_n = n / N | Karras sigmas (0.002 .. 80, rho 7)
     steps: int = identity(50, ge=1)  # N intervals (LCM: 50; CD on CIFAR: 17, i.e. 18 Karras levels)
-    steps_max: int = identity(0, ge=0)  # > 0: N doubles from steps to steps_max over run.steps (iCT)
+    steps_max: int = identity(0, ge=0)  # > 0: N grows from steps to steps_max over run.steps (by `schedule`)
+    schedule: str = identity("ict", ("ict", "ct"))  # with steps_max: iCT's doubling N | CM's N(k) and mu(k)
     target_ema: float = identity(0.95, ge=0.0, lt=1.0)  # the target network's decay mu; 0: the student (iCT)
     boundary: str = identity("none", BOUNDARIES)  # f = a x + b x0^ (diffusion/consistency.py)
     loss: str = identity("l2", tuple(DISTANCES))  # l2 | pseudo_huber
@@ -84,6 +87,9 @@ class ConsistencyStage(TeacherStage):
         if a.grid != "karras" and (a.weight != "none" or a.t_sampling != "uniform"):
             raise ConfigError("config keys 'stage_args.weight' = inverse_step and 't_sampling' = lognormal are "
                               "defined on noise levels sigma: set stage_args.grid=karras")
+        if a.schedule == "ct" and not (a.steps_max and a.target_ema > 0):
+            raise ConfigError("config key 'stage_args.schedule' = 'ct' grows N to stage_args.steps_max and the "
+                              "target network's decay from stage_args.target_ema (mu0): set both > 0")
         if a.steps_max and a.steps_max < a.steps:
             raise ConfigError(f"config key 'stage_args.steps_max' = {a.steps_max} must be 0 or >= stage_args.steps "
                               f"= {a.steps}")
@@ -117,13 +123,27 @@ class ConsistencyStage(TeacherStage):
         if self.args.target_ema > 0:
             from difftrain.train.ema import follow
 
-            follow(self.live["target"], self.live["student"], self.args.target_ema, ok)
+            follow(self.live["target"], self.live["student"], self.target_decay(step), ok)
+
+    def _ct(self, step: int) -> tuple[int, float]:
+        """CM's schedule (appendix C): s0 = steps + 1 points at k = 0, steps_max + 1 at the end (s1 = steps_max), mu0 =
+        target_ema."""
+        return ct_schedule(step, self.total, self.args.steps + 1, self.args.steps_max, self.args.target_ema)
 
     def intervals(self, step: int) -> int:
-        """N at this step: ``steps``, or iCT's doubling from ``steps`` to ``steps_max`` over the run."""
+        """N at this step: ``steps``; with ``steps_max`` iCT's doubling from ``steps`` to ``steps_max`` over the run
+        (``schedule=ict``), or the original CT's N(k) (``schedule=ct``)."""
         if not self.args.steps_max:
             return self.args.steps
+        if self.args.schedule == "ct":
+            return self._ct(step)[0] - 1
         return ict_steps(step, self.total, self.args.steps, self.args.steps_max) - 1
+
+    def target_decay(self, step: int) -> float:
+        """The target network's decay after ``step``: ``target_ema``, or CT's mu(k) = exp(s0 ln mu0 / N(k))."""
+        if self.args.schedule == "ct" and self.args.steps_max:
+            return self._ct(step)[1]
+        return self.args.target_ema
 
     def grid(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(t [N+1] increasing float64 with t_N = 1, sigma [N+1] or None, interval probabilities [N] or None).
