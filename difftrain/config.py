@@ -216,6 +216,8 @@ class EvalConfig:
 class Config:
     stage: str = identity("pretrain")  # the training objective: a key of train/stages STAGES (config_checks)
     stage_args: dict = identity({})  # the stage's own settings, checked by its dataclass (e.g. teacher: RUN@ema)
+    # model changes applied in order to the stage's trained modules (difftrain/finetune): [{kind: lora, rank: 8}]
+    adapt: list = identity([])
     # the trained module's initial weights (never a resume): RUN@ema | RUN@raw (a run's newest checkpoint), our
     # export or a diffusers folder (train/sources.py)
     init_from: str = identity("")
@@ -230,6 +232,25 @@ class Config:
 
 
 # ----------------------------------------------------------------------------------------------
+def parse_fields(prefix: str, cls, values: dict, owner: str):
+    """``values`` (a config mapping: a stage's ``stage_args``, a model change's entry) as the dataclass ``cls``:
+    types, choices, bounds and required keys checked, each error one line naming ``PREFIX.KEY`` and ``owner``."""
+    fields = _fields(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{prefix}.{key}' for {owner}; valid keys: {', '.join(fields)}")
+        kwargs[key] = _coerce(f"{prefix}.{key}", fields[key], value)
+        bounds = fields[key].metadata.get("bounds")
+        if bounds and not _in_range(kwargs[key], bounds):
+            raise ConfigError(f"config key '{prefix}.{key}' must be {_range_text(bounds)}, got {value}")
+    missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING and n not in kwargs]
+    if missing:
+        raise ConfigError(f"config key '{prefix}.{missing[0]}' is required by {owner}")
+    return cls(**kwargs)
+
+
 def _fields(cls) -> dict[str, dataclasses.Field]:
     hints = typing.get_type_hints(cls)
     out = {}

@@ -116,6 +116,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"config key 'stage' = {cfg.stage!r} is not one of: {', '.join(STAGES)}")
     stage = STAGES[cfg.stage]
     stage_args(cfg)
+    from difftrain.finetune.adapt import changes_of
+
+    changes_of(cfg)
     stage.check(cfg)
     if cfg.parallel.pp > 1 and stage.pipeline_refusal:
         raise ConfigError(f"config key 'parallel.pp' = {cfg.parallel.pp}: stage '{cfg.stage}' cannot be pipelined: "

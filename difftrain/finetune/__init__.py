@@ -1,1 +1,2 @@
-"""Fine-tuning stages (LoRA via peft, adapters, ControlNet, QAT via torchao) plug in here as Stages."""
+"""Fine-tuning as model changes (config key ``adapt``): the seam (``adapt.py``, ``change.py``) and LoRA via peft
+(``lora.py``); adapters, ControlNet and QAT plug in as further changes."""

@@ -188,13 +188,31 @@ def load_run_weights(run_dir: Path, model: nn.Module, which: str = "ema") -> int
     complete one is used (``checkpoint.resume_newest``); ``CheckpointError`` when none loads."""
     from difftrain.train.checkpoint import CheckpointError, resume_newest
 
+    from types import SimpleNamespace
+
+    from torch.distributed.tensor import DTensor
+
+    from difftrain.finetune.adapt import apply_changes, changes_of, merge_changes
+
     tensors: dict = {}
     own = {k: v.detach() for k, v in model.state_dict().items()}
     ema = {n: torch.empty_like(p) for n, p in model.named_parameters()} if which == "ema" else None
+    changes: list = []
 
     def layout(state: dict) -> None:  # the checkpoint's own layout, known once its train state is read
+        nonlocal own, ema, changes
         served = state.get("served")
         tensors.clear()
+        adapt = (state.get("config") or {}).get("adapt") or []
+        if adapt and not changes:  # a run with model changes: its module as trained, merged after the load
+            if any(isinstance(p, DTensor) for p in model.parameters()):
+                raise ValueError(f"'{run_dir}' was trained with model changes (adapt); it is read into a whole "
+                                 "module, then merged, not into a sharded one")
+            changes = changes_of(SimpleNamespace(adapt=adapt))
+            apply_changes(model, changes, 0)  # every new tensor is read from the checkpoint
+            own = {k: v.detach() for k, v in model.state_dict().items()}
+            if which == "ema":  # the EMA covers what was trained: the adapters
+                ema = {n: torch.empty_like(p) for n, p in model.named_parameters() if p.requires_grad}
         saved = _saved_keys(Path(run_dir) / "checkpoints", state.get("step"), served)
         for d in (own, ema or {}):  # weights of the model without an optional flag: those keys keep their init
             for k in [k for k in d if _optional(model, k) and k not in saved]:
@@ -212,4 +230,7 @@ def load_run_weights(run_dir: Path, model: nn.Module, which: str = "ema") -> int
             for n, p in model.named_parameters():
                 if n in ema:  # not an optional key the checkpoint lacks
                     p.copy_(ema[n])
+    if changes:
+        merge_changes(model, changes)
+        model.requires_grad_(True)
     return found[1]["step"]

@@ -198,7 +198,7 @@ class TorchEngine(Engine):
 
         def build(name: str, spec, trainable: bool) -> nn.Module:
             source = spec.source
-            if pcfg.engine == "fsdp2" and source is not None and source.is_run:
+            if pcfg.engine == "fsdp2" and source is not None and source.is_run and not source.adapted:
                 module = spec.meta()
                 if not trainable:
                     module.requires_grad_(False)

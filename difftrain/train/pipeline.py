@@ -100,8 +100,11 @@ class PipelineEngine(TorchEngine):
         self.bounds = segment_bounds(pcfg, module, self.pp * per_rank, cfg.model.frames, cfg.encoders.text_max_length)
         self.fill = frozen_mode(cfg) == "fill"
         self.device = device
-        with torch.device("meta"):  # the architecture only: sampling fills it with the gathered EMA weights
-            self.whole = type(module)(module.config)
+        if all(t.is_meta for t in module.parameters()):  # the architecture only (with any model changes applied):
+            self.whole = copy.deepcopy(module)  # sampling fills it with the gathered EMA weights
+        else:
+            with torch.device("meta"):
+                self.whole = type(module)(module.config)
         init = (lambda mods: broadcast_init(mods, self.whole, source, device)) if source is not None else None
         self.pipe = build_pipeline(module, self.bounds, pcfg.pp_schedule, pcfg.pp_microbatches, loss_fn,
                                    self.pp_group, device, fill=self.fill,
@@ -139,8 +142,12 @@ class PipelineEngine(TorchEngine):
         inside: sampling and validation run it as usual. Needs the whole model to fit one device."""
         from torch.distributed.tensor import DTensor
 
-        mine = {n.removeprefix(self.name + "."): (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu()
-                for n, t in self.ema.state_dict().items()}
+        def whole(t):
+            return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu()
+
+        # the EMA of what trains, the live weights of what does not (a frozen base under model changes)
+        mine = {n: whole(t) for n, t in self.pipe.union().named_parameters() if not t.requires_grad}
+        mine.update({n.removeprefix(self.name + "."): whole(t) for n, t in self.ema.state_dict().items()})
         parts = [None] * self.pp
         dist.all_gather_object(parts, mine, group=self.pp_group)
         state = {k: v for p in parts for k, v in p.items()}

@@ -94,6 +94,11 @@ class Source:
             return Config(stage=meta.get("stage", "pretrain"), diffusion=DiffusionConfig(**meta["diffusion"]))
         return None
 
+    @property
+    def adapted(self) -> bool:
+        """Whether the weights are a run trained with model changes (``adapt``): read whole, then merged."""
+        return self.is_run and bool(self.config().adapt)
+
     def sampling(self, default_guidance: float):
         """How the weights sample (``SamplingDefaults``): a run's newest checkpoint's saved sampling, an export's
         ``difftrain.json`` sampling; for a diffusers folder (or a run saved before checkpoints kept it) the run config's

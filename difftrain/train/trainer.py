@@ -97,7 +97,10 @@ class Trainer:
             write_model_config(self.arch, self.acfg, self.run_dir)
         self.stage = STAGES[cfg.stage](self.shared, stage_args(cfg))
         self._sampling = None
-        self.specs = self.stage.modules()
+        from difftrain.finetune.adapt import adapted_specs, changes_of
+
+        self.changes = changes_of(cfg)  # model changes (adapt: LoRA, ...) on the trained modules
+        self.specs = adapted_specs(self.stage.modules(), self.changes, cfg.run.seed)
         self.pp_step = None
         if self.dims.pp > 1:  # pipeline parallel (docs/PIPELINE.md): each rank allocates only its segments
             from difftrain.train.pipeline import PipelinedStep, PipelineEngine

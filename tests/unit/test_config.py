@@ -19,7 +19,7 @@ def test_demo_config_loads_with_overrides():
     ("parallel.engine=zero", "config key 'parallel.engine' = 'zero' is not one of: ddp, fsdp2"),
     ("optim.lr=fast", "config key 'optim.lr' must be float, got str 'fast'"),
     ("run.steps=1.5", "config key 'run.steps' must be int, got float 1.5"),
-    ("nosection.x=1", "unknown config key 'nosection'; valid keys in '<root>': stage, stage_args, init_from, run,"),
+    ("nosection.x=1", "unknown config key 'nosection'; valid keys in '<root>': stage, stage_args, adapt, init_from, run,"),
     ("optim=3", "config section 'optim' must be a mapping"),
     ("eval.ref=", "config key 'eval.ref' must name held-out shards"),
     ("eval.sampler=ddpm", "config key 'eval.sampler' = 'ddpm' is not one of: '', euler, heun, ddim, dpmpp_2m"),

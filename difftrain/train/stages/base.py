@@ -29,7 +29,6 @@ teacher where the pipeline's first segment is) sets ``pipeline_refusal`` to say 
 """
 from __future__ import annotations
 
-import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable
@@ -120,27 +119,13 @@ class Stage(ABC):
     def parse_args(cls, cfg):
         """``cfg.stage_args`` as ``args_class`` (types, choices, bounds, required keys), or None for a stage without
         arguments. ``ConfigError`` naming ``stage_args.KEY``."""
-        from difftrain.config import ConfigError, _coerce, _fields, _in_range, _range_text
+        from difftrain.config import ConfigError, parse_fields
 
         if cls.args_class is None:
             if cfg.stage_args:
                 raise ConfigError(f"config key 'stage_args' must be empty: stage '{cfg.stage}' takes no arguments")
             return None
-        fields = _fields(cls.args_class)
-        kwargs = {}
-        for key, value in cfg.stage_args.items():
-            if key not in fields:
-                raise ConfigError(f"unknown config key 'stage_args.{key}' for stage '{cfg.stage}'; valid keys: "
-                                  f"{', '.join(fields)}")
-            kwargs[key] = _coerce(f"stage_args.{key}", fields[key], value)
-            bounds = fields[key].metadata.get("bounds")
-            if bounds and not _in_range(kwargs[key], bounds):
-                raise ConfigError(f"config key 'stage_args.{key}' must be {_range_text(bounds)}, got {value}")
-        missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING
-                   and f.default_factory is dataclasses.MISSING and n not in kwargs]
-        if missing:
-            raise ConfigError(f"config key 'stage_args.{missing[0]}' is required by stage '{cfg.stage}'")
-        return cls.args_class(**kwargs)
+        return parse_fields("stage_args", cls.args_class, cfg.stage_args, f"stage '{cfg.stage}'")
 
     @classmethod
     def sampling(cls, cfg) -> SamplingDefaults:
