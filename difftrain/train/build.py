@@ -198,6 +198,7 @@ def load_run_weights(run_dir: Path, model: nn.Module, which: str = "ema") -> int
     own = {k: v.detach() for k, v in model.state_dict().items()}
     ema = {n: torch.empty_like(p) for n, p in model.named_parameters()} if which == "ema" else None
     changes: list = []
+    grads: dict = {}  # requires_grad of the plain module's parameters, restored after the merge
 
     def layout(state: dict) -> None:  # the checkpoint's own layout, known once its train state is read
         nonlocal own, ema, changes
@@ -209,6 +210,7 @@ def load_run_weights(run_dir: Path, model: nn.Module, which: str = "ema") -> int
                 raise ValueError(f"'{run_dir}' was trained with model changes (adapt); it is read into a whole "
                                  "module, then merged, not into a sharded one")
             changes = changes_of(SimpleNamespace(adapt=adapt))
+            grads.update({n: p.requires_grad for n, p in model.named_parameters()})
             apply_changes(model, changes, 0)  # every new tensor is read from the checkpoint
             own = {k: v.detach() for k, v in model.state_dict().items()}
             if which == "ema":  # the EMA covers what was trained: the adapters
@@ -232,5 +234,6 @@ def load_run_weights(run_dir: Path, model: nn.Module, which: str = "ema") -> int
                     p.copy_(ema[n])
     if changes:
         merge_changes(model, changes)
-        model.requires_grad_(True)
+        for n, p in model.named_parameters():
+            p.requires_grad_(grads[n])
     return found[1]["step"]

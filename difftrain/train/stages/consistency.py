@@ -167,9 +167,8 @@ class ConsistencyStage(TeacherStage):
             return (u * n).long().clamp(max=n - 1)
         return torch.searchsorted(torch.cumsum(probs, 0), u, right=True).clamp(max=n - 1)
 
-    def consistency_fn(self, model, x: torch.Tensor, t: torch.Tensor, cond: dict, pred=None) -> torch.Tensor:
-        """f(x, t) = a(t) x + b(t) x0^ (``pred``: the model's output at (x, t) when already computed)."""
-        pred = model(x, t, cond) if pred is None else pred
+    def consistency_fn(self, pred: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """f(x, t) = a(t) x + b(t) x0^ from the model's output ``pred`` at (x, t)."""
         x0 = self.diffusion.sample_x0(pred.float(), x.float(), t.float())
         a, b = (c.to(x0).reshape((-1,) + (1,) * (x0.ndim - 1))
                 for c in boundary_coefficients(self.args.boundary, t.double(), self.diffusion.path))
@@ -223,14 +222,13 @@ class ConsistencyStage(TeacherStage):
         """[the student's prediction at (x_{n+1}, t_{n+1}); the target's at (x_n, t_n), without gradient]."""
         pred = self.live["student"](prep["x_t"], prep["t"], prep["cond"])
         with torch.no_grad():
-            target = self.live["target" if self.args.target_ema > 0 else "student"](prep["x_lo"], prep["t_lo"],
-                                                                                   prep["cond"])
+            target = self.live[self.carried(self.shared.cfg)](prep["x_lo"], prep["t_lo"], prep["cond"])
         return torch.cat([pred, target])
 
     def loss(self, pred: torch.Tensor, prep: dict) -> tuple[torch.Tensor, torch.Tensor]:
         b = len(prep["x_t"])
-        f = self.consistency_fn(None, prep["x_t"], prep["t"], {}, pred=pred[:b])
-        f_target = self.consistency_fn(None, prep["x_lo"], prep["t_lo"], {}, pred=pred[b:].detach())
+        f = self.consistency_fn(pred[:b], prep["x_t"], prep["t"])
+        f_target = self.consistency_fn(pred[b:].detach(), prep["x_lo"], prep["t_lo"])
         per = DISTANCES[self.args.loss](f, f_target)
         if prep["weight"] is not None:
             per = per * prep["weight"].to(per)
