@@ -90,19 +90,22 @@ def few_stage(name: str, seed: int, data: dict, n: dict) -> str:
     return f"  {name if seed == 0 else f'{name}_s{seed}'}: {body}, overrides: [{over}]}}\n"
 
 
-def run(args: list[str], log: Path) -> None:
+def run(args: list[str], log: Path, what: str | None = None) -> None:
+    """Run ``args`` (output appended to ``log``; a failure ends the benchmark naming it), printing ``what`` (default:
+    the difftrain subcommand) and the seconds it took."""
     t0 = time.time()
     with open(log, "a") as f:
         p = subprocess.run(args, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     if p.returncode != 0:
         sys.exit(f"{' '.join(args)} failed ({p.returncode}); see {log}")
-    print(f"  difftrain {args[args.index('difftrain') + 1]} ... {time.time() - t0:.0f} s", flush=True)
+    print(f"  {what or 'difftrain ' + args[args.index('difftrain') + 1]} ... {time.time() - t0:.0f} s", flush=True)
 
 
-def torchrun(nproc: int, args: list[str], log: Path) -> None:
-    run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone", "-m",
-         "difftrain", *args], log)
+def torchrun(nproc: int, args: list[str], log: Path, what: str | None = None) -> None:
+    """``args`` under torchrun: difftrain's subcommand and its arguments, or (with ``what``) a script and its."""
+    run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
+         *(args if what else ["-m", "difftrain", *args])], log, what)
 
 
 def evaluate(d: Path, data: dict, n: dict, models: list[str], seed: int, tag: str, log: Path,

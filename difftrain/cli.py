@@ -1,6 +1,6 @@
 """``difftrain`` command line: data | train | sample | eval | export (``python -m difftrain`` is the same).
 
-    difftrain data demo --out data/digits             # [--video: moving digits as mp4]
+    difftrain data demo --out data/digits             # [--video: moving digits as mp4] [--style bold]
     difftrain data shards photos/ --out data/photos   # image folder + captions -> img2dataset layout
     difftrain data stat "data/photos/{00000..00003}.tar" data.image_size=256
     torchrun --nproc_per_node=2 -m difftrain data encode configs/demo.yaml --out data/digits_latent
@@ -8,7 +8,7 @@
     torchrun --nproc_per_node=2 -m difftrain distill pairs runs/demo --out data/pairs --count 4096  # reflow pairs
     difftrain sample runs/demo --num 64 --steps 50 --prompt "a handwritten digit 7" --out out/
     difftrain eval runs/demo --ref "data/digits/val/{00000..00000}.tar" --extractor digits --steps 4,8,16
-    difftrain export runs/demo --out export/demo
+    difftrain export runs/demo --out export/demo                # [--pipeline: a stock diffusers pipeline folder]
     torchrun --nproc_per_node=2 -m difftrain campaign configs/campaigns/digits.yaml   # [--dry-run] [--rerun NAME]
 """
 from __future__ import annotations
@@ -22,6 +22,8 @@ from difftrain.config import ConfigError
 
 
 def _cmd_demo(args) -> None:
+    if args.video and args.style != "plain":
+        raise ConfigError(f"--style {args.style} draws the digit images; the moving digits (--video) have none")
     if args.video:
         from difftrain.data.moving_digits import write_moving_digits
 
@@ -29,7 +31,7 @@ def _cmd_demo(args) -> None:
     else:
         from difftrain.data.demo import write_digits
 
-        info = write_digits(args.out, image_size=args.image_size or 16, seed=args.seed)
+        info = write_digits(args.out, image_size=args.image_size or 16, seed=args.seed, style=args.style)
     print(json.dumps(info, indent=1))
 
 
@@ -79,10 +81,20 @@ def _cmd_sample(args) -> None:
     if args.label is not None:
         labels = torch.full((args.num,), args.label)
     how = g.sampling  # the run's own (its stage's) sampler, steps and CFG scale unless the flags say otherwise
+    control = None
+    if args.control:
+        from difftrain.config import ConfigError
+        from difftrain.finetune.controlnet import control_input
+
+        if getattr(g.model, "control", None) is None:
+            raise ConfigError(f"--control: '{args.run}' has no ControlNet (config adapt: [{{kind: controlnet}}])")
+        h, w = (side * g.vae.downsample_factor for side in sample_shape(g.acfg)[-2:])  # the run's pixels
+        control = control_input(args.control, (h, w), g.cfg.data.channels, g.vae, g.device)
     images = generate(g.model, g.diffusion, g.conditioner, g.vae, n=args.num, shape=sample_shape(g.acfg),
                       steps=args.steps or how.steps, sampler=sampler_name(args.sampler or how.sampler),
                       guidance=how.guidance if args.guidance is None else args.guidance, seed=args.seed,
-                      device=g.device, captions=captions, labels=labels, progress=True)
+                      device=g.device, captions=captions, labels=labels, progress=True, control=control,
+                      control_scale=args.control_scale, control_window=(args.control_start, args.control_end))
     step = g.step
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -110,17 +122,56 @@ def _cmd_export(args) -> None:
     from difftrain.models.scheduler_export import write_scheduler
 
     state = {k: v.detach() for k, v in g.model.state_dict().items()}
-    cls_name = g.model.save_diffusers(state, args.out)
-    # how the served model samples, as a stock diffusers scheduler (DIR/scheduler), or the reason there is none
-    scheduler = write_scheduler(args.out, g.diffusion, g.sampling.sampler, g.sampling.steps)
+    pipeline = controlnet = None
+    if args.pipeline:  # a whole stock pipeline folder (transformer/, vae/, text_encoder/, ...), or one line why not
+        from difftrain.models.pipeline_export import export_pipeline
+
+        cls_name, scheduler, pipeline = export_pipeline(g, state, args.out)
+    else:
+        (Path(args.out) / "model_index.json").unlink(missing_ok=True)  # an earlier --pipeline export's: now stale
+        if getattr(g.model, "control", None) is not None:  # a ControlNet run: the base, then the branch beside it
+            from difftrain.finetune.controlnet_export import export_controlnet, without_branch
+
+            with without_branch(g.model):
+                cls_name = g.model.save_diffusers({k: v for k, v in state.items() if not k.startswith("control.")},
+                                                  args.out)
+            controlnet = export_controlnet(g.model, state, args.out)
+        else:
+            cls_name = g.model.save_diffusers(state, args.out)
+        # how the served model samples, as a stock diffusers scheduler (DIR/scheduler), or the reason there is none
+        scheduler = write_scheduler(args.out, g.diffusion, g.sampling.sampler, g.sampling.steps)
     meta = {"step": g.step, "diffusers_class": cls_name, "timestep_scale": 1000.0, "arch": read_model_config(args.run)[0],
             "diffusion": to_dict(g.cfg.diffusion), "encoders": to_dict(g.cfg.encoders),
             "stage": g.cfg.stage,
             "sampling": {"guidance": g.sampling.guidance, "steps": g.sampling.steps, "sampler": g.sampling.sampler},
             "scheduler": scheduler,
             "model": dataclasses.asdict(g.acfg)}
+    if pipeline:
+        meta["pipeline"] = pipeline
+    from difftrain.finetune.lora_export import export_run_adapters
+
+    lora = export_run_adapters(args.run, g.cfg, args.out)  # a LoRA run: its adapters too, for its base (lora.base)
+    if lora:
+        meta["lora"] = lora
     (Path(args.out) / "difftrain.json").write_text(json.dumps(meta, indent=1))
     print(f"exported EMA weights of step {g.step} as diffusers {cls_name} to {args.out}")
+    if pipeline:
+        print(f"pipeline: DiffusionPipeline.from_pretrained({str(args.out)!r}) -> diffusers {pipeline['class']}; "
+              f"call it with {', '.join(f'{k}={v!r}' for k, v in pipeline['call'].items())}")
+        if pipeline["captions"] != "any":
+            print("pipeline: the tokenizer is cased and the pipeline lower-cases captions: only lower-case captions "
+                  "give difftrain sample's images")
+        if not pipeline["deterministic"]:
+            print(f"pipeline: {g.sampling.sampler} draws fresh noise each step from the pipeline's generator: the "
+                  "same distribution as difftrain sample, not the same images")
+    for name, a in (lora or {}).get("adapters", {}).items():
+        base = lora["base"]["source"] if lora["base"] else "the run's seeded init (no init_from)"
+        print(f"LoRA adapter '{name}' ({a['loader']}, {a['bytes'] / 2**20:.2f} MiB) in {Path(args.out) / a['path']}, "
+              f"for the base {base}")
+    if lora and "not_written" in lora:
+        print(f"no LoRA adapter files written: {lora['not_written']}")
+    if controlnet:
+        print(controlnet)
     how = f"{g.sampling.sampler}, {g.sampling.steps} steps"
     if scheduler["class"]:
         print(f"scheduler: diffusers {scheduler['class']} ({how}) in {Path(args.out) / scheduler['subfolder']}")
@@ -139,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("--video", action="store_true", help="moving digits as mp4 (video2dataset layout)")
     dd.add_argument("--image-size", type=int, help="pixels (default: 16, video 32)")
     dd.add_argument("--seed", type=int, default=0)
+    dd.add_argument("--style", default="plain", choices=["plain", "bold"],
+                    help="how the digits are drawn (bold: thickened strokes, a new style to fine-tune to)")
     dd.set_defaults(fn=_cmd_demo)
     from difftrain.data.encode import add_encode_args
     from difftrain.data.stat import add_stat_args
@@ -178,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sampler", help="euler | heun | ddim | dpmpp_2m (default: the run's)")
     s.add_argument("--guidance", type=float, help="CFG scale w: uncond + w*(cond - uncond) (default: the run's)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--control", help="control image for a ControlNet run (PNG/JPEG; resized to the run's size)")
+    s.add_argument("--control-scale", type=float, default=1.0, help="ControlNet conditioning scale (0: the base)")
+    s.add_argument("--control-start", type=float, default=0.0, help="first fraction of the steps with control")
+    s.add_argument("--control-end", type=float, default=1.0, help="last fraction of the steps with control")
     s.add_argument("--out", required=True)
     s.set_defaults(fn=_cmd_sample)
 
@@ -203,21 +260,24 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="export EMA weights as a diffusers model folder")
     e.add_argument("run")
     e.add_argument("--out", required=True)
+    e.add_argument("--pipeline", action="store_true",
+                   help="a whole diffusers pipeline folder (model_index.json, transformer, vae, text encoder, "
+                        "tokenizer, scheduler) for a latent text DiT; refused in one line where none fits")
     e.set_defaults(fn=_cmd_export)
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
-    from difftrain.errors import DifftrainError
+    from difftrain.errors import DifftrainError, say
 
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
     except ConfigError as e:
-        print(f"difftrain: error: {e}", file=sys.stderr, flush=True)
+        say(f"difftrain: error: {e}")
         sys.exit(2)
     except DifftrainError as e:
-        print(e.headline(), file=sys.stderr, flush=True)
+        say(e.headline())
         sys.exit(e.exit_code)
 
 

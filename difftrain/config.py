@@ -63,6 +63,12 @@ def execution(default, choices=None, **bounds) -> Any:
     return _tagged(EXECUTION, default, choices, **bounds)
 
 
+def _control_choices() -> tuple[str, ...]:
+    from difftrain.data.control import control_choices
+
+    return control_choices()
+
+
 SAMPLERS = ("euler", "heun", "ddim", "dpmpp_2m", "consistency", "lcm", "consistency_edm")  # diffusion.samplers
 
 
@@ -141,6 +147,9 @@ class DataConfig:
     require_caption: bool = identity(True)  # skip samples without a caption (missing_caption)
     min_image_size: int = identity(8, ge=0)  # skip images whose shorter side is smaller (too_small)
     filters: dict = identity({})  # json key -> "<op><number>", e.g. {punsafe: "<0.5"}
+    # ControlNet's condition image (difftrain/data/control.py): "" none; member (each sample's KEY.control.png);
+    # or a transform of the sample's image: edges | blur | grayscale | one registered with register_control
+    control: str = identity("", _control_choices)
     shuffle_buffer: int = identity(0, ge=0)  # samples per stream; 0 = shard order only
     resampled: bool = identity(False)  # draw shards with replacement (no epochs) instead of per-epoch permutations
     streams: int = execution(0, ge=0)  # streams per batch group (difftrain/data/loader.py); 0 = data-parallel world size

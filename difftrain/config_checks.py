@@ -77,6 +77,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         from difftrain.data.samples import parse_filters
 
         _parsed(parse_filters, cfg.data.filters)
+    if cfg.data.control:
+        from difftrain.data.control import check_control
+
+        _parsed(check_control, cfg.data.control, cfg.data.kind)
     if cfg.data.train != "":
         from difftrain.data.spec import parse_spec
 
@@ -118,7 +122,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     stage_args(cfg)
     from difftrain.finetune.adapt import changes_of
 
-    changes_of(cfg)
+    check_controlnet(cfg, changes_of(cfg))
     stage.check(cfg)
     if cfg.parallel.pp > 1 and stage.pipeline_refusal:
         raise ConfigError(f"config key 'parallel.pp' = {cfg.parallel.pp}: stage '{cfg.stage}' cannot be pipelined: "
@@ -133,6 +137,27 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                           "assignment pairs a whole micro-batch's samples with its noise; use assign none")
     if world_size is not None:
         check_launch(cfg, world_size)
+
+
+def check_controlnet(cfg: Config, changes: list) -> None:
+    """A ControlNet trains on control images (``data.control``) with the pretraining objective, unpipelined; control
+    images are read only for one."""
+    controlnet = next((c for c in changes if c.kind == "controlnet"), None)
+    control = getattr(cfg.data, "control", "")
+    if controlnet is None:
+        if control:
+            raise ConfigError(f"config key 'data.control' = {control!r}: no model change reads control images "
+                              "(add adapt: [{kind: controlnet}] or unset it)")
+        return
+    if not control:
+        raise ConfigError(f"config key '{controlnet.key}.kind' = controlnet needs control images: set data.control "
+                          "(member: each sample's control.png; or a transform such as edges)")
+    if cfg.stage != "pretrain":
+        raise ConfigError(f"config key '{controlnet.key}.kind' = controlnet trains with stage pretrain (the "
+                          f"diffusion objective on a frozen base), not {cfg.stage!r}")
+    if cfg.parallel.pp > 1:
+        raise ConfigError(f"config key 'parallel.pp' = {cfg.parallel.pp}: a ControlNet ({controlnet.key}) feeds "
+                          "the base's blocks from a branch beside them, which the pipeline's cut does not carry")
 
 
 def check_launch(cfg: Config, world_size: int) -> None:

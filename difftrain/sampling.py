@@ -45,21 +45,44 @@ def guided_x0(model, diffusion: Diffusion, conditioner, cond: dict, guidance: fl
         cond = {**cond, "guidance": torch.full((n,), float(guidance), device=device)}
         guidance = 1.0
     uncond = conditioner.null(n) if cond and guidance != 1.0 else {}
+    if uncond:  # a control image conditions both branches (as diffusers' ControlNet pipelines do)
+        uncond.update({k: cond[k] for k in CONTROL_KEYS if k in cond})
     return guided_denoiser(model, cond, uncond, guidance if cond else 1.0, to_x0=diffusion.sample_x0)
+
+
+CONTROL_KEYS = ("control", "control_scale")  # a ControlNet's inputs in cond (finetune/controlnet.py)
+
+
+def windowed_control(fn_on, fn_off, steps: int, start: float, end: float):
+    """``fn(x, t)``: ``fn_on`` (with the control image) on step i of ``steps`` (t = 1 - i / steps) when
+    ``start <= i / steps`` and ``(i + 1) / steps <= end``, ``fn_off`` otherwise: diffusers' ``control_guidance_start``
+    / ``control_guidance_end``, with i read off t (a sampler's later evaluations within a step count as the next
+    step's)."""
+    def fn(x, t):
+        i = round((1.0 - float(t.reshape(-1)[0])) * steps)
+        return fn_on(x, t) if start <= i / steps and (i + 1) / steps <= end + 1e-9 else fn_off(x, t)
+
+    return fn
 
 
 @torch.no_grad()
 def sample_model_space(model, diffusion: Diffusion, conditioner, x_T: torch.Tensor, cond: dict, *, steps: int,
-                       sampler: str, guidance: float, progress: bool = False, noise=None) -> torch.Tensor:
+                       sampler: str, guidance: float, progress: bool = False, noise=None,
+                       control_window: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
     """The teacher ODE from noise to data in model space: ``x_T`` [B, ...] (noise at t = 1) -> x0 [B, ...] (latents,
     or pixels in [-1, 1] without a VAE; not decoded), integrated by ``sampler`` over the uniform ``steps``-step grid
     from t = 1 to 0 with the CFG-guided denoiser at scale ``guidance`` (unguided without a condition). ``cond`` is
     ``conditioner(captions, labels)`` of the B samples. Batched math may depend on the batch's composition: the same
     x0 bits need the same batch. ``noise(i)``: the fresh noise of step i of a multistep consistency sampler
-    (``samplers.STOCHASTIC``; ignored by the ODE solvers)."""
+    (``samplers.STOCHASTIC``; ignored by the ODE solvers). A control image in ``cond`` (a ControlNet's) acts on the
+    fraction ``control_window`` = (start, end) of the steps (:func:`windowed_control`)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler '{sampler}'; valid: {', '.join(SAMPLERS)}")
     fn = guided_x0(model, diffusion, conditioner, cond, guidance, len(x_T), x_T.device)
+    if "control" in cond and tuple(control_window) != (0.0, 1.0):
+        off = guided_x0(model, diffusion, conditioner, {k: v for k, v in cond.items() if k not in CONTROL_KEYS},
+                        guidance, len(x_T), x_T.device)
+        fn = windowed_control(fn, off, steps, *control_window)
 
     def denoise(x, t):
         point()  # where a training run may stop on an agreed signal, and shows it is alive
@@ -73,9 +96,13 @@ def sample_model_space(model, diffusion: Diffusion, conditioner, x_T: torch.Tens
 @torch.no_grad()
 def generate(model, diffusion: Diffusion, conditioner, vae, *, n: int, shape: tuple[int, ...],
              steps: int, sampler: str, guidance: float, seed: int, device: torch.device,
-             captions=None, labels=None, batch_size: int = 64, progress: bool = False, start: int = 0) -> np.ndarray:
+             captions=None, labels=None, batch_size: int = 64, progress: bool = False, start: int = 0,
+             control: torch.Tensor | None = None, control_scale: float = 1.0,
+             control_window: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
     """Returns uint8 images [n, H, W, C] for ``shape`` = (C, H, W), or videos [n, T, H, W, C] for (T, C, H, W):
-    images ``start ... start + n - 1`` of the seed (``captions`` / ``labels`` are this slice's)."""
+    images ``start ... start + n - 1`` of the seed (``captions`` / ``labels`` are this slice's). ``control``: a
+    ControlNet's control image in model space (encoded like the training images), [1 or n, C, H, W], at
+    ``control_scale`` over the ``control_window`` fraction of the steps."""
     if len(shape) not in (3, 4):
         raise ValueError(f"sample shape must be (C, H, W) or (T, C, H, W), got {tuple(shape)}")
     if sampler not in SAMPLERS:
@@ -85,6 +112,9 @@ def generate(model, diffusion: Diffusion, conditioner, vae, *, n: int, shape: tu
         hi = min(n, lo + batch_size)
         cond = conditioner(captions[lo:hi] if captions is not None else None,
                            labels[lo:hi] if labels is not None else None)
+        if control is not None:
+            c = control[lo:hi] if len(control) == n else control.expand(hi - lo, *control.shape[1:])
+            cond = {**cond, "control": c.to(device), "control_scale": float(control_scale)}
         which = range(start + lo, start + hi)
         x_T = keyed_randn(seed, 0, which, shape, "sample").to(device)
 
@@ -92,7 +122,7 @@ def generate(model, diffusion: Diffusion, conditioner, vae, *, n: int, shape: tu
             return keyed_randn(seed, i + 1, which, shape, "sample").to(device)
 
         x0 = sample_model_space(model, diffusion, conditioner, x_T, cond, steps=steps, sampler=sampler,
-                                guidance=guidance, progress=progress, noise=noise)
+                                guidance=guidance, progress=progress, noise=noise, control_window=control_window)
         pixels = vae.decode(x0).float().clamp(-1, 1)
         channels_last = (0, 2, 3, 1) if pixels.ndim == 4 else (0, 1, 3, 4, 2)  # [.., C, H, W] -> [.., H, W, C]
         out.append(((pixels + 1) * 127.5).round().to(torch.uint8).permute(*channels_last).cpu())

@@ -10,6 +10,12 @@ img2dataset writes::
 Keys are 9-digit, zero padded and unique across both splits. The order is a permutation drawn
 from ``seed``; the first ``val_fraction`` of it is the held-out split. The tars are byte-for-byte
 reproducible (fixed mtime).
+
+``style`` renders the same digits (same split, keys, labels and captions) another way, for fine-tuning a digits
+model to a look it has not seen (:data:`STYLES`): ``plain`` is the above; ``bold`` thickens every stroke by a
+grey-scale dilation of the up-sampled image with a 3x3 cross (each pixel becomes the maximum of itself and its four
+neighbours), repeated ``image_size // 16`` times (at least once), so strokes grow by about one 8x8 cell's worth at
+any size (about 1.5x the ink at 16 px).
 """
 from __future__ import annotations
 
@@ -43,11 +49,32 @@ def upsample(pixels: np.ndarray, image_size: int) -> np.ndarray:
     return np.array(Image.fromarray(pixels).resize((image_size, image_size), Image.BICUBIC))
 
 
-def _png(pixels: np.ndarray, image_size: int) -> bytes:
+def embolden(pixels: np.ndarray) -> np.ndarray:
+    """uint8 [H, W] -> uint8 [H, W]: strokes thickened by grey-scale dilation with a 3x3 cross (scipy.ndimage),
+    ``max(1, H // 16)`` times."""
+    from scipy.ndimage import generate_binary_structure, grey_dilation
+
+    cross = generate_binary_structure(2, 1)
+    for _ in range(max(1, pixels.shape[0] // 16)):
+        pixels = grey_dilation(pixels, footprint=cross, mode="constant", cval=0)
+    return pixels
+
+
+STYLES = {"plain": lambda pixels: pixels, "bold": embolden}  # style name -> uint8 [H, W] -> uint8 [H, W]
+
+
+def render(pixels: np.ndarray, image_size: int, style: str = "plain") -> np.ndarray:
+    """uint8 [8, 8] -> uint8 [image_size, image_size]: up-sampled, then drawn in ``style`` (a key of STYLES)."""
+    if style not in STYLES:
+        raise ValueError(f"unknown digits style {style!r}: expected one of {', '.join(STYLES)}")
+    return STYLES[style](upsample(pixels, image_size))
+
+
+def _png(pixels: np.ndarray, image_size: int, style: str = "plain") -> bytes:
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(upsample(pixels, image_size)).save(buf, format="PNG")
+    Image.fromarray(render(pixels, image_size, style)).save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -71,30 +98,33 @@ def write_shards(folder: Path, samples, shard_size: int, bar) -> str:
     return f"{folder}/{{00000..{last:05d}}}.tar"
 
 
-def _digit_samples(images, labels, keys, image_size):
+def _digit_samples(images, labels, keys, image_size, style="plain"):
     for img, label, key in zip(images, labels, keys):
         caption = f"a handwritten digit {int(label)}"
         meta = {"label": int(label), "caption": caption, "width": image_size,
                 "height": image_size, "key": key, "status": "success"}
-        yield {"__key__": key, "png": _png(img, image_size), "txt": caption.encode("utf-8"),
+        yield {"__key__": key, "png": _png(img, image_size, style), "txt": caption.encode("utf-8"),
                "json": json.dumps(meta).encode("utf-8")}
 
 
 def write_digits(out_dir, image_size: int = 16, shard_size: int = 256, val_fraction: float = 0.1,
-                 seed: int = 0, progress: bool = True) -> dict:
-    """Write the digits as webdataset shards under ``out_dir``; returns the shard specs.
+                 seed: int = 0, progress: bool = True, style: str = "plain") -> dict:
+    """Write the digits as webdataset shards under ``out_dir``, drawn in ``style`` (a key of :data:`STYLES`);
+    returns the shard specs.
 
     Returns ``{"train": "OUT/train/{00000..0000N}.tar", "val": ..., "num_train": int,
     "num_val": int}``; the specs are brace patterns that :class:`ShardLoader` accepts.
     """
     if shard_size <= 0:
         raise ValueError(f"shard_size must be > 0, got {shard_size}")
+    if style not in STYLES:
+        raise ValueError(f"unknown digits style {style!r}: expected one of {', '.join(STYLES)}")
     images, labels, num_val = digit_arrays(val_fraction, seed)
     keys = [f"{i:09d}" for i in range(len(labels))]
     out = Path(out_dir)
     with tqdm(total=len(labels), desc="digits", unit="img", disable=not progress) as bar:
-        val = write_shards(out / "val", _digit_samples(images[:num_val], labels[:num_val], keys[:num_val], image_size),
-                           shard_size, bar) if num_val else ""
+        val = write_shards(out / "val", _digit_samples(images[:num_val], labels[:num_val], keys[:num_val], image_size,
+                                                       style), shard_size, bar) if num_val else ""
         train = write_shards(out / "train", _digit_samples(images[num_val:], labels[num_val:], keys[num_val:],
-                                                           image_size), shard_size, bar)
+                                                           image_size, style), shard_size, bar)
     return {"train": train, "val": val, "num_train": len(labels) - num_val, "num_val": num_val}

@@ -376,12 +376,13 @@ def _stop_workers(it, now: bool) -> None:
 class ShardLoader:
     """This rank's slice of the global batch stream; iterate for batches forever.
 
-    A batch is ``{"pixels": float [b, C, H, W] (video: [b, T, C, H, W]) in [-1, 1],
-    "captions": list[str], "labels": long [b] (json "label", else cls, else -1), "keys", "urls":
+    A batch is ``{"pixels": uint8 [b, C, H, W] (float [-1, 1] on the device: ``to_unit``; video: float
+    [b, T, C, H, W]), "captions": list[str], "labels": long [b] (json "label", else cls, else -1), "keys", "urls":
     list[str], "epochs": long [b], "index": long [b] (global slot g*B + i, the key of per-sample
     randomness), "position": {"g"}}`` with ``b = batch_size / world``. Latent shards (``data.kind=latent``,
     :mod:`difftrain.data.latents`) give ``latent_mean`` (and ``latent_std``, ``noise``, ``text_states``,
-    ``text_mask`` where the shards hold them), [b, ...] each, instead of ``pixels``.
+    ``text_mask`` where the shards hold them), [b, ...] each, instead of ``pixels``. With ``data.control``
+    image batches also carry ``control``, ControlNet's condition images, like ``pixels`` (``samples.py``).
     """
 
     def __init__(self, spec, batch_size: int, rank: int = 0, world: int = 1, num_workers: int = 0,
@@ -423,7 +424,8 @@ class ShardLoader:
     def from_config(cls, d, rank: int, world: int, seed: int) -> "ShardLoader":
         """Build from a :class:`difftrain.config.DataConfig`."""
         decoder = SampleDecoder(d.kind, d.channels, parse_buckets(d.buckets, d.image_size), d.crop, d.flip,
-                                d.min_image_size, d.require_caption, d.filters, d.frames, d.frame_stride, d.fps)
+                                d.min_image_size, d.require_caption, d.filters, d.frames, d.frame_stride, d.fps,
+                                d.control)
         return cls(d.train, d.batch_size, rank, world, d.num_workers, seed, decoder, d.shuffle_buffer,
                    d.resampled, d.streams, d.max_skip_rate)
 
@@ -497,8 +499,10 @@ class ShardLoader:
         died; the workers stop when this iterator raises or is closed (``close()``, or garbage collection)."""
         nw = self.num_workers
         self.who = _who(self.rank)
-        # reused batch buffers: the prefetched batches, the one being made, and up to 3 the consumer holds
-        bufs = MainBuffers(nw, self.prefetch_factor + 4) if nw > 0 and available() else None
+        # reused batch buffers: the prefetched batches, the one being made, and up to 3 the consumer holds (a
+        # buffer per batch tensor: two with control images)
+        per = 2 if getattr(self.decoder, "control", "") else 1  # a decoder of its own (data stat) has none
+        bufs = MainBuffers(nw, (self.prefetch_factor + 4) * per) if nw > 0 and available() else None
         worker = _Worker(self, self._g, dict(self._states), bufs.flags if bufs is not None else None)
         loader = DataLoader(worker, batch_size=None, collate_fn=_as_is,
                             num_workers=nw, persistent_workers=nw > 0,

@@ -1,8 +1,12 @@
 """Raw webdataset sample -> training item, with every reason to skip a sample named.
 
-An *item* is ``{"pixels": float tensor, "caption": str, "label": int, "bucket": int}``; images give
-``pixels`` [C, h, w] for their aspect-ratio bucket, videos [T, C, H, W]. Pre-encoded shards
-(``kind="latent"``, :mod:`difftrain.data.latents`) give ``latent_mean`` (and ``latent_std``,
+An *item* is ``{"pixels": tensor, "caption": str, "label": int, "bucket": int}``; images give uint8
+``pixels`` [C, h, w] for their aspect-ratio bucket, videos float [T, C, H, W]. With ``data.control`` an image item
+also has ``control``, ControlNet's condition image, in the shape, dtype and layout of ``pixels``: the sample's
+``control.<ext>`` member (``KEY.control.png`` in a shard; ``member``), resized to the image's size if it
+differs and then cropped, resized and flipped with the image's own keyed draws, so the two stay aligned; or
+a transform of the decoded image (``edges``, ``blur``, ``grayscale``, your own: :mod:`difftrain.data.control`).
+Pre-encoded shards (``kind="latent"``, :mod:`difftrain.data.latents`) give ``latent_mean`` (and ``latent_std``,
 ``text_states``, ``text_mask``) instead of ``pixels``. A sample that cannot or must not be used
 raises :class:`SkipSample` with one of these ``reason`` s (the loader's counters):
 
@@ -10,6 +14,7 @@ raises :class:`SkipSample` with one of these ``reason`` s (the loader's counters
 | ------------------- | ------------------------------------------------------------------ |
 | unsafe_member       | a member outside the decoder whitelist (``.pkl``, ``.pth``, ...)    |
 | missing_media       | no image (or video) member                                         |
+| missing_control     | ``data.control=member``: no ``control.<ext>`` image member          |
 | empty_member        | a zero-byte member                                                 |
 | bad_json            | a json member that is not UTF-8 JSON                                |
 | missing_caption     | no caption (txt, or json ``caption``), or an empty one, when required |
@@ -29,8 +34,9 @@ import json
 import operator
 from typing import Callable
 
+from difftrain.data.control import apply_control, check_control
 from difftrain.data.decode import IMAGE_EXTS, VIDEO_EXTS, SkipSample, check_members, open_image
-from difftrain.data.images import ImageTransform, nearest_bucket
+from difftrain.data.images import ImageTransform, nearest_bucket, to_mode
 
 _OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq,
         "!=": operator.ne}
@@ -59,7 +65,8 @@ class SampleDecoder:
 
     def __init__(self, kind: str = "image", channels: int = 3, buckets=((32, 32),), crop: str = "center",
                  flip: bool = False, min_image_size: int = 0, require_caption: bool = False,
-                 filters: dict | None = None, frames: int = 16, frame_stride: int = 1, fps: float = 0.0):
+                 filters: dict | None = None, frames: int = 16, frame_stride: int = 1, fps: float = 0.0,
+                 control: str = ""):
         if kind not in ("image", "video", "latent"):
             raise ValueError(f"config key 'data.kind' must be image, video or latent here, got {kind!r}")
         self.kind, self.channels, self.buckets = kind, channels, list(buckets)
@@ -67,6 +74,7 @@ class SampleDecoder:
         self.min_size, self.require_caption = min_image_size, require_caption
         self.filters = parse_filters(filters or {})
         self.frames, self.stride, self.fps = frames, frame_stride, fps
+        self.control, self.control_fn = control, check_control(control, kind)
 
     def __call__(self, raw: dict, rand: Callable[[str], float]) -> dict:
         key, url = raw.get("__key__", "?"), raw.get("__url__", "?")
@@ -116,10 +124,25 @@ class SampleDecoder:
 
     def _image(self, raw: dict, rand, where: str) -> dict:
         ext = next(e for e in IMAGE_EXTS if e in raw)  # one exists: checked in __call__
+        member = None
+        if self.control == "member":  # before any decoding: a sample without one is skipped cheaply
+            member = next((f"control.{e}" for e in IMAGE_EXTS if f"control.{e}" in raw), None)
+            if member is None:
+                raise SkipSample(f"no control image member (control.png|jpg|jpeg|webp) in {where}", "missing_control")
         img = open_image(raw[ext], self.min_size, where)
         w, h = img.size
         b = nearest_bucket(self.buckets, w, h)
-        return {"pixels": self.transform(img, self.buckets[b], rand), "bucket": b}
+        item = {"pixels": self.transform(img, self.buckets[b], rand), "bucket": b}
+        if member is not None:
+            ctrl = open_image(raw[member], 0, f"the control image ({member}) of {where}")
+            if ctrl.size != img.size:  # stretched onto the image, so the crop below lands on the same content
+                from PIL import Image
+
+                ctrl = to_mode(ctrl, self.channels).resize(img.size, resample=Image.Resampling.BILINEAR)
+            item["control"] = self.transform(ctrl, self.buckets[b], rand)  # the same keyed crop and flip draws
+        elif self.control_fn is not None:
+            item["control"] = apply_control(self.control_fn, self.control, item["pixels"], self.channels)
+        return item
 
     def _video(self, raw: dict, rand, where: str) -> dict:
         from difftrain.data.video import decode_video

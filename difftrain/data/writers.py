@@ -19,6 +19,23 @@ parquet (``status="failed_to_resize"``), never in the tar. A shard is written un
 name and renamed when complete (tar, then parquet, then the stats file, which marks it done), so
 a killed run never leaves a partial file under a final name.
 
+**A folder to fine-tune on** (``difftrain data shards``, docs/DATA.md). Images anywhere under ``src``;
+the caption of ``sub/x.jpg`` is ``sub/x.txt`` beside it, else its row in a caption table in the folder
+(``metadata.jsonl`` / ``metadata.csv`` as Hugging Face's imagefolder reads them, ``{"file_name", "text"}``
+with paths relative to the table's own folder, or ``captions.csv`` with ``image``/``file_name`` and
+``caption``/``text`` columns), else ``""`` (counted: ``missing_caption``). An optional control image
+(ControlNet's condition) is ``sub/x.control.png`` (any image extension) or ``control/sub/x.png`` (the
+top-level ``control/`` folder is reserved for them); it is stored as the sample's ``control.png``
+member (its JSON names it as ``control_url``), through the same orientation, resize and crop as its
+image, and must have the image's size. An empty caption writes no ``txt`` member (the loader skips a
+zero-byte member as ``empty_member``; the JSON's ``caption`` is ``""``).
+``image_size=N`` stores every image as N x N: the centred square of the source, resized (up or down,
+LANCZOS), which is the loader's ``data.crop=center`` done once; without it, sizes are kept (or only
+downscaled by ``resize``) and the loader crops at training time. ``num_val`` / ``val_fraction``
+split off a held-out set: ``out/train/`` and ``out/val/`` (the first samples of the seeded order), as
+``difftrain data demo`` writes them. A non-empty ``out_dir`` is refused unless ``overwrite``, which
+replaces the shard files there (nothing else) so no stale shard of an earlier run stays beside the new.
+
 Two differences from img2dataset, both deliberate: ``sha256`` hashes the *stored* bytes (the same
 as the source's with ``fmt="keep"`` and no resize; img2dataset hashes the downloaded bytes), and a
 re-encoded image is first rotated upright by its EXIF orientation, since the EXIF is not carried
@@ -32,10 +49,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import logging
 import math
 import os
 import re
+import sys
 import time
 from collections import Counter
 from pathlib import Path, PurePosixPath
@@ -45,8 +62,6 @@ from tqdm import tqdm
 
 from difftrain.data.decode import IMAGE_EXTS, MAX_PIXELS
 
-log = logging.getLogger(__name__)
-
 IMAGE_SUFFIXES = tuple("." + e for e in IMAGE_EXTS)
 FORMATS = ("keep", "jpg", "png", "webp")
 _PIL_FORMATS = ("PNG", "JPEG", "WEBP")  # what the loader's whitelist decodes; nothing else is read
@@ -55,6 +70,16 @@ _SAVE = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 _META_FIELDS = ("caption", "url", "key", "status", "error_message", "width", "height",
                 "original_width", "original_height", "exif", "sha256")
 _TEMP = re.compile(r"\d{5,}(\.tar|\.parquet|_stats\.json)\.tmp")
+_OURS = re.compile(r"\d{5,}(\.tar|\.parquet|_stats\.json)(\.tmp)?")  # what ``overwrite`` replaces
+_SPLITS = ("train", "val")
+_NAMED = 20  # skipped images named one warning line each; the rest are only counted
+
+CONTROL_MEMBER = "control.png"  # KEY.control.png: ControlNet's condition image
+CONTROL_SUFFIX = ".control"  # sub/x.control.png is the control image of sub/x.jpg
+CONTROL_DIR = "control"  # ... and so is control/sub/x.png
+CAPTION_TABLES = ("metadata.jsonl", "metadata.csv", "captions.csv")
+TABLE_IMAGE_COLS = ("file_name", "image")  # Hugging Face imagefolder's name first, then --captions' default
+TABLE_CAPTION_COLS = ("text", "caption")
 
 # (file in sklearn's / skimage's data folder, what it shows); all ship with the wheels
 _SKLEARN_PHOTOS = {"china.jpg": "a chinese pagoda by a lake", "flower.jpg": "a flower"}
@@ -75,21 +100,61 @@ class _Unreadable(Exception):
 # inputs
 
 
-def find_images(src) -> list[str]:
-    """Image files under ``src`` (recursive; jpg/jpeg/png/webp, any case) as posix paths relative
-    to ``src``, sorted."""
-    root = Path(src)
+def _warn(text: str) -> None:
+    """One ``difftrain: warning:`` line on stderr, above the progress bar."""
+    tqdm.write(f"difftrain: warning: {text}", file=sys.stderr)
+
+
+def _image_files(root: Path) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
                   if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _control_of(rel: str) -> str | None:
+    """The image a control file belongs to, as its path without extension (``sub/x.control.png`` and
+    ``control/sub/x.png`` -> ``sub/x``); None for an image that is not a control."""
+    p = PurePosixPath(rel)
+    if p.stem.lower().endswith(CONTROL_SUFFIX):
+        return (p.parent / p.stem[:-len(CONTROL_SUFFIX)]).as_posix()
+    if p.parts[0] == CONTROL_DIR and len(p.parts) > 1:
+        return PurePosixPath(*p.parts[1:]).with_suffix("").as_posix()
+    return None
+
+
+def find_images(src) -> list[str]:
+    """Image files under ``src`` (recursive; jpg/jpeg/png/webp, any case) as posix paths relative
+    to ``src``, sorted; control images (:func:`find_controls`) are not among them."""
+    return [rel for rel in _image_files(Path(src)) if _control_of(rel) is None]
+
+
+def find_controls(src) -> dict[str, str]:
+    """``{image path without extension: control image path}`` under ``src``: ``sub/x.control.EXT``
+    beside the image, else ``control/sub/x.EXT``; among several candidates the first in sorted order."""
+    return _controls(_image_files(Path(src)))
+
+
+def _controls(files: list[str]) -> dict[str, str]:
+    beside, folder = {}, {}
+    for rel in files:
+        stem = _control_of(rel)
+        if stem is not None:
+            side = PurePosixPath(rel).stem.lower().endswith(CONTROL_SUFFIX)
+            (beside if side else folder).setdefault(stem, rel)
+    return {**folder, **beside}
+
+
+def _stem(rel: str) -> str:
+    return PurePosixPath(rel).with_suffix("").as_posix()
 
 
 def _norm(rel: str) -> str:
     return PurePosixPath(str(rel).strip().replace("\\", "/")).as_posix()
 
 
-def read_captions(path, image_col: str = "image", caption_col: str = "caption") -> list[tuple[str, str]]:
-    """``(image path relative to src, caption)`` rows of a ``.csv`` or ``.parquet`` file, in file
-    order. An empty or null caption is ``""``; parquet needs pyarrow (ImportError otherwise)."""
+def read_captions(path, image_col="image", caption_col="caption") -> list[tuple[str, str]]:
+    """``(image path relative to src, caption)`` rows of a ``.csv``, ``.jsonl`` (one JSON object a
+    line) or ``.parquet`` file, in file order. A column argument may be a tuple of names, the first
+    present is used. An empty or null caption is ``""``; parquet needs pyarrow (ImportError otherwise)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"captions file '{path}' does not exist")
@@ -100,47 +165,91 @@ def read_captions(path, image_col: str = "image", caption_col: str = "caption") 
         with path.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             columns = list(reader.fieldnames or [])
-            _check_columns(path, columns, image_col, caption_col)
-            rows = [(r[image_col], r[caption_col]) for r in reader]
+            where = f"captions file '{path}'"
+            icol, ccol = _column(where, columns, image_col), _column(where, columns, caption_col)
+            rows = [(r[icol], r[ccol]) for r in reader]
+    elif suffix == ".jsonl":
+        rows = []
+        with path.open(encoding="utf-8-sig") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except ValueError as e:
+                    raise ValueError(f"captions file '{path}' line {n} is not JSON: {e}") from None
+                if not isinstance(rec, dict):
+                    raise ValueError(f"captions file '{path}' line {n} is not a JSON object")
+                where = f"captions file '{path}' line {n}"
+                rows.append((rec[_column(where, list(rec), image_col)], rec[_column(where, list(rec), caption_col)]))
     elif suffix in (".parquet", ".pq"):
         try:
             import pyarrow.parquet as pq
         except ImportError:
             raise ImportError(f"reading captions from '{path}' needs pyarrow (pip install pyarrow)") from None
         table = pq.read_table(path)
-        _check_columns(path, table.column_names, image_col, caption_col)
-        rows = list(zip(table.column(image_col).to_pylist(), table.column(caption_col).to_pylist()))
+        where, columns = f"captions file '{path}'", table.column_names
+        icol, ccol = _column(where, columns, image_col), _column(where, columns, caption_col)
+        rows = list(zip(table.column(icol).to_pylist(), table.column(ccol).to_pylist()))
     else:
-        raise ValueError(f"captions file '{path}' must be .csv or .parquet")
+        raise ValueError(f"captions file '{path}' must be .csv, .jsonl or .parquet")
     return [(_norm(img or ""), "" if cap is None else str(cap)) for img, cap in rows]
 
 
-def _check_columns(path, columns, *wanted) -> None:
-    for col in wanted:
-        if col not in columns:
-            raise ValueError(f"captions file '{path}' has no column '{col}' (columns: {', '.join(columns)})")
+def _column(where: str, columns, wanted) -> str:
+    names = (wanted,) if isinstance(wanted, str) else tuple(wanted)
+    for col in names:
+        if col in columns:
+            return col
+    raise ValueError(f"{where} has no column {' or '.join(repr(c) for c in names)} "
+                     f"(columns: {', '.join(map(str, columns))})")
+
+
+def _folder_captions(root: Path, skipped: Counter) -> dict[str, str]:
+    """``{image path: caption}`` from the caption tables (:data:`CAPTION_TABLES`) anywhere under
+    ``root``, each naming images relative to its own folder; an image named twice is an error."""
+    found: dict[str, tuple[str, str]] = {}
+    tables = sorted(p for p in root.rglob("*") if p.name in CAPTION_TABLES and p.is_file())
+    for table in tables:
+        where = table.relative_to(root).as_posix()
+        base = table.parent.relative_to(root)
+        for rel, cap in read_captions(table, TABLE_IMAGE_COLS, TABLE_CAPTION_COLS):
+            rel = _norm((base / rel).as_posix())
+            if rel in found:
+                raise ValueError(f"image '{rel}' has two captions, in '{found[rel][1]}' and '{where}'")
+            found[rel] = (cap, where)
+    missing = sorted(rel for rel in found if not (root / rel).is_file())
+    if missing:
+        skipped["missing_image"] += len(missing)
+        _warn(f"{len(missing)} caption row(s) name images missing under '{root}', e.g. {', '.join(missing[:3])}")
+    return {rel: cap for rel, (cap, _) in found.items()}
 
 
 def _samples(root: Path, captions, image_col: str, caption_col: str, skipped: Counter):
-    """The (url, caption) list in sorted url order; counts what cannot be a sample."""
-    images = find_images(root)
+    """The (url, caption, control url) list in sorted url order; counts what cannot be a sample.
+    The caption is None when the image has none."""
+    files = _image_files(root)  # one walk of the folder for images and controls
+    images, controls = [rel for rel in files if _control_of(rel) is None], _controls(files)
+    orphans = sorted(set(controls) - {_stem(rel) for rel in images})
+    if orphans:
+        skipped["control_without_image"] += len(orphans)
+        _warn(f"{len(orphans)} control image(s) have no image beside them, e.g. "
+              + ", ".join(controls[s] for s in orphans[:3]))
     if captions is None:
+        table = _folder_captions(root, skipped)
         samples = []
         for rel in images:
             side = (root / rel).with_suffix(".txt")
-            if side.is_file():
-                samples.append((rel, side.read_text(encoding="utf-8", errors="replace").strip()))
-            else:
-                samples.append((rel, None))
+            cap = side.read_text(encoding="utf-8", errors="replace").strip() if side.is_file() else table.get(rel)
+            samples.append((rel, cap, controls.get(_stem(rel))))
         return samples
     rows = read_captions(captions, image_col, caption_col)
-    samples = [(rel, cap) for rel, cap in rows if (root / rel).is_file()]
+    samples = [(rel, cap, controls.get(_stem(rel))) for rel, cap in rows if (root / rel).is_file()]
     missing = [rel for rel, _ in rows if not (root / rel).is_file()]
     if missing:
         skipped["missing_image"] += len(missing)
-        log.warning("%d row(s) of %s name images missing under %s, e.g. %s", len(missing), captions,
-                    root, ", ".join(missing[:3]))
-    listed = {rel for rel, _ in samples}
+        _warn(f"{len(missing)} row(s) of {captions} name images missing under {root}, e.g. {', '.join(missing[:3])}")
+    listed = {rel for rel, _, _ in samples}
     unlisted = sum(rel not in listed for rel in images)
     if unlisted:
         skipped["not_in_caption_file"] += unlisted
@@ -180,10 +289,9 @@ def _for_format(img, ext: str):
     return img
 
 
-def _encode(data: bytes, resize: int | None, fmt: str, quality: int):
-    """Source bytes -> ``(stored bytes, ext, width, height, original_width, original_height,
-    exif)``; raises :class:`_Unreadable`."""
-    from PIL import Image, ImageOps
+def _decode(data: bytes):
+    """Source bytes -> fully loaded PIL image (PNG, JPEG or WEBP only); raises :class:`_Unreadable`."""
+    from PIL import Image
 
     try:
         img = Image.open(io.BytesIO(data), formats=_PIL_FORMATS)  # header only
@@ -199,24 +307,75 @@ def _encode(data: bytes, resize: int | None, fmt: str, quality: int):
         raise _Unreadable("not a png, jpeg or webp image") from None
     except Exception as e:  # noqa: BLE001 - bad bytes are data: PIL raises OSError, SyntaxError, ...
         raise _Unreadable(f"cannot decode image: {e}") from None
-    src_ext, exif = _EXT[img.format], _exif(img)
-    if resize is not None and min(ow, oh) > resize:
-        img = ImageOps.exif_transpose(img)
-        w, h = img.size
+    return img
+
+
+def _fit(img, resize: int | None, square: int | None):
+    """An upright image as stored: the centred square resized to ``square`` px (up or down), or the
+    shorter side downscaled to ``resize`` px, or unchanged. An image and its control go through the
+    same call, so they stay aligned pixel for pixel."""
+    from PIL import Image
+
+    w, h = img.size
+    if square is not None:
+        s = min(w, h)
+        size, box = (square, square), ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
+    elif resize is not None and min(w, h) > resize:
         s = resize / min(w, h)  # shorter side -> resize, the other keeps the aspect ratio
-        size = (resize, max(1, round(h * s))) if w <= h else (max(1, round(w * s)), resize)
-        if img.mode not in ("L", "LA", "RGB", "RGBA"):
-            img = _for_format(img, "png")
-        img = img.resize(size, Image.LANCZOS)
-    elif fmt == "keep":
-        return data, src_ext, ow, oh, ow, oh, exif  # the source bytes, untouched
+        size, box = ((resize, max(1, round(h * s))) if w <= h else (max(1, round(w * s)), resize)), None
     else:
+        return img
+    if img.mode not in ("L", "LA", "RGB", "RGBA"):
+        img = _for_format(img, "png")
+    return img.resize(size, Image.LANCZOS, box=box)
+
+
+def _encode(data: bytes, resize: int | None, fmt: str, quality: int, square: int | None = None,
+            control: bytes | None = None):
+    """Source bytes (and its control image's) -> ``(stored bytes, ext, width, height, original_width,
+    original_height, exif, control png or None)``; raises :class:`_Unreadable`."""
+    from PIL import ImageOps
+
+    img = _decode(data)
+    ow, oh = img.size
+    src_ext, exif = _EXT[img.format], _exif(img)
+    keep = fmt == "keep" and square is None and (resize is None or min(ow, oh) <= resize)
+    if not keep:
         img = ImageOps.exif_transpose(img)
+    ctrl = None if control is None else _control_png(control, img.size, not keep, resize, square)
+    if keep:
+        return data, src_ext, ow, oh, ow, oh, exif, ctrl  # the source bytes, untouched
+    img = _fit(img, resize, square)
     ext = src_ext if fmt == "keep" else fmt
     img = _for_format(img, ext)
     buf = io.BytesIO()
     img.save(buf, format=_SAVE[ext], **({} if ext == "png" else {"quality": quality}))
-    return buf.getvalue(), ext, img.width, img.height, ow, oh, exif
+    return buf.getvalue(), ext, img.width, img.height, ow, oh, exif, ctrl
+
+
+def _control_png(data: bytes, size: tuple[int, int], upright: bool, resize, square) -> bytes:
+    """A control image as its sample's 8-bit PNG (L for gray sources, else RGB: the loader's
+    :func:`~difftrain.data.images.to_mode`), turned and fitted as its image was (``size``: the
+    image's size before fitting); raises :class:`_Unreadable` when it cannot be read or does not
+    have its image's size."""
+    from PIL import ImageOps
+
+    from difftrain.data.images import to_mode
+
+    try:
+        c = _decode(data)
+    except _Unreadable as e:
+        raise _Unreadable(str(e), "unreadable_control") from None
+    if upright:
+        c = ImageOps.exif_transpose(c)
+    if c.size != size:
+        raise _Unreadable(f"{c.width}x{c.height} px, its image is {size[0]}x{size[1]} px", "control_size_mismatch")
+    c = to_mode(c, 1 if c.mode in ("1", "L", "LA", "I", "F") or c.mode.startswith("I;16") else 3)
+    if upright:
+        c = _fit(c, resize, square)
+    buf = io.BytesIO()
+    c.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,29 +394,43 @@ def _write_parquet(path: Path, rows: list[dict]) -> bool:
     return True
 
 
-def _sample(root: Path, rel: str, caption: str | None, key: str, resize, fmt, quality):
-    """``(img2dataset meta, tar sample, None)``, or ``(meta, None, skip reason)`` for an image
-    that cannot be stored."""
+def _sample(root: Path, rel: str, caption: str | None, control: str | None, key: str, enc: tuple):
+    """``(img2dataset meta, tar sample, None)``, or ``(meta, None, skip reason)`` for an image (or its
+    control image) that cannot be stored. ``enc`` is ``(resize, fmt, quality, square)``."""
+    resize, fmt, quality, square = enc
     meta = dict.fromkeys(_META_FIELDS)
     meta.update(caption=caption or "", url=rel, key=key)
     try:
-        img, ext, w, h, ow, oh, exif = _encode((root / rel).read_bytes(), resize, fmt, quality)
+        data = (root / rel).read_bytes()
+        try:
+            ctrl = None if control is None else (root / control).read_bytes()
+        except OSError as e:
+            raise _Unreadable(f"cannot read file: {e.strerror}", "unreadable_control") from None
+        img, ext, w, h, ow, oh, exif, ctrl = _encode(data, resize, fmt, quality, square, ctrl)
     except (_Unreadable, OSError) as e:
         msg = str(e) if isinstance(e, _Unreadable) else f"cannot read file: {e.strerror}"
+        reason = getattr(e, "reason", "unreadable_image")
+        if reason in ("unreadable_control", "control_size_mismatch"):
+            msg = f"control image '{control}': {msg}"
         meta.update(status="failed_to_resize", error_message=msg)
-        return meta, None, getattr(e, "reason", "unreadable_image")
+        return meta, None, reason
     meta.update(status="success", width=w, height=h, original_width=ow, original_height=oh, exif=exif,
                 sha256=hashlib.sha256(img).hexdigest())
-    sample = {"__key__": key, ext: img, "txt": meta["caption"].encode("utf-8"),
-              "json": json.dumps(meta, indent=4).encode("utf-8")}
+    sample = {"__key__": key, ext: img}
+    if meta["caption"]:  # no zero-byte txt for an uncaptioned image: the loader skips those (empty_member)
+        sample["txt"] = meta["caption"].encode("utf-8")
+    if ctrl is not None:
+        meta["control_url"] = control  # after img2dataset's fields; the parquet keeps only those
+        sample[CONTROL_MEMBER] = ctrl
+    sample["json"] = json.dumps(meta, indent=4).encode("utf-8")
     return meta, sample, None
 
 
-def _write_shard(root: Path, out: Path, shard: int, samples, key_digits: int, resize, fmt, quality,
-                 counts: Counter, bar) -> int:
+def _write_shard(root: Path, out: Path, shard: int, samples, key_digits: int, enc: tuple, counts: Counter,
+                 bar, skip) -> int:
     """Write shard ``shard`` (tar, parquet, stats) under temp names, then rename; returns the
-    number of images stored. ``counts`` gets the skip reasons and ``missing_caption`` (a ``None``
-    caption: no sidecar) of the stored images."""
+    number of images stored. ``counts`` gets the skip reasons, ``missing_caption`` (stored without
+    a caption) and ``with_control``; ``skip(url, message)`` is told of each skipped image."""
     import webdataset as wds
 
     name = f"{shard:05d}"
@@ -267,17 +440,18 @@ def _write_shard(root: Path, out: Path, shard: int, samples, key_digits: int, re
         with open(tmp[".tar"], "wb") as f:
             sink = wds.TarWriter(f, encoder=False, mtime=0.0)
             try:
-                for index, (rel, caption) in enumerate(samples):
-                    meta, sample, reason = _sample(root, rel, caption, f"{name}{index:0{key_digits}d}",
-                                                   resize, fmt, quality)
+                for index, (rel, caption, control) in enumerate(samples):
+                    meta, sample, reason = _sample(root, rel, caption, control, f"{name}{index:0{key_digits}d}", enc)
                     if sample is None:
                         counts[reason] += 1
                         status[meta["error_message"]] += 1
+                        skip(rel, meta["error_message"])
                     else:
                         sink.write(sample)
                         successes += 1
                         status["success"] += 1
-                        counts["missing_caption"] += caption is None
+                        counts["missing_caption"] += not caption
+                        counts["with_control"] += CONTROL_MEMBER in sample
                     rows.append(meta)
                     bar.update(1)
             finally:
@@ -299,45 +473,90 @@ def _write_shard(root: Path, out: Path, shard: int, samples, key_digits: int, re
     return successes
 
 
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output '{out}' is a file, not a folder")
+    if not overwrite and out.is_dir() and any(out.iterdir()):
+        raise ValueError(f"output folder '{out}' is not empty; --overwrite (overwrite=True) replaces the shards in it")
+
+
+def _clear(out: Path, overwrite: bool) -> None:
+    """Remove the temporary files of an interrupted run and, with ``overwrite``, every shard file
+    (``00000.tar``, ``_stats.json``, ``.parquet``) in ``out``, ``out/train`` and ``out/val``."""
+    for folder in (out,) + tuple(out / s for s in _SPLITS):
+        if folder.is_dir():
+            for p in folder.iterdir():
+                if (_OURS if overwrite else _TEMP).fullmatch(p.name) and p.is_file():
+                    p.unlink()
+
+
+def _write_set(root: Path, out: Path, samples: list, shard_size: int, enc: tuple, counts: Counter, bar,
+               skip) -> tuple[str, int]:
+    """Write ``samples`` as shards ``out/00000.tar, ...``; returns (brace spec, images stored)."""
+    out.mkdir(parents=True, exist_ok=True)
+    key_digits = max(4, math.ceil(math.log10(shard_size)))
+    num_shards = -(-len(samples) // shard_size)
+    n = 0
+    for s in range(num_shards):
+        n += _write_shard(root, out, s, samples[s * shard_size:(s + 1) * shard_size], key_digits, enc, counts,
+                          bar, skip)
+    return f"{out}/{{00000..{num_shards - 1:05d}}}.tar", n
+
+
 # ---------------------------------------------------------------------------------------------
 # public API
 
 
 def write_image_shards(src, out_dir, captions=None, shard_size: int = 10000, resize: int | None = None,
                        fmt: str = "keep", quality: int = 95, seed: int | None = 0, progress: bool = True,
-                       *, image_col: str = "image", caption_col: str = "caption") -> dict:
+                       *, image_col: str = "image", caption_col: str = "caption", image_size: int | None = None,
+                       num_val: int = 0, val_fraction: float = 0.0, overwrite: bool = False) -> dict:
     """Write the images under ``src`` (recursive, jpg/jpeg/png/webp) as img2dataset-layout shards.
 
-    Captions come from a ``NAME.txt`` sidecar next to each image (``captions=None``; a missing
-    sidecar gives ``""`` and is counted) or from a ``.csv`` / ``.parquet`` file with columns
-    ``image_col`` (path relative to ``src``) and ``caption_col``; then the file's rows are the
-    samples (a row may repeat an image), and rows naming a missing image are skipped and counted.
+    Captions come from a ``NAME.txt`` sidecar next to each image, else from a caption table in the
+    folder (:data:`CAPTION_TABLES`; ``captions=None``; an image with neither gets ``""`` and is
+    counted), or from a ``.csv`` / ``.jsonl`` / ``.parquet`` file with columns ``image_col`` (path
+    relative to ``src``) and ``caption_col``; then the file's rows are the samples (a row may repeat
+    an image), and rows naming a missing image are skipped and counted. A control image
+    (:func:`find_controls`) becomes the sample's ``control.png`` member.
 
     The samples are sorted by path, then permuted by ``seed`` (``None`` keeps the sorted order;
     the loader reads each shard in stored order, so a sorted folder would give one-subfolder
     batches). ``fmt="keep"`` stores the source bytes unless the image is resized, when it is
     re-encoded in its own format; ``"jpg"``, ``"png"``, ``"webp"`` always re-encode
     (``quality`` for jpg/webp). ``resize=N`` downscales (LANCZOS) so the shorter side is ``N``;
-    a smaller image is never upscaled. Stale temporary files of an interrupted run are removed;
-    other files in ``out_dir`` are left alone.
+    a smaller image is never upscaled. ``image_size=N`` (instead) stores the centred square at N x N.
+    ``num_val`` samples (or ``round(val_fraction * samples)``, at least 1) of the seeded order go to
+    ``out/val``, the rest to ``out/train``; without either, the shards are ``out/00000.tar, ...``.
+    A non-empty ``out_dir`` is refused unless ``overwrite``; then its shard files are replaced and
+    other files left alone. Each skipped image is named in a warning (the first 20).
 
     Returns ``{"spec": "OUT/{00000..0000K}.tar", "n": images stored, "skipped": {reason: count},
-    "missing_caption": stored images that had no sidecar}``; the reasons are ``missing_image``,
-    ``not_in_caption_file`` (images under ``src`` that the captions file does not name),
-    ``unreadable_image`` and ``too_large`` (over ``decode.MAX_PIXELS``). A skipped image never
-    stops the run.
+    "missing_caption": stored images without a caption, "with_control": stored with a control image}``;
+    with a held-out set ``"train"`` and ``"val"`` (specs) and ``"num_train"``, ``"num_val"`` (stored)
+    replace ``"spec"``. The reasons are ``missing_image``, ``not_in_caption_file`` (images under
+    ``src`` that the captions file does not name), ``unreadable_image``, ``too_large`` (over
+    ``decode.MAX_PIXELS``), ``unreadable_control``, ``control_size_mismatch`` and
+    ``control_without_image``. A skipped image never stops the run.
     """
     root, out = Path(src), Path(out_dir)
     if shard_size <= 0:
         raise ValueError(f"shard_size must be > 0, got {shard_size}")
     if resize is not None and resize <= 0:
         raise ValueError(f"resize must be > 0 px, got {resize}")
+    if image_size is not None and image_size <= 0:
+        raise ValueError(f"image_size must be > 0 px, got {image_size}")
+    if resize is not None and image_size is not None:
+        raise ValueError("give resize (shorter side) or image_size (square crop), not both")
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if not 1 <= quality <= 100:
         raise ValueError(f"quality must be in [1, 100], got {quality}")
+    if num_val < 0 or not 0.0 <= val_fraction < 1.0 or (num_val and val_fraction):
+        raise ValueError(f"give num_val >= 0 or val_fraction in [0, 1), not both; got {num_val}, {val_fraction}")
     if not root.is_dir():
         raise ValueError(f"image folder '{root}' does not exist")
+    _check_out(out, overwrite)
     skipped: Counter = Counter()
     samples = _samples(root, captions, image_col, caption_col, skipped)
     if not samples:
@@ -345,23 +564,35 @@ def write_image_shards(src, out_dir, captions=None, shard_size: int = 10000, res
                          + (f" named in '{captions}'" if captions is not None else ""))
     if seed is not None:
         samples = [samples[i] for i in np.random.default_rng(seed).permutation(len(samples))]
+    k = num_val or (max(1, round(val_fraction * len(samples))) if val_fraction else 0)
+    if k >= len(samples):
+        raise ValueError(f"a held-out set of {k} leaves no training sample: '{root}' has {len(samples)}")
 
     out.mkdir(parents=True, exist_ok=True)
-    for p in out.iterdir():
-        if _TEMP.fullmatch(p.name):
-            p.unlink()
-    key_digits = max(4, math.ceil(math.log10(shard_size)))
-    num_shards = -(-len(samples) // shard_size)
-    n = 0
+    _clear(out, overwrite)
+    named: list[str] = []
+
+    def skip(url: str, message: str) -> None:
+        if len(named) < _NAMED:
+            _warn(f"skipped '{url}': {message}")
+        named.append(url)
+
+    enc = (resize, fmt, quality, image_size)
     with tqdm(total=len(samples), desc="shards", unit="img", disable=not progress) as bar:
-        for s in range(num_shards):
-            n += _write_shard(root, out, s, samples[s * shard_size:(s + 1) * shard_size], key_digits,
-                              resize, fmt, quality, skipped, bar)
+        if k:
+            val, num_val = _write_set(root, out / "val", samples[:k], shard_size, enc, skipped, bar, skip)
+            train, num_train = _write_set(root, out / "train", samples[k:], shard_size, enc, skipped, bar, skip)
+            info = {"train": train, "val": val, "num_train": num_train, "num_val": num_val, "n": num_train + num_val}
+        else:
+            spec, n = _write_set(root, out, samples, shard_size, enc, skipped, bar, skip)
+            info = {"spec": spec, "n": n}
     missing_caption = skipped.pop("missing_caption", 0)
+    with_control = skipped.pop("with_control", 0)
     if skipped or missing_caption:
-        log.warning("skipped %s; %d stored image(s) had no caption sidecar", dict(skipped), missing_caption)
-    return {"spec": f"{out}/{{00000..{num_shards - 1:05d}}}.tar", "n": n, "skipped": dict(skipped),
-            "missing_caption": missing_caption}
+        more = f" ({len(named) - _NAMED} more not named above)" if len(named) > _NAMED else ""
+        _warn(f"skipped {sum(skipped.values())} ({', '.join(f'{r}: {c}' for r, c in sorted(skipped.items()))})"
+              f"{more}; {missing_caption} image(s) stored without a caption")
+    return {**info, "skipped": dict(skipped), "missing_caption": missing_caption, "with_control": with_control}
 
 
 def sample_photo_folder(out_dir, n: int = 64, size_range: tuple[int, int] = (200, 500), seed: int = 0) -> Path:
@@ -420,18 +651,28 @@ def _source_photos() -> list[tuple[str, str, np.ndarray]]:
 
 def add_shards_args(parser) -> None:
     """Add the ``shards`` arguments to an argparse (sub)parser; pair with :func:`run_shards`."""
-    parser.add_argument("src", help="image folder, searched recursively for jpg/jpeg/png/webp")
-    parser.add_argument("--out", required=True, help="output folder for 00000.tar, 00000_stats.json, ...")
-    parser.add_argument("--captions", help="CSV or parquet with image (relative to src) and caption "
-                                           "columns; default: a NAME.txt sidecar next to each image")
+    parser.add_argument("src", help="image folder, searched recursively for jpg/jpeg/png/webp; captions from "
+                                    "NAME.txt sidecars or a metadata.jsonl / captions.csv in it; control images "
+                                    "NAME.control.png or control/NAME.png (docs/DATA.md)")
+    parser.add_argument("--out", required=True, help="output folder for 00000.tar, 00000_stats.json, ... "
+                                                     "(train/ and val/ with --val or --val-frac)")
+    parser.add_argument("--captions", help="CSV, JSONL or parquet with image (relative to src) and caption "
+                                           "columns; its rows are the samples")
     parser.add_argument("--image-col", default="image", help="image column of --captions")
     parser.add_argument("--caption-col", default="caption", help="caption column of --captions")
     parser.add_argument("--shard-size", type=int, default=10000, help="samples per shard")
-    parser.add_argument("--resize", type=int, help="downscale so the shorter side is this many px")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--image-size", type=int, metavar="N", help="store the centred square, resized to N x N px")
+    size.add_argument("--resize", type=int, metavar="N", help="downscale so the shorter side is this many px")
     parser.add_argument("--format", dest="fmt", choices=FORMATS, default="keep",
                         help="keep: store the source bytes unless resized; else re-encode")
     parser.add_argument("--quality", type=int, default=95, help="jpg/webp quality when re-encoding")
     parser.add_argument("--seed", type=int, default=0, help="permutation of the sorted images")
+    val = parser.add_mutually_exclusive_group()
+    val.add_argument("--val", dest="num_val", type=int, default=0, metavar="N", help="hold out N samples as out/val")
+    val.add_argument("--val-frac", dest="val_fraction", type=float, default=0.0, metavar="F",
+                     help="hold out this fraction of the samples as out/val")
+    parser.add_argument("--overwrite", action="store_true", help="replace the shards of a non-empty --out")
 
 
 def run_shards(args) -> dict:
@@ -442,7 +683,9 @@ def run_shards(args) -> dict:
     try:
         info = write_image_shards(args.src, args.out, captions=args.captions, shard_size=args.shard_size,
                                   resize=args.resize, fmt=args.fmt, quality=args.quality, seed=args.seed,
-                                  image_col=args.image_col, caption_col=args.caption_col)
+                                  image_col=args.image_col, caption_col=args.caption_col,
+                                  image_size=args.image_size, num_val=args.num_val,
+                                  val_fraction=args.val_fraction, overwrite=args.overwrite)
     except (ValueError, ImportError) as e:
         if isinstance(e, ConfigError):
             raise

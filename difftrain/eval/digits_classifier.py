@@ -6,7 +6,10 @@ up-sampled to 16 px) and trains on the training split of ``write_digits``' defau
 (``val_fraction=0.1``, ``seed=0``), never on the held-out images. Training is seeded, uses
 deterministic algorithms on one CPU thread, light augmentation (random shifts of up to 2 px) and takes
 a few seconds (99.4% held-out accuracy). The weights are cached as safetensors under a name that
-contains a hash of :data:`RECIPE`, so a changed recipe never loads stale weights.
+contains a hash of :data:`RECIPE`, so a changed recipe never loads stale weights. Another ``style`` of the demo
+data (:data:`difftrain.data.demo.STYLES`, e.g. ``bold``) gets its own classifier, trained the same way on that
+style's training split (the extractor ``digits:bold``), so FID and class accuracy of a model fine-tuned to the
+style are measured by a network that has seen it.
 
 Features are the 128-d penultimate layer (after its ReLU), in the spirit of the Inception pool3
 features of FID (Heusel et al. 2017); logits are for the 10 digit classes.
@@ -29,8 +32,9 @@ RECIPE = {"arch": "conv32-conv64-fc128-v1", "size": SIZE, "val_fraction": 0.1, "
           "epochs": 8, "batch": 64, "lr": 2e-3, "weight_decay": 1e-4, "max_shift": 2}
 
 
-def recipe_hash() -> str:
-    return hashlib.sha256(json.dumps(RECIPE, sort_keys=True).encode()).hexdigest()[:12]
+def recipe_hash(style: str = "plain") -> str:
+    recipe = RECIPE if style == "plain" else {**RECIPE, "style": style}  # plain: the hash it always had
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
 
 
 class DigitsNet(nn.Module):
@@ -60,13 +64,13 @@ def preprocess(images: torch.Tensor) -> torch.Tensor:
     return x / 127.5 - 1.0
 
 
-def digit_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The demo's 16 px digits of ``split`` ("train" | "val"): (uint8 [N, 16, 16, 1], labels [N])."""
-    from difftrain.data.demo import digit_arrays, upsample
+def digit_split(split: str, style: str = "plain") -> tuple[torch.Tensor, torch.Tensor]:
+    """The demo's 16 px digits of ``split`` ("train" | "val") in ``style``: (uint8 [N, 16, 16, 1], labels [N])."""
+    from difftrain.data.demo import digit_arrays, render
 
     images, labels, num_val = digit_arrays(RECIPE["val_fraction"], RECIPE["split_seed"])
     part = slice(0, num_val) if split == "val" else slice(num_val, None)
-    pixels = np.stack([upsample(p, SIZE) for p in images[part]])[..., None]
+    pixels = np.stack([render(p, SIZE, style) for p in images[part]])[..., None]
     return torch.from_numpy(pixels), torch.from_numpy(labels[part]).long()
 
 
@@ -80,10 +84,10 @@ def _shift(x: torch.Tensor, g: torch.Generator, m: int) -> torch.Tensor:
     return pad[torch.arange(n)[:, None, None], 0, rows, cols].unsqueeze(1)
 
 
-def train() -> DigitsNet:
-    """Train :class:`DigitsNet` by :data:`RECIPE` on the CPU (seconds)."""
+def train(style: str = "plain") -> DigitsNet:
+    """Train :class:`DigitsNet` by :data:`RECIPE` on the CPU (seconds), on the training split drawn in ``style``."""
     r = RECIPE
-    images, labels = digit_split("train")
+    images, labels = digit_split("train", style)
     x = preprocess(images)
     was_det, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     torch.use_deterministic_algorithms(True)
@@ -112,20 +116,22 @@ def train() -> DigitsNet:
     return net.eval()
 
 
-def load_or_train(cache_dir: Path) -> tuple[DigitsNet, Path]:
-    """The cached classifier ``cache_dir/digits_classifier-<recipe hash>.safetensors``, trained and
-    cached (atomically, so concurrent ranks never read a partial file) when absent."""
+def load_or_train(cache_dir: Path, style: str = "plain") -> tuple[DigitsNet, Path]:
+    """The cached classifier ``cache_dir/digits_classifier-<recipe hash>.safetensors`` (another style:
+    ``digits_classifier-STYLE-<hash>``), trained and cached (atomically, so concurrent ranks never read a partial
+    file) when absent."""
     from safetensors.torch import load_file, save_file
 
-    path = Path(cache_dir) / f"digits_classifier-{recipe_hash()}.safetensors"
+    name = "digits_classifier" if style == "plain" else f"digits_classifier-{style}"
+    path = Path(cache_dir) / f"{name}-{recipe_hash(style)}.safetensors"
     net = DigitsNet()
     if path.is_file():
         net.load_state_dict(load_file(str(path)), strict=True)
         return net.eval(), path
-    net = train()
+    net = train(style)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp),
-              metadata={"recipe": json.dumps(RECIPE, sort_keys=True)})
+              metadata={"recipe": json.dumps(RECIPE, sort_keys=True), "style": style})
     os.replace(tmp, path)
     return net, path

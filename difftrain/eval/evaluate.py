@@ -221,7 +221,7 @@ def add_eval_args(p) -> None:
     p.add_argument("runs", nargs="+", help="run dirs or export folders (several: one line each on the plot)")
     p.add_argument("--ref", required=True, help="real images: a shard spec or an image folder")
     p.add_argument("--extractor", default="inception",
-                   help="digits | inception[:FILE] | clip:PATH (default: inception, the standard FID network)")
+                   help="digits[:bold] | inception[:FILE] | clip:PATH (default: inception, the standard FID network)")
     # not --num: torchrun's own parser would take it for its --numa-binding
     p.add_argument("--samples", type=int, default=1000, help="generated samples per setting (FID papers: 50000)")
     p.add_argument("--ref-samples", type=int, default=0, help="reference images (default: --samples)")

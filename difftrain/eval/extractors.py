@@ -5,9 +5,11 @@ does the preprocessing its network expects and returns ``{"features": float32 [N
 ``"logits"`` [N, num_classes] for a classifier (the contract: :mod:`difftrain.eval.extractor_base`). Specs for
 :func:`build_extractor` (``EXTRACTORS``: the name before the first ':' -> its builder):
 
-``digits``
+``digits`` | ``digits:STYLE``
     A small CNN trained (seconds, cached) on the demo's scikit-learn digits; 128-d features and 10-class
     logits, so the demo's FID and class accuracy work offline (:mod:`difftrain.eval.digits_classifier`).
+    ``digits:bold`` is the same network trained on the digits drawn in that style (``difftrain data demo
+    --style bold``), for models fine-tuned to it.
 ``inception`` | ``inception:FILE``
     The Inception-v3 of the reference FID implementation (Heusel et al. 2017), 2048-d pool3 features,
     from ``pt_inception-2015-12-05-6726825d.pth`` of pytorch-fid (:mod:`difftrain.eval.inception`).
@@ -105,17 +107,19 @@ class DigitsExtractor(Extractor):
         return {"features": features, "logits": logits}
 
 
-def build_digits(cache_dir: str | Path | None = None) -> DigitsExtractor:
+def build_digits(cache_dir: str | Path | None = None, style: str = "plain") -> DigitsExtractor:
     from difftrain.eval.digits_classifier import load_or_train
 
-    return DigitsExtractor(load_or_train(default_cache_dir(cache_dir))[0])
+    return DigitsExtractor(load_or_train(default_cache_dir(cache_dir), style)[0])
 
 
 # ----------------------------------------------------------------------------------------- build
 def _digits(arg: str, cache_dir) -> Extractor:
-    if arg:
-        raise ValueError(f"extractor 'digits:{arg}': digits takes no argument")
-    return build_digits(cache_dir)
+    from difftrain.data.demo import STYLES
+
+    if arg and arg not in STYLES:
+        raise ValueError(f"extractor 'digits:{arg}': the style must be one of {', '.join(STYLES)}")
+    return build_digits(cache_dir, arg or "plain")
 
 
 def _inception(arg: str, cache_dir) -> Extractor:
@@ -132,7 +136,7 @@ EXTRACTORS: dict[str, Callable[[str, str | Path | None], Extractor]] = {
 
 
 def build_extractor(spec: str, cache_dir: str | Path | None = None, device="cpu") -> Extractor:
-    """``digits`` | ``inception[:FILE]`` | ``clip:FOLDER`` | ``clip:open_clip:ARCH:FILE`` (module docstring);
+    """``digits[:STYLE]`` | ``inception[:FILE]`` | ``clip:FOLDER`` | ``clip:open_clip:ARCH:FILE`` (module docstring);
     frozen, in eval mode, on ``device``."""
     kind, _, arg = spec.partition(":")
     if kind not in EXTRACTORS:

@@ -59,7 +59,8 @@ def count_nfe(sampler: str, steps: int, path) -> int:
 
 
 def load_run(run_dir: str | Path, device: torch.device) -> Generator:
-    from difftrain.train.build import load_run_weights, read_model_config
+    from difftrain.train.build import read_model_config
+    from difftrain.train.sources import load_run_weights
 
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
@@ -94,7 +95,12 @@ def load_export(folder: str | Path, device: torch.device) -> Generator:
     cls = registry.arch_class(meta["arch"])
     acfg = cls.config_class(**meta["model"])
     model = registry.materialize(registry.build(meta["arch"], acfg), device, seed=0)
-    model.load_state_dict(model.load_diffusers(folder), strict=True)
+    # a pipeline folder (``export --pipeline``) holds the model in its transformer/
+    weights = folder / "transformer" if (folder / "model_index.json").is_file() else folder
+    model.load_state_dict(model.load_diffusers(weights), strict=True)
+    from difftrain.finetune.controlnet_export import load_controlnet
+
+    load_controlnet(model, folder, device)  # a ControlNet's branch (FOLDER/controlnet), when the export has one
     cfg = Config(diffusion=DiffusionConfig(**meta["diffusion"]), encoders=EncodersConfig(**meta["encoders"]))
     cfg.model.cond = "text" if acfg.text_dim > 0 else "class" if acfg.num_classes > 0 else "none"
     cfg.model.num_classes = acfg.num_classes

@@ -13,9 +13,13 @@ parameters and freezes what it does not train), folds itself back into the plain
 The trainer applies the changes to every trainable module a stage declares and to the derived modules copied from
 them (a consistency target network of a LoRA student is a LoRA'd copy), never to frozen ones (a teacher), with
 the run seed (so every rank draws the same initial adapter weights). A changed module is materialised whole and
-then sharded (FSDP2's meta -> sharded load path is for unchanged modules). Serving a run (``sample``, ``eval``,
+then sharded (FSDP2's meta -> sharded load path is for unchanged modules). When the base comes from a source
+(``init_from``, a stage's teacher), checkpoints hold only what the changes train (the adapters, their optimizer
+state and EMA) and record the base by fingerprint (``Trainer.base_sources``); a resume and a read for serving
+rebuild the base from it and refuse another one. Serving a run (``sample``, ``eval``,
 ``export``, a later stage's ``init_from``) applies the run's changes to the plain architecture, loads the
-checkpoint and merges: the served model is the plain architecture with merged weights.
+checkpoint and merges: the served model is the plain architecture with merged weights (and the modules of a change
+that does not merge: a ControlNet branch).
 """
 from __future__ import annotations
 
@@ -26,9 +30,11 @@ from torch import nn
 
 from difftrain.config import ConfigError, parse_fields
 from difftrain.finetune.change import Change
+from difftrain.finetune.controlnet import ControlNet
+from difftrain.finetune.difffit import DiffFit
 from difftrain.finetune.lora import LoRA
 
-KINDS = {c.kind: c for c in (LoRA,)}  # the model changes by config name
+KINDS = {c.kind: c for c in (LoRA, DiffFit, ControlNet)}  # the model changes by config name
 
 
 def changes_of(cfg) -> list[Change]:
@@ -84,7 +90,9 @@ def adapted_specs(specs: dict, changes: list[Change], seed: int) -> dict:
             def make(device, init=init):
                 return apply_changes(init(device), changes, seed)
 
+            trainable = spec.role == TRAINABLE
             spec = dataclasses.replace(spec, meta=meta, init=make if init is not None else None,
-                                       source=None if spec.role == TRAINABLE else spec.source)
+                                       source=None if trainable else spec.source,
+                                       base=spec.source if trainable else None)
         out[name] = spec
     return out

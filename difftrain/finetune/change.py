@@ -10,6 +10,7 @@ from torch import nn
 class Change(ABC):
     kind: str = ""
     args_class: type | None = None
+    mergeable = True  # False: merge leaves the change's modules in the served model (a ControlNet branch)
 
     def __init__(self, args, index: int = 0):
         self.args = args
@@ -22,7 +23,8 @@ class Change(ABC):
 
     @abstractmethod
     def merge(self, model: nn.Module) -> None:
-        """Fold this change into ``model``'s own weights and restore the plain architecture, in place."""
+        """Fold this change into ``model``'s own weights and restore the plain architecture, in place (a change that is
+        not ``mergeable`` leaves its modules in place)."""
 
     @abstractmethod
     def owns(self, name: str) -> bool:

@@ -46,6 +46,12 @@ class LoRA(Change):
     kind = "lora"
     args_class = LoRAArgs
 
+    def __init__(self, args, index: int = 0):
+        super().__init__(args, index)
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", args.name):  # a peft adapter name (no dots) and an export folder
+            raise ConfigError(f"config key '{self.key}.name' = {args.name!r}: an adapter's name is a peft adapter "
+                              "name and its export folder name: letters, digits, '_' and '-' only")
+
     def layers(self, model: nn.Module) -> list[str]:
         """The names of ``model``'s Linear layers the targets match (each target checked to match one)."""
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -70,12 +76,16 @@ class LoRA(Change):
 
     def apply(self, model: nn.Module) -> None:
         from peft import LoraConfig, inject_adapter_in_model
+        from peft.tuners.tuners_utils import BaseTunerLayer
 
         a = self.args
         cfg = LoraConfig(r=a.rank, lora_alpha=a.alpha or a.rank, lora_dropout=a.dropout, use_dora=a.dora,
                          target_modules=self.layers(model))
         before = {id(p) for p in model.parameters()}
         inject_adapter_in_model(cfg, model, adapter_name=a.name)
+        for m in model.modules():  # peft activates the new adapter alone: every adapter of a layer stays active
+            if isinstance(m, BaseTunerLayer):
+                m.set_adapter(list(m.lora_A))
         for p in model.parameters():  # train this adapter only: the base and any earlier change are frozen
             p.requires_grad_(id(p) not in before)
 
@@ -84,11 +94,14 @@ class LoRA(Change):
                    for k in ("lora_A", "lora_B", "lora_magnitude_vector"))
 
     def merge(self, model: nn.Module) -> None:
-        """Each LoRA layer merged into its base Linear (peft's ``merge``), the Linear put back in its place."""
+        """Each LoRA layer merged into its base Linear (peft's ``merge``), the Linear put back in its place once every
+        adapter it holds is merged."""
         from peft.tuners.lora import LoraLayer
 
         for name, module in list(model.named_modules()):
-            if isinstance(module, LoraLayer):
+            if isinstance(module, LoraLayer) and self.args.name in module.lora_A:
                 module.merge(adapter_names=[self.args.name])
+                if set(module.merged_adapters) != set(module.lora_A):  # another adapter of this layer merges later
+                    continue
                 parent, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())

@@ -365,9 +365,13 @@ class DiT(nn.Module):
         p = cfg.patch_size
         if H % p or W % p:
             raise ValueError(f"DiT input {H}x{W} is not divisible by patch_size={p}")
-        x = self.patch_embed(x_t).flatten(2).transpose(1, 2)  # [B, N, D], N = (H/p)(W/p)
-        x = (x + self.pos_embed(H // p, W // p, x.device)[None]).to(x.dtype)  # [B, N, D]
-        return (x, *self.condition(t, cond))
+        return (self.tokens(x_t), *self.condition(t, cond))
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch embedding + positions: [B, C, H, W] -> [B, N, D], N = (H/p)(W/p)."""
+        p = self.config.patch_size
+        h = self.patch_embed(x).flatten(2).transpose(1, 2)  # [B, N, D]
+        return (h + self.pos_embed(x.shape[-2] // p, x.shape[-1] // p, h.device)[None]).to(h.dtype)  # [B, N, D]
 
     def condition(self, t: torch.Tensor, cond: dict):
         """-> (c [B, D], mod (c or t0 [B, 6D]), text [B, L, D] | None, text_mask [B, L] | None): one conditioning
@@ -406,8 +410,13 @@ class DiT(nn.Module):
         return x.reshape(x.shape[0], C, h * p, w * p)  # [B, C, H, W]
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
-        x, c, mod, text, text_mask = self.embed(x_t, t, cond or {})  # [B, N, D] ...
-        for block in self.blocks:
+        cond = cond or {}
+        x, c, mod, text, text_mask = self.embed(x_t, t, cond)  # [B, N, D] ...
+        branch = getattr(self, "control", None)  # a ControlNet (finetune/controlnet.py), when one is added
+        h = branch.tokens(self, cond) if branch is not None else None  # [B, N, D] | None (no control image)
+        for i, block in enumerate(self.blocks):
+            if h is not None and 0 < i <= len(branch.blocks):
+                x, h = branch(i - 1, x, h, mod, text, text_mask, cond.get("control_scale", 1.0))
             x = block(x, mod, text, text_mask)  # [B, N, D]
         return self.final(x, c, x_t.shape[-2:])  # [B, C_out, H, W]
 

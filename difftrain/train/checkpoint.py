@@ -30,13 +30,13 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import pathlib
 import pickle
 import re
 import shutil
 import signal
-import sys
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -53,7 +53,7 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan
 from torch.futures import Future
 
-from difftrain.errors import DifftrainError
+from difftrain.errors import DifftrainError, say
 from difftrain.train.supervise import alone
 
 MARKER = "COMPLETE"
@@ -261,6 +261,18 @@ def save(ckpt_root: Path, step: int, tensors: dict, train_state: dict, keep_last
     return d
 
 
+def checkpoint_bytes(tree) -> int:
+    """Bytes of the tensors in ``tree`` as a checkpoint stores them: a sharded tensor (DTensor) by its whole
+    shape, once; a replicated one once."""
+    if isinstance(tree, dict):
+        return sum(checkpoint_bytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(checkpoint_bytes(v) for v in tree)
+    if isinstance(tree, torch.Tensor):
+        return math.prod(tree.shape) * tree.element_size()
+    return 0
+
+
 def _check_tensors_only(tree, prefix: str = "") -> None:
     """Only tensors go into DCP: anything else would be saved as pickled bytes, which a load refuses."""
     for k, v in tree.items():
@@ -391,8 +403,7 @@ def _agreed(check: Callable[[], dict]) -> dict:
 
 def _fell_back(e: CheckpointError, older: str | None) -> None:
     if older is not None and (not dist.is_initialized() or dist.get_rank() == 0):
-        print(f"difftrain: warning: {e}; falling back to the previous complete checkpoint {older}",
-              file=sys.stderr, flush=True)
+        say(f"difftrain: warning: {e}; falling back to the previous complete checkpoint {older}")
 
 
 def read_train_state(ckpt_dir: Path) -> dict:

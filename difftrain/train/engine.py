@@ -174,6 +174,8 @@ class TorchEngine(Engine):
         self.container = nn.ModuleDict(self.models)  # one tree: parameter and state-dict names are NAME.*
         self.frozen: dict[str, nn.Module] = {}
         self.derived: dict[str, nn.Module] = {}
+        self.derived_of: dict[str, str] = {}  # derived module -> the trainable module it copies
+        self.base_keys: dict[str, set[str]] = {}  # per trainable module: the frozen base left out of checkpoints
         self.params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
         self.max_norm = ocfg.grad_clip
         self.lr_table = lr_table(ocfg, total_steps, device)
@@ -221,6 +223,7 @@ class TorchEngine(Engine):
                     raise ValueError(f"derived module '{n}' copies '{s.of}', which is not a trainable module")
                 module = spec_meta_copy(s, trainable[s.of], meshes, pcfg, device)
                 engine.derived[n] = module
+                engine.derived_of[n] = s.of
         return engine
 
     @property
@@ -286,18 +289,39 @@ class TorchEngine(Engine):
         return not bool(bad[0])
 
     # -- checkpoint state: tensors only; the LR schedule is a function of the applied updates -----
+    def frozen_keys(self) -> dict[str, set[str]]:
+        """Per trainable module, its parameters without grad: the frozen base under model changes (LoRA). Setting
+        ``base_keys`` to (some of) them leaves them out of checkpoints, and out of their derived copies' too: a
+        resume rebuilds them from their source (recorded by fingerprint by the trainer) and reads the rest."""
+        return {n: {k for k, p in m.named_parameters() if not p.requires_grad} for n, m in self.modules.items()}
+
+    def _without_base(self, sd: dict, name: str | None) -> dict:
+        """``sd`` less the base keys: of module ``name`` when ``sd`` is that module's own state dict; by each key's
+        module prefix when ``name`` is None (the container's ``NAME.*``)."""
+        if not self.base_keys:
+            return sd
+        if name is None:
+            return {k: v for k, v in sd.items()
+                    if k.partition(".")[2] not in self.base_keys.get(k.partition(".")[0], ())}
+        base = self.base_keys.get(name, ())
+        return {k: v for k, v in sd.items() if k not in base}
+
     def state_dict(self) -> dict:
-        model_sd = get_model_state_dict(self.container, options=self._sd_options)
+        model_sd = self._without_base(get_model_state_dict(self.container, options=self._sd_options), None)
         optim_sd = get_optimizer_state_dict(self.container, self.optimizer, options=self._sd_options)
         out = {"model": model_sd, "optim": optim_sd["state"], "ema": self.ema.state_dict()}
         if self.derived:
-            out["derived"] = {n: get_model_state_dict(m, options=self._sd_options) for n, m in self.derived.items()}
+            out["derived"] = {n: self._without_base(get_model_state_dict(m, options=self._sd_options),
+                                                    self.derived_of.get(n, ""))
+                              for n, m in self.derived.items()}
         return out
 
     def load_state_dict(self, sd: dict, step: int, updates: int | None = None) -> None:
-        set_model_state_dict(self.container, sd["model"], options=self._sd_options)
+        # without its base, a module's state is partial: the base keys keep the weights its source gave them
+        partial = StateDictOptions(strict=False) if self.base_keys else self._sd_options
+        set_model_state_dict(self.container, sd["model"], options=partial)
         for n, m in self.derived.items():
-            set_model_state_dict(m, sd["derived"][n], options=self._sd_options)
+            set_model_state_dict(m, sd["derived"][n], options=partial)
         groups = get_optimizer_state_dict(self.container, self.optimizer, options=self._sd_options)["param_groups"]
         set_optimizer_state_dict(self.container, self.optimizer, {"state": sd["optim"], "param_groups": groups},
                                  options=self._sd_options)

@@ -119,6 +119,7 @@ class PipelineEngine(TorchEngine):
         super().__init__({name: self.pipe.union()}, meshes, pcfg, cfg.optim, device, total_steps, wrapped=True)
         if carry and carry[1]:  # the target network's segments: a derived module under the whole model's names
             self.derived[carry[1]] = self.pipe.target_union()
+            self.derived_of[carry[1]] = name
         self.last_owner = 0 if pcfg.pp_schedule == "zero_bubble" else self.pp - 1
         self.offloaded: list[nn.Module] = []
 

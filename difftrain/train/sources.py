@@ -122,8 +122,6 @@ class Source:
         """Read the weights into ``module`` (plain or sharded: a run is read by DCP into its own tensors). Returns
         the checkpoint's step (0 for a folder)."""
         if self.is_run:
-            from difftrain.train.build import load_run_weights
-
             return load_run_weights(self.path, module, which="ema" if self.weights == "ema" else "model")
         from difftrain.train.build import load_weights_only
 
@@ -157,6 +155,28 @@ class Source:
         return {"source": str(self), "step": step, "sha256": h.hexdigest()[:16]}
 
 
+def base_record(source: Source) -> dict:
+    """How a checkpoint records the frozen base of a changed module (``Trainer.base_sources``): the source's
+    fingerprint, and where to read it again (:func:`base_source`)."""
+    return {**source.fingerprint(), "key": source.key, "path": str(source.path.resolve()), "weights": source.weights}
+
+
+def base_source(record: dict, run: Path, name: str) -> Source:
+    """The base a checkpoint's :func:`base_record` names, checked to be the same weights: ``ConfigError`` naming the
+    run, the module and both fingerprints when it is gone or has changed (the adapters fit no other base)."""
+    src = Source(record.get("key", "init_from"), Path(record["path"]), record.get("weights"))
+    try:
+        now = src.fingerprint()
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"'{run}': the frozen base of '{name}', {record['source']} (fingerprint {record['sha256']}), "
+                          f"which its checkpoints leave out, cannot be read ({type(e).__name__}: {e})") from None
+    if now["sha256"] != record["sha256"]:
+        raise ConfigError(f"'{run}': the frozen base of '{name}' was {record['source']} (step {record['step']}, "
+                          f"fingerprint {record['sha256']}), now step {now['step']}, fingerprint {now['sha256']}: its "
+                          "checkpoints hold only what the model changes train, which fit no other base (restore it)")
+    return src
+
+
 def run_config(run: Path, step: int):
     """The config the run's checkpoint of ``step`` was trained with (it differs from the first run's ``config.yaml``
     after a resume that changed it), else ``RUN/config.yaml`` (a checkpoint written before configs were kept in it,
@@ -180,3 +200,78 @@ def parse_optional(key: str, text: str) -> Source | None:
 def freeze(module: nn.Module) -> nn.Module:
     module.requires_grad_(False)
     return module.eval()
+
+
+def _saved_keys(ckpt_root: Path, step, served: str | None) -> set[str]:
+    """The served module's state-dict keys in the checkpoint of ``step`` (its DCP metadata, read safely)."""
+    from difftrain.train.checkpoint import read_metadata, step_dir
+
+    prefix = f"model.{served}." if served else "model."
+    md = read_metadata(step_dir(ckpt_root, int(step)) / ".metadata")
+    return {k[len(prefix):] for k in md.state_dict_metadata if k.startswith(prefix)}
+
+
+def load_run_weights(run_dir: Path, model: nn.Module, which: str = "ema", merge: bool = True) -> int:
+    """Load a run's newest complete checkpoint's served module (``train_state["served"]``) into ``model``, plain or
+    sharded (DCP reads into its tensors, any world size wrote it). ``which="ema"`` overlays the EMA parameters on
+    the saved module state. Returns the step. A corrupt newest checkpoint is named in a warning and the previous
+    complete one is used (``checkpoint.resume_newest``); ``CheckpointError`` when none loads. A run trained with
+    model changes (``adapt``) is read into ``model`` with the changes applied, then merged into the plain
+    architecture; ``merge=False`` leaves them applied (unmerged adapters, e.g. to export them)."""
+    from difftrain.train.checkpoint import CheckpointError, resume_newest
+
+    from types import SimpleNamespace
+
+    from torch.distributed.tensor import DTensor
+
+    from difftrain.finetune.adapt import apply_changes, changes_of, merge_changes
+    from difftrain.train import build
+
+    tensors: dict = {}
+    own = {k: v.detach() for k, v in model.state_dict().items()}
+    ema = {n: torch.empty_like(p) for n, p in model.named_parameters()} if which == "ema" else None
+    changes: list = []
+    grads: dict = {}  # requires_grad of the plain module's parameters, restored after the merge
+
+    def layout(state: dict) -> None:  # the checkpoint's own layout, known once its train state is read
+        nonlocal own, ema, changes
+        served = state.get("served")
+        tensors.clear()
+        adapt = (state.get("config") or {}).get("adapt") or []
+        if adapt and not changes:  # a run with model changes: its module as trained, merged after the load
+            if any(isinstance(p, DTensor) for p in model.parameters()):
+                raise ValueError(f"'{run_dir}' was trained with model changes (adapt); it is read into a whole "
+                                 "module, then merged, not into a sharded one")
+            changes = changes_of(SimpleNamespace(adapt=adapt))
+            base = (state.get("base") or {}).get(served)
+            if base is not None:  # the checkpoint holds what the changes train; the base is read from its source
+                base_source(base, Path(run_dir), served).load(model)
+            grads.update({n: p.requires_grad for n, p in model.named_parameters()})
+            apply_changes(model, changes, 0)  # every new tensor is read from the checkpoint
+            frozen = {n for n, p in model.named_parameters() if not p.requires_grad} if base is not None else set()
+            own = {k: v.detach() for k, v in model.state_dict().items() if k not in frozen}
+            if which == "ema":  # the EMA covers what was trained: the adapters
+                ema = {n: torch.empty_like(p) for n, p in model.named_parameters() if p.requires_grad}
+        saved = _saved_keys(Path(run_dir) / "checkpoints", state.get("step"), served)
+        for d in (own, ema or {}):  # weights of the model without an optional flag: those keys keep their init
+            for k in [k for k in d if build._optional(model, k) and k not in saved]:
+                del d[k]
+        if served is None:  # written before stages owned their modules: one flat module
+            tensors.update({"model": own, **({"ema": ema} if ema is not None else {})})
+        else:
+            tensors.update({"model": {served: own}, **({"ema": {served: ema}} if ema is not None else {})})
+
+    found = resume_newest(Path(run_dir) / "checkpoints", tensors, before_load=layout)
+    if found is None:
+        raise CheckpointError(f"'{run_dir}' has no complete checkpoint")
+    if ema is not None:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in ema:  # not an optional key the checkpoint lacks
+                    p.copy_(ema[n])
+    if changes and merge:
+        merge_changes(model, changes)
+        for n, p in model.named_parameters():
+            if n in grads:  # not a module a change keeps (a ControlNet branch)
+                p.requires_grad_(grads[n])
+    return found[1]["step"]

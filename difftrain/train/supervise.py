@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sys
 import threading
 import time
 
@@ -37,7 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from difftrain.errors import DifftrainError
+from difftrain.errors import DifftrainError, say
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _hooks: list = []
@@ -226,7 +225,7 @@ class Watchdog:
                                f"(run.timeout={self.timeout:g}; {type(e).__name__}: {e}); ending the job")
 
     def _exit(self, message: str) -> None:
-        print(f"difftrain: error: {message}", file=sys.stderr, flush=True)
+        say(f"difftrain: error: {message}")
         os._exit(1)
 
 

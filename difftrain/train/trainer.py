@@ -15,7 +15,6 @@ import dataclasses
 import json
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch.distributed as dist
 
 from difftrain.config import (IDENTITY, Config, ConfigError, config_changes, config_hash, save_config,
                               save_resume_config, to_dict)
+from difftrain.errors import say
 from difftrain.data.loader import ShardLoader
 from difftrain.launch.env import init_distributed, pick_device, discover
 from difftrain.parallelism.dims import Meshes, ParallelDims
@@ -130,6 +130,16 @@ class Trainer:
         # a frozen module is recorded in checkpoints by its source and fingerprint (a resume refuses another one)
         self.frozen_sources = {n: s.source.fingerprint() for n, s in self.specs.items()
                                if s.role == FROZEN and s.source is not None}
+        # a changed module whose base has a source: checkpoints hold what the changes train, the base by fingerprint
+        from difftrain.train.sources import base_record
+
+        self.base_sources = {n: base_record(s.base) for n, s in self.specs.items() if s.base is not None}
+        self.base_sources.update({n: self.base_sources[s.of] for n, s in self.specs.items()
+                                  if s.of in self.base_sources})  # a derived copy (a served target) shares it
+        if self.base_sources:
+            self.engine.base_keys = {n: keys for n, keys in self.engine.frozen_keys().items()
+                                     if n in self.base_sources}
+        self._size_shown = False
         self.diffusion, self.conditioner, self.vae = self.shared.diffusion, self.shared.conditioner, self.shared.vae
         self.loader = ShardLoader.from_config(cfg.data, rank=self.dp_rank, world=self.dp, seed=cfg.run.seed)
         self.callbacks = list(callbacks or [])
@@ -173,9 +183,25 @@ class Trainer:
                  "config_hash": self.config_hash, "config": to_dict(self.cfg), "stage": self.cfg.stage,
                  "served": self.stage.served, "modules": {n: s.role for n, s in self.specs.items()},
                  "sampling": dataclasses.asdict(self.sampling()), "stage_state": self.stage.state_dict(),
-                 "frozen": self.frozen_sources}
-        return ckpt.save(self.ckpt_root, self.step, self._tensors(), state, self.cfg.run.keep_last,
-                         rank_state={"data": data})
+                 "frozen": self.frozen_sources, "base": self.base_sources}
+        tensors = self._tensors()
+        saved = ckpt.save(self.ckpt_root, self.step, tensors, state, self.cfg.run.keep_last, rank_state={"data": data})
+        if not self._size_shown:
+            self._size_shown = True
+            self._show_size(tensors)
+        return saved
+
+    def _show_size(self, tensors: dict) -> None:
+        """One line at the first save: the bytes a checkpoint holds (whole tensors, summed over ranks), and for
+        model changes over a base with a source, what is left out."""
+        size = ckpt.checkpoint_bytes(tensors)
+        if self.rank != 0:
+            return
+        line = f"checkpoint size: {size / 2**20:.2f} MiB of tensors per save"
+        if self.base_sources:
+            left = ", ".join(f"'{n}' base {r['source']} (fingerprint {r['sha256']})" for n, r in self.base_sources.items())
+            line += f"; model changes ({', '.join(c.kind for c in self.changes)}): what they train only, not {left}"
+        print(line, flush=True)
 
     def maybe_resume(self) -> bool:
         if ckpt.latest_checkpoint(self.ckpt_root) is None:
@@ -214,18 +240,20 @@ class Trainer:
         is left waiting. Rank 0 then keeps this resume's config beside the first (``config.resume-STEP.yaml``)."""
         step, saved = state.get("step"), state.get("config")
         log = self.rank == 0
-        for name, now in self.frozen_sources.items():  # a frozen module is the weights it was trained against
-            then = state.get("frozen", {}).get(name)
-            if then is not None and then != now and not self.cfg.run.allow_config_change:
-                raise ConfigError(f"resume of step {step} from '{self.ckpt_root}' refused: frozen module '{name}' "
-                                  f"was {then['source']} (step {then['step']}, fingerprint {then['sha256']}), now "
-                                  f"{now['source']} (step {now['step']}, fingerprint {now['sha256']}) (restore it, "
-                                  "start a new run.dir, or set run.allow_config_change=true)")
+        # a frozen module, and the frozen base of a changed one, is the weights it was trained against
+        for kind, sources in (("frozen", self.frozen_sources), ("base", self.base_sources)):
+            for name, now in sources.items():
+                then = (state.get(kind) or {}).get(name)
+                if then is not None and then["sha256"] != now["sha256"] and not self.cfg.run.allow_config_change:
+                    what = f"frozen module '{name}'" if kind == "frozen" else f"the frozen base of '{name}'"
+                    raise ConfigError(f"resume of step {step} from '{self.ckpt_root}' refused: {what} was "
+                                      f"{then['source']} (step {then['step']}, fingerprint {then['sha256']}), now "
+                                      f"{now['source']} (step {now['step']}, fingerprint {now['sha256']}) (restore "
+                                      "it, start a new run.dir, or set run.allow_config_change=true)")
         if not isinstance(saved, dict):  # a checkpoint from before configs were saved in it: the hash only
             if log and state.get("config_hash") != self.config_hash:
-                print(f"difftrain: warning: resuming step {step}, saved with config hash {state.get('config_hash')}, "
-                      f"with config hash {self.config_hash}; the checkpoint holds no config to tell which keys "
-                      "changed", file=sys.stderr, flush=True)
+                say(f"difftrain: warning: resuming step {step}, saved with config hash {state.get('config_hash')}, "
+                    f"with config hash {self.config_hash}; the checkpoint holds no config to tell which keys changed")
         else:
             changes = config_changes(saved, self.cfg)
             identity = [c for c in changes if c.tag == IDENTITY]

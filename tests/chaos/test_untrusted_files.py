@@ -26,7 +26,8 @@ from difftrain.config_checks import load_config
 from difftrain.launch.env import shutdown
 from difftrain.models import registry
 from difftrain.train import checkpoint as ckpt
-from difftrain.train.build import check_init_from, load_run_weights, load_weights_only, read_model_config
+from difftrain.train.build import check_init_from, load_weights_only, read_model_config
+from difftrain.train.sources import load_run_weights
 from difftrain.train.trainer import Trainer
 from tests.conftest import REPO
 from tests.distributed.test_resume import COMMON, assert_same, assert_same_weights, train, weights

@@ -10,7 +10,8 @@ import pytest
 from safetensors.torch import load_file
 
 from difftrain.models import registry
-from difftrain.train.build import load_run_weights, read_model_config
+from difftrain.train.build import read_model_config
+from difftrain.train.sources import load_run_weights
 from tests.conftest import torchrun
 
 COMMON = "run.steps=5 run.log_every=1 run.ckpt_every=0 run.progress=false data.batch_size=8 " \

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from difftrain.models import registry
-from difftrain.train.build import load_run_weights, read_model_config
+from difftrain.train.build import read_model_config
+from difftrain.train.sources import load_run_weights
 from tests.conftest import tiny_vae, torchrun
 from tests.distributed.test_equivalence import COMMON, MODELS
 

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from difftrain.models import registry
-from difftrain.train.build import load_run_weights, read_model_config
+from difftrain.train.build import read_model_config
+from difftrain.train.sources import load_run_weights
 from difftrain.train import checkpoint as ckpt
 from difftrain.train.checkpoint import MARKER, latest_checkpoint, read_train_state
 from tests.conftest import REPO, torchrun

@@ -53,7 +53,8 @@ def test_export_loads_in_diffusers_and_matches(demo_run):
     from diffusers import PixArtTransformer2DModel
 
     from difftrain.models import registry
-    from difftrain.train.build import load_run_weights, read_model_config
+    from difftrain.train.build import read_model_config
+    from difftrain.train.sources import load_run_weights
 
     out = demo_run / "export"
     run_cmd([sys.executable, "-m", "difftrain", "export", str(demo_run / "run"), "--out", str(out)])

@@ -69,6 +69,43 @@ def test_write_digits_layout(digits):
     assert len(keys) == len(set(keys)) == 1797 and all(len(k) == 9 and k.isdigit() for k in keys)
 
 
+def _members(spec):
+    out = {}
+    for shard in parse_spec(spec)[0].urls:
+        with tarfile.open(shard) as tar:
+            out.update({n: tar.extractfile(n).read() for n in tar.getnames()})
+    return out
+
+
+def test_demo_bold_style_same_samples_more_ink(tmp_path, capsys):
+    """``data demo --style bold``: the same split, keys, captions and records as the plain digits, every image's
+    strokes dilated (never darker anywhere, about 1.5x the ink)."""
+    from difftrain.cli import main
+
+    plain = write_digits(tmp_path / "plain", progress=False)
+    main(["data", "demo", "--out", str(tmp_path / "bold"), "--style", "bold"])
+    bold = json.loads(capsys.readouterr().out)
+    assert (bold["num_train"], bold["num_val"]) == (plain["num_train"], plain["num_val"]) == (1617, 180)
+    ink = []
+    for split in ("train", "val"):
+        a, b = _members(plain[split]), _members(bold[split])
+        assert sorted(a) == sorted(b)
+        for name in a:
+            if name.endswith(".png"):
+                pa, pb = (np.asarray(Image.open(io.BytesIO(m[name]))).astype(int) for m in (a, b))
+                assert pa.shape == pb.shape == (16, 16) and (pb >= pa).all()
+                ink.append(pb.sum() / pa.sum())
+            else:  # caption and record (label, key) unchanged
+                assert a[name] == b[name], name
+    assert len(ink) == 1797 and 1.3 < np.mean(ink) < 1.8 and min(ink) > 1.1
+    with pytest.raises(ValueError, match="unknown digits style 'thin'"):
+        write_digits(tmp_path / "thin", style="thin", progress=False)
+    with pytest.raises(SystemExit) as e:  # the moving digits have no style: refused, not ignored
+        main(["data", "demo", "--out", str(tmp_path / "video"), "--video", "--style", "bold"])
+    assert e.value.code == 2 and "--style bold" in capsys.readouterr().err
+    assert not (tmp_path / "video").exists()
+
+
 # ------------------------------------------------------------------------------------- decode
 class _Touch:  # unpickling this creates a file: proof of whether a pickle was ever loaded
     def __init__(self, path):

@@ -173,6 +173,22 @@ def test_digits_accuracy_on_held_out_val(digits):
     assert acc >= 0.95, acc
 
 
+def test_digits_bold_extractor_is_trained_on_the_bold_split(digits, tmp_path):
+    """``digits:bold``: its own weights (cached under their own name), trained on the bold training split; it
+    classifies the bold held-out digits as well as the plain network classifies plain ones."""
+    from difftrain.eval.digits_classifier import digit_split, recipe_hash
+
+    bold = ex.build_extractor("digits:bold", cache_dir=tmp_path)
+    assert bold.fingerprint != digits.fingerprint and recipe_hash("bold") != recipe_hash()
+    cached = [f.name for f in tmp_path.glob("*.safetensors")]
+    assert cached == [f"digits_classifier-bold-{recipe_hash('bold')}.safetensors"]
+    images, labels = digit_split("val", "bold")
+    plain_images, _ = digit_split("val")
+    assert images.float().mean() > 1.3 * plain_images.float().mean()  # the bold strokes: more ink
+    acc = float((bold(images)["logits"].argmax(1) == labels).float().mean())
+    assert acc >= 0.95, acc
+
+
 def test_digits_cache_reuse(digits, digits_cache, monkeypatch):
     from difftrain.eval import digits_classifier as dc
 
@@ -334,7 +350,7 @@ def test_open_clip_checkpoint(tmp_path):
 def test_specs_outside_the_registry_name_the_valid_ones():
     with pytest.raises(ValueError, match="expected one of digits, inception, clip"):
         ex.build_extractor("resnet:/w.pt")
-    with pytest.raises(ValueError, match="digits takes no argument"):
+    with pytest.raises(ValueError, match="'digits:extra': the style must be one of plain, bold"):
         ex.build_extractor("digits:extra")
     with pytest.raises(ValueError, match="needs a checkpoint"):
         ex.build_extractor("clip")

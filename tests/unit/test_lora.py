@@ -23,14 +23,21 @@ FAMILIES = {
 }
 
 
-def _model(family: str, adapt: str):
-    cfg = load_config(None, [*FAMILIES[family], f"adapt={adapt}"])
-    arch, acfg = registry.arch_config(cfg.model, 384 if family == "dit_text" else 0)
+def trained_base(cfg):
+    """(architecture config, the config's model with every weight perturbed): a trained model, whose
+    zero-initialised heads (adaLN-Zero, the output layer) have moved too."""
+    arch, acfg = registry.arch_config(cfg.model, 384 if cfg.model.cond == "text" else 0)
     base = registry.materialize(registry.build(arch, acfg), "cpu", seed=0)
-    with torch.no_grad():  # a trained model: the zero-initialised heads (adaLN-Zero, the output layer) move too
+    with torch.no_grad():
         g = torch.Generator().manual_seed(0)
         for p in base.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return acfg, base
+
+
+def _model(family: str, adapt: str):
+    cfg = load_config(None, [*FAMILIES[family], f"adapt={adapt}"])
+    acfg, base = trained_base(cfg)
     side, c = acfg.image_size, acfg.in_channels
     x = torch.randn(2, *((cfg.model.frames,) if cfg.model.frames else ()), c, side, side)
     cond = ({"text_states": torch.randn(2, 5, 384), "text_mask": torch.ones(2, 5, dtype=torch.bool)}

@@ -94,11 +94,11 @@ def check_shards(src: Path, out: Path, info: dict, shard_size: int, num_inputs: 
         for key, m in groups.items():
             assert re.fullmatch(rf"{s:05d}\d{{4}}", key) and int(key[5:]) < count
             (ext,) = set(m) - {"txt", "json"}
-            assert sorted(m) == sorted([ext, "txt", "json"])
             meta = json.loads(m["json"])
+            assert sorted(m) == sorted([ext, "json"] + ["txt"] * bool(meta["caption"]))  # no empty txt member
             assert list(meta) == FIELDS
             assert meta["key"] == key and meta["status"] == "success" and meta["error_message"] is None
-            assert meta["caption"] == m["txt"].decode("utf-8")
+            assert meta["caption"] == m.get("txt", b"").decode("utf-8")
             assert meta["sha256"] == hashlib.sha256(m[ext]).hexdigest()
             with Image.open(io.BytesIO(m[ext])) as im:
                 assert EXT[im.format] == ext and im.size == (meta["width"], meta["height"])
@@ -198,7 +198,7 @@ def test_csv_captions(photos, tmp_path):
     check_caption_file(photos, tmp_path, path, rows)
     with pytest.raises(ValueError, match=r"has no column 'image' \(columns: file, text\)"):
         write_image_shards(photos, tmp_path / "x", captions=path, progress=False)
-    with pytest.raises(ValueError, match="must be .csv or .parquet"):
+    with pytest.raises(ValueError, match=r"must be \.csv, \.jsonl or \.parquet"):
         read_captions(tmp_path / "out" / "00000_stats.json")
 
 
@@ -285,7 +285,9 @@ def test_shard_is_renamed_only_when_complete(photos, tmp_path, monkeypatch):
 
     monkeypatch.setattr(writers, "_encode", encode)
     (out / "00001.tar.tmp").write_bytes(b"left by a killed run")
-    info = write_image_shards(photos, out, shard_size=4, progress=False)
+    with pytest.raises(ValueError, match=r"^output folder '.*out' is not empty; --overwrite"):
+        write_image_shards(photos, out, shard_size=4, progress=False)
+    info = write_image_shards(photos, out, shard_size=4, progress=False, overwrite=True)
     check_shards(photos, out, info, shard_size=4, num_inputs=10)  # stale temp file removed
 
 
@@ -329,7 +331,7 @@ def test_empty_or_missing_folder_and_wide_keys(tmp_path):
     save(tmp_path / "src/a.png", gradient(20, 10), "PNG")
     info = write_image_shards(tmp_path / "src", tmp_path / "out", shard_size=20000, progress=False)
     assert [n for n, _ in read_tar(tmp_path / "out/00000.tar")] == [  # 20000 > 10**4: 5-digit index
-        "0000000000.json", "0000000000.png", "0000000000.txt"]
+        "0000000000.json", "0000000000.png"]  # uncaptioned: no (zero-byte) txt member
     assert info["missing_caption"] == 1
 
 

@@ -47,12 +47,15 @@ class ModuleSpec:
     init or ``init_from``). ``source``: where a frozen module's weights are read (recorded in checkpoints by path
     and fingerprint). ``of``: a derived module's trainable original: it starts as a copy of it (sharded like it),
     has no grad and no optimizer state, is checkpointed (``derived.NAME.*``) and moves only by the stage's
-    ``after_step`` (a target network: an EMA of the student with its own decay schedule)."""
+    ``after_step`` (a target network: an EMA of the student with its own decay schedule). ``base``: where a trainable
+    module under model changes read its frozen base (its ``source`` before the changes; its checkpoints leave the
+    base out and record it by fingerprint)."""
     role: str
     meta: Callable[[], nn.Module]
     init: Callable[[torch.device], nn.Module] | None = None
     source: object | None = None  # difftrain.train.sources.Source
     of: str | None = None  # derived: the trainable module it copies
+    base: object | None = None  # a trainable module under model changes (adapt): the Source of its frozen base
 
     def __post_init__(self):
         if self.role not in ROLES:

@@ -54,7 +54,10 @@ class PretrainStage(Stage):
 
     @torch.no_grad()
     def frozen(self, batch: dict, step: int) -> dict:
-        return {**batch, "x0": self._x0(batch, step), "cond": self._cond(batch, step)}
+        cond = self._cond(batch, step)
+        if "control" in batch:  # a ControlNet's control image (data.control), encoded like the images
+            cond = {**cond, "control": self.vae.encode(to_unit(batch["control"].to(self.device, non_blocking=True)))}
+        return {**batch, "x0": self._x0(batch, step), "cond": cond}
 
     def frozen_pieces(self, step: int) -> list[FrozenPiece]:
         """The VAE's part (x0) and the text encoder's (cond), each with the module holding its weights."""
