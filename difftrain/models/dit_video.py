@@ -181,7 +181,8 @@ class VideoDiT(DiT):
         from difftrain.models.dit_export import ExportError
 
         return ExportError(f"cannot {what} (model.frames={self.config.frames}): diffusers' DiTTransformer2DModel "
-                           "and PixArtTransformer2DModel are image models")
+                           "and PixArtTransformer2DModel are image models, and LatteTransformer3DModel's layers are "
+                           "two whole blocks each (docs/ARCHITECTURE.md, Export)")
 
     def save_diffusers(self, state: dict[str, torch.Tensor], out_dir) -> str:
         raise self._no_diffusers("export a video DiT to diffusers")
