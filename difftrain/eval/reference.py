@@ -22,7 +22,7 @@ import torch
 def _files(source: str) -> list[Path]:
     p = Path(source)
     if p.is_dir():
-        from difftrain.data.writers import find_images
+        from difftrain.data.folder import find_images
 
         return [p / f for f in find_images(p)]
     from difftrain.data.spec import parse_spec
@@ -77,7 +77,7 @@ def _read_folder(root: Path, n: int, image_size: int, channels: int) -> dict:
     from PIL import Image
 
     from difftrain.data.images import ImageTransform
-    from difftrain.data.writers import find_images
+    from difftrain.data.folder import find_images
 
     names = find_images(root)[:n]
     if not names:

@@ -19,8 +19,8 @@ from PIL import Image
 
 from difftrain.config import ConfigError
 from difftrain.data import writers
-from difftrain.data.writers import (add_shards_args, find_images, read_captions, run_shards,
-                                    sample_photo_folder, write_image_shards)
+from difftrain.data.folder import find_images, read_captions
+from difftrain.data.writers import add_shards_args, run_shards, sample_photo_folder, write_image_shards
 
 try:
     import pyarrow  # noqa: F401
