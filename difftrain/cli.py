@@ -104,6 +104,7 @@ def _cmd_sample(args) -> None:
 
 
 def _cmd_export(args) -> None:
+    import copy
     import dataclasses
 
     import torch
@@ -113,7 +114,13 @@ def _cmd_export(args) -> None:
     from difftrain.eval.generator import load_run
     from difftrain.train.build import read_model_config
 
-    g = load_run(args.run, torch.device("cpu"))
+    from difftrain.finetune.adapt import changes_of, merge_changes
+    from difftrain.finetune.lora import LoRA
+
+    g = load_run(args.run, torch.device("cpu"), merge=False)  # read once: the adapters as trained, then merged
+    changes = changes_of(g.cfg)
+    unmerged = copy.deepcopy(g.model) if any(isinstance(c, LoRA) for c in changes) else None
+    merge_changes(g.model, changes)
     if g.cfg.diffusion.target == "x_eps":
         from difftrain.models.dit_export import ExportError
 
@@ -129,15 +136,9 @@ def _cmd_export(args) -> None:
         cls_name, scheduler, pipeline = export_pipeline(g, state, args.out)
     else:
         (Path(args.out) / "model_index.json").unlink(missing_ok=True)  # an earlier --pipeline export's: now stale
-        if getattr(g.model, "control", None) is not None:  # a ControlNet run: the base, then the branch beside it
-            from difftrain.finetune.controlnet_export import export_controlnet, without_branch
+        from difftrain.finetune.controlnet_export import save_served
 
-            with without_branch(g.model):
-                cls_name = g.model.save_diffusers({k: v for k, v in state.items() if not k.startswith("control.")},
-                                                  args.out)
-            controlnet = export_controlnet(g.model, state, args.out)
-        else:
-            cls_name = g.model.save_diffusers(state, args.out)
+        cls_name, controlnet = save_served(g.model, state, args.out)  # a ControlNet's branch beside the base
         # how the served model samples, as a stock diffusers scheduler (DIR/scheduler), or the reason there is none
         scheduler = write_scheduler(args.out, g.diffusion, g.sampling.sampler, g.sampling.steps)
     meta = {"step": g.step, "diffusers_class": cls_name, "timestep_scale": 1000.0, "arch": read_model_config(args.run)[0],
@@ -150,7 +151,7 @@ def _cmd_export(args) -> None:
         meta["pipeline"] = pipeline
     from difftrain.finetune.lora_export import export_run_adapters
 
-    lora = export_run_adapters(args.run, g.cfg, args.out)  # a LoRA run: its adapters too, for its base (lora.base)
+    lora = export_run_adapters(unmerged, changes, args.run, g.step, g.cfg, args.out)  # for its base (lora.base)
     if lora:
         meta["lora"] = lora
     (Path(args.out) / "difftrain.json").write_text(json.dumps(meta, indent=1))
@@ -190,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("--video", action="store_true", help="moving digits as mp4 (video2dataset layout)")
     dd.add_argument("--image-size", type=int, help="pixels (default: 16, video 32)")
     dd.add_argument("--seed", type=int, default=0)
-    dd.add_argument("--style", default="plain", choices=["plain", "bold"],
+    from difftrain.data.demo import STYLES
+
+    dd.add_argument("--style", default="plain", choices=sorted(STYLES),
                     help="how the digits are drawn (bold: thickened strokes, a new style to fine-tune to)")
     dd.set_defaults(fn=_cmd_demo)
     from difftrain.data.encode import add_encode_args

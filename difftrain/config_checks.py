@@ -143,7 +143,7 @@ def check_controlnet(cfg: Config, changes: list) -> None:
     """A ControlNet trains on control images (``data.control``) with the pretraining objective, unpipelined; control
     images are read only for one."""
     controlnet = next((c for c in changes if c.kind == "controlnet"), None)
-    control = getattr(cfg.data, "control", "")
+    control = cfg.data.control
     if controlnet is None:
         if control:
             raise ConfigError(f"config key 'data.control' = {control!r}: no model change reads control images "

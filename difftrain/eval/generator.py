@@ -58,7 +58,9 @@ def count_nfe(sampler: str, steps: int, path) -> int:
     return calls[0]
 
 
-def load_run(run_dir: str | Path, device: torch.device) -> Generator:
+def load_run(run_dir: str | Path, device: torch.device, merge: bool = True) -> Generator:
+    """A run's served module with its EMA weights, ready to sample; ``merge=False`` leaves its model changes
+    (``adapt``) applied, unmerged (``load_run_weights``)."""
     from difftrain.train.build import read_model_config
     from difftrain.train.sources import load_run_weights
 
@@ -69,7 +71,7 @@ def load_run(run_dir: str | Path, device: torch.device) -> Generator:
     from difftrain.models import registry
 
     model = registry.materialize(registry.build(arch, acfg), device, seed=0)
-    step = load_run_weights(run, model, which="ema")  # the served module of the run's stage
+    step = load_run_weights(run, model, which="ema", merge=merge)  # the served module of the run's stage
     from difftrain.train.sources import run_config
     from difftrain.train.stages import STAGES
 

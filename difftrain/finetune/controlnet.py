@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -91,19 +92,23 @@ class ControlNet(Change):
 
 
 def control_input(path: str, pixels: tuple[int, int], channels: int, vae, device) -> torch.Tensor:
-    """A control image file as the model reads it: decoded (PIL, never unpickled), ``channels`` 3 or 1, resized to
-    ``pixels`` = (H, W), in [-1, 1], encoded by the run's VAE (pixel space: as is) -> [1, C, h, w]; a file that does
-    not decode is a one-line error naming it."""
+    """A control image file as the model reads it: decoded as the loader decodes images (``open_image``: PNG, JPEG,
+    WEBP, never unpickled, size-checked), ``channels`` 3 or 1, resized to ``pixels`` = (H, W), in [-1, 1], encoded
+    by the run's VAE (pixel space: as is) -> [1, C, h, w]; a file that does not decode is a one-line error naming
+    it."""
     import numpy as np
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
+    from difftrain.data.decode import SkipSample, open_image
     from difftrain.data.images import to_mode, to_unit
 
     try:
-        with Image.open(path) as img:
-            img = to_mode(img, channels).resize((pixels[1], pixels[0]), Image.Resampling.BICUBIC)
-    except (OSError, UnidentifiedImageError) as e:
-        raise ConfigError(f"--control '{path}' is not a readable image ({type(e).__name__}: {e})") from None
+        img = open_image(Path(path).read_bytes(), 0, f"--control '{path}'")
+    except OSError as e:
+        raise ConfigError(f"--control '{path}' cannot be read ({type(e).__name__}: {e})") from None
+    except SkipSample as e:
+        raise ConfigError(str(e)) from None
+    img = to_mode(img, channels).resize((pixels[1], pixels[0]), Image.Resampling.BICUBIC)
     a = torch.from_numpy(np.array(img, dtype=np.uint8)).reshape(pixels[0], pixels[1], channels)
     with torch.no_grad():
         return vae.encode(to_unit(a.permute(2, 0, 1)[None].to(device)))

@@ -76,6 +76,16 @@ def export_controlnet(model, state: dict[str, torch.Tensor], out_dir: str | Path
     return f"ControlNet ({n} blocks) in {folder}: {RESEARCH_CLASS} layout and {OURS}.safetensors"
 
 
+def save_served(model, state: dict[str, torch.Tensor], out_dir: str | Path) -> tuple[str, str | None]:
+    """``model.save_diffusers`` of the served model's ``state``; a ControlNet's base as usual and its branch beside it
+    (:func:`export_controlnet`). Returns (the diffusers class, the branch's line or None)."""
+    if getattr(model, "control", None) is None:
+        return model.save_diffusers(state, out_dir), None
+    with without_branch(model):
+        cls_name = model.save_diffusers({k: v for k, v in state.items() if not k.startswith("control.")}, out_dir)
+    return cls_name, export_controlnet(model, state, out_dir)
+
+
 def load_controlnet(model, folder: str | Path, device) -> bool:
     """Add the branch an export holds (``folder/controlnet``) to ``model``, with its weights; False when none."""
     from difftrain.finetune.controlnet import ControlNet, ControlNetArgs

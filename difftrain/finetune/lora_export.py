@@ -145,12 +145,11 @@ def export_adapters(model: nn.Module, changes: list, out_dir: str | Path) -> dic
 
 def base_of(state: dict, cfg) -> dict | None:
     """The frozen base a run's adapters apply to: the checkpoint's record of it (``train_state["base"]``: source and
-    fingerprint), else the run's ``init_from`` fingerprinted now; None for a base the run drew from its seed (kept in
+    fingerprint), else (a checkpoint written before it kept one) the run's ``init_from`` fingerprinted now; None for a base the run drew from its seed (kept in
     its checkpoints, not exported by itself)."""
     from difftrain.train.sources import Source
 
-    records = state.get("base") or {}  # by trainable module; a served derived copy (a target network) shares its base
-    record = records.get(state.get("served")) or (next(iter(records.values())) if len(records) == 1 else None)
+    record = (state.get("base") or {}).get(state.get("served"))  # a served derived copy has its original's record
     if record is not None:
         return {k: record[k] for k in ("source", "step", "sha256") if k in record}
     if cfg.init_from:
@@ -158,27 +157,19 @@ def base_of(state: dict, cfg) -> dict | None:
     return None
 
 
-def export_run_adapters(run: str | Path, cfg, out_dir: str | Path) -> dict | None:
-    """``difftrain export``'s part for a run trained with LoRA (``adapt``): the adapters of its newest complete
-    checkpoint (EMA weights) under ``out_dir/lora/``; returns ``{"base": ..., "adapters": ...}`` for
-    ``difftrain.json`` (with ``not_written``, the reason, and no adapters when the run has other model changes too),
-    or None when the run has no LoRA."""
-    from difftrain.finetune.adapt import changes_of
-    from difftrain.models import registry
-    from difftrain.train.build import read_model_config
+def export_run_adapters(model: nn.Module, changes: list, run: str | Path, step: int, cfg,
+                        out_dir: str | Path) -> dict | None:
+    """``difftrain export``'s part for a run trained with LoRA (``adapt``): the adapters of ``model`` (the run's
+    served module as read for serving, EMA weights, its ``changes`` applied and not merged) under ``out_dir/lora/``;
+    returns ``{"base": ..., "adapters": ...}`` for ``difftrain.json`` (with ``not_written``, the reason, and no
+    adapters when the run has other model changes too), or None when the run has no LoRA."""
     from difftrain.train.checkpoint import read_train_state, step_dir
-    from difftrain.train.sources import load_run_weights
 
-    changes = changes_of(cfg)
     if not any(isinstance(c, LoRA) for c in changes):
         return None
     others = sorted({c.kind for c in changes if not isinstance(c, LoRA)})
     if others:  # the adapters alone would serve the base without these: only the merged model is the run's
         return {"base": None, "adapters": {}, "not_written": f"the run also has model changes ({', '.join(others)}) "
                 "that a LoRA file does not carry: serve the merged model"}
-    run = Path(run)
-    arch, acfg = read_model_config(run)
-    model = registry.materialize(registry.build(arch, acfg), torch.device("cpu"), seed=0)
-    step = load_run_weights(run, model, which="ema", merge=False)
-    state = read_train_state(step_dir(run / "checkpoints", step))
+    state = read_train_state(step_dir(Path(run) / "checkpoints", step))
     return {"base": base_of(state, cfg), "adapters": export_adapters(model, changes, out_dir)}

@@ -57,7 +57,6 @@ import torch
 from difftrain.models.dit_export import ExportError
 
 PIPELINE = "PixArtSigmaPipeline"
-MERGED = ("lora", "difffit")  # model changes that export merged into the plain transformer
 TRANSFORMER, VAE_DIR, TEXT_DIR, TOKENIZER_DIR = "transformer", "vae", "text_encoder", "tokenizer"
 
 
@@ -72,10 +71,11 @@ def refusal(g) -> str | None:
                 f"{g.cfg.model.num_classes}) and no initial latents")
     if g.cond != "text":
         return "unconditional: no stock diffusers pipeline serves an unconditional DiT / UNet from initial latents"
-    for i, entry in enumerate(g.cfg.adapt):  # LoRA and DiffFit merge into the plain transformer; others add inputs
-        kind = entry.get("kind") if isinstance(entry, dict) else None
-        if kind not in MERGED:
-            return (f"adapt[{i}].kind = {kind!r}: the served model takes more than the plain transformer (a control "
+    from difftrain.finetune.adapt import changes_of
+
+    for c in changes_of(g.cfg):  # LoRA and DiffFit merge into the plain transformer; a ControlNet adds an input
+        if not c.mergeable:
+            return (f"{c.key}.kind = {c.kind!r}: the served model takes more than the plain transformer (a control "
                     "image), which the PixArt pipelines cannot pass")
     if not g.cfg.encoders.vae:
         return "pixel space (encoders.vae unset): the PixArt pipelines decode through a VAE"

@@ -194,9 +194,9 @@ class Trainer:
     def _show_size(self, tensors: dict) -> None:
         """One line at the first save: the bytes a checkpoint holds (whole tensors, summed over ranks), and for
         model changes over a base with a source, what is left out."""
-        size = ckpt.checkpoint_bytes(tensors)
         if self.rank != 0:
             return
+        size = ckpt.checkpoint_bytes(tensors)
         line = f"checkpoint size: {size / 2**20:.2f} MiB of tensors per save"
         if self.base_sources:
             left = ", ".join(f"'{n}' base {r['source']} (fingerprint {r['sha256']})" for n, r in self.base_sources.items())

@@ -12,8 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from difftrain.finetune.controlnet import ControlNet, ControlNetArgs
-from difftrain.finetune.controlnet_export import RESEARCH_CLASS, export_controlnet, load_controlnet, without_branch
-from difftrain.models.dit_export import export_dit_diffusers
+from difftrain.finetune.controlnet_export import RESEARCH_CLASS, load_controlnet, save_served
 from tests.unit.test_dit_export import random_model, tiny
 
 diffusers = pytest.importorskip("diffusers")
@@ -29,11 +28,8 @@ def _controlnet_model(cfg, layers: int):
     return model.eval()
 
 
-def _export(model, out) -> str:
-    state = model.state_dict()
-    with without_branch(model):
-        name = export_dit_diffusers(model, {k: v for k, v in state.items() if not k.startswith("control.")}, out)
-    return name, export_controlnet(model, state, out)
+def _export(model, out) -> tuple[str, str]:
+    return save_served(model, model.state_dict(), out)  # difftrain export's path
 
 
 def _research_forward(ref, blocks, x, t, states, control):
