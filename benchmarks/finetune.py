@@ -1,10 +1,13 @@
 """Fine-tuning the digits model to a style it has not seen (bold strokes): full fine-tuning vs LoRA (r = 4, 16, 64)
 vs DiffFit, in FID, class accuracy, trainable parameters, per-rank gradient + optimizer bytes and step time.
 
-    python benchmarks/finetune.py                  # the full run (resumable; ~28 min on 2 shared cores)
-    python benchmarks/finetune.py --quick          # every piece at toy size (6 min): checks the script
+    python benchmarks/finetune.py                  # the full run (resumable; ~28 min on 2 shared cores,
+                                                   # + ~13 min for the ControlNet)
+    python benchmarks/finetune.py --quick          # every piece at toy size (6 min, + ~7 for the ControlNet's
+                                                   # evaluation: 2 x 180 samples at 25 steps): checks the script
     python benchmarks/finetune.py --dir runs/bench_finetune_400 --base runs/bench_finetune/campaign/base \
         --methods full,lora4 --ft-steps 400 --seeds 2   # longer fine-tuning from the same base
+    python benchmarks/finetune.py --methods controlnet  # the base and the ControlNet only (~20 min)
 
 Everything is the real CLI under torchrun (2 gloo processes). ``difftrain data demo`` writes the digits twice, plain
 and ``--style bold`` (the same split, keys and captions, every stroke dilated: ``difftrain/data/demo.py``). One
@@ -20,6 +23,18 @@ text-conditional DiT-T/2, rectified flow) and fine-tunes it on the bold training
   Xie et al. 2023; lr 1e-3).
 
 The rates were not tuned: the adapters at 5x full fine-tuning's, as parameter-efficient methods usually run higher.
+
+``controlnet`` (issue 17's class-match test) fine-tunes the same base, once (seed 0), with :data:`CONTROLNET`:
+``adapt: [{kind: controlnet}]`` (PixArt-δ's branch, ``difftrain/finetune/controlnet.py``) on the *plain* training
+split with ``data.control: edges`` (the Sobel edge map of each training image, computed by the loader after its crop
+and flip) and captions dropped half the time, as ControlNet's training replaces 50% of the prompts with empty
+strings so the branch learns the content of the control image (Zhang et al. 2023, arXiv 2302.05543, Sec. 3.4); the
+demo config's 0.1 keeps the empty prompt in distribution too, but gives the branch few steps where only the control
+tells the digit. :func:`controlnet_match` then samples the run in-process (``load_run``, as ``difftrain sample``
+serves it), one sample per plain held-out image, with an *empty* prompt and the run's sampler, steps and CFG scale:
+with that image's edge map (computed by the loader's own ``apply_control``, encoded as the trainer encodes it) at
+scale 1, and without a control image; the plain digits classifier labels every sample, and
+``controlnet_class_match`` (``_off``) is the fraction whose label is the held-out image's (~0.1 by chance).
 
 All use the same batch, steps, warmup, constant schedule and an EMA (decay 0.95) that the evaluation samples.
 ``difftrain eval`` then scores, per seed s, every method's run fine-tuned with seed s (and the base, not fine-tuned)
@@ -37,7 +52,9 @@ line of ``key=value`` figures: ``lora_vs_full_fid`` (the paired ratio of LoRA's 
 headline rank :data:`HEADLINE`, the largest whose trainable share is within the issue's 5%; ``lora{r}_vs_full_fid``
 for every rank, with ``_lo`` / ``_hi``: 95% t-intervals over the seeds), ``lora_param_pct``,
 ``lora_vs_full_optim_mem`` (the ratio of the measured per-rank gradient + optimizer bytes), ``controlnet_class_match``
-(nan: the ControlNet of issue 17 is not built yet), per-method FID, class accuracy, trainable %, bytes and step time.
+and ``controlnet_class_match_off`` (with and without the control image; ``DIR/controlnet_eval.json``, the grid
+``DIR/controlnet_samples.png``), per-method FID, class accuracy, trainable %, bytes and step time. ``--methods
+controlnet`` runs the base and the ControlNet only (and prints only their figures).
 """
 from __future__ import annotations
 
@@ -54,8 +71,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "benchmarks")]
 from distill import run, torchrun  # noqa: E402  (the sibling benchmark's launchers)
 SEEDS = [0, 1, 2]
-FULL = {"base": 400, "ft": 100, "samples": 500, "steps": 12, "rounds": 10}
-QUICK = {"base": 20, "ft": 4, "samples": 100, "steps": 4, "rounds": 2}
+FULL = {"base": 400, "ft": 100, "samples": 500, "steps": 12, "rounds": 10, "controlnet": 600}
+QUICK = {"base": 20, "ft": 4, "samples": 100, "steps": 4, "rounds": 2, "controlnet": 4}
 # method -> its fine-tuning overrides (on top of COMMON_FT)
 METHODS = {
     "full": ["optim.lr=2e-4"],
@@ -69,17 +86,24 @@ METHODS = {
 LORA_RANKS = [4, 16, 64]
 HEADLINE = 4  # the headline LoRA rank: the largest of LORA_RANKS within 5% trainable parameters on DiT-T/2
 COMMON_FT = ["data.batch_size=32", "optim.warmup_steps=10", "optim.schedule=constant", "optim.ema_decay=0.95"]
+# the ControlNet's fine-tuning overrides (on top of COMMON_FT; on the plain training split, seed 0)
+CONTROLNET = ["adapt=[{kind: controlnet}]", "data.control=edges", "data.caption_dropout=0.5", "optim.lr=1e-3"]
 
 
-def campaign_yaml(d: Path, data: dict, n: dict, methods: list[str], base: str = "") -> str:
-    """The campaign: the base (unless ``base`` names a trained run) and every method x seed fine-tuned from it."""
+def campaign_yaml(d: Path, data: dict, n: dict, methods: list[str], base: str = "", controlnet: bool = False) -> str:
+    """The campaign: the base (unless ``base`` names a trained run), every method x seed fine-tuned from it on the
+    bold digits and (``controlnet``) the ControlNet on the plain digits' edge maps."""
     common = "[data.num_workers=1, eval.every=0, run.sample_every=0, run.log_every=25, run.progress=false]"
     origin = [f"init_from={base}@ema"] if base else []
-    stages = "".join(
-        f"  {m}_s{s}: {{{'' if base else 'from: base, '}overrides: [run.steps={n['ft']}, run.seed={s}, "
-        f"run.ckpt_every=0, data.train={data['bold']['train']}, "
-        + ", ".join(f'"{o}"' for o in origin + COMMON_FT + METHODS[m]) + "]}\n"
-        for s in SEEDS for m in methods)
+
+    def stage(name: str, steps: int, seed: int, train: str, overrides: list[str]) -> str:
+        return (f"  {name}: {{{'' if base else 'from: base, '}overrides: [run.steps={steps}, run.seed={seed}, "
+                f"run.ckpt_every=0, data.train={train}, " + ", ".join(f'"{o}"' for o in origin + overrides) + "]}\n")
+
+    stages = "".join(stage(f"{m}_s{s}", n["ft"], s, data["bold"]["train"], COMMON_FT + METHODS[m])
+                     for s in SEEDS for m in methods)
+    if controlnet:
+        stages += stage("controlnet", n["controlnet"], 0, data["plain"]["train"], COMMON_FT + CONTROLNET)
     base_stage = "" if base else (f"  base: {{overrides: [run.steps={n['base']}, run.ckpt_every=500, "
                                   f"data.train={data['plain']['train']}]}}\n")
     return f"""# written by benchmarks/finetune.py
@@ -101,6 +125,68 @@ def evaluate(d: Path, data: dict, n: dict, models: list[str], seed: int, log: Pa
                      "--extractor", "digits:bold", "--samples", str(n["samples"]), "--steps", str(n["steps"]),
                      "--sampler", "dpmpp_2m", "--seed", str(seed), "--out", str(out)], log)
     return [{**r, "model": m, "seed": seed} for m, r in zip(models, json.loads(done.read_text()))]
+
+
+def controlnet_match(d: Path, data: dict, run_dir: Path, grid_n: int = 10) -> dict:
+    """Class match of the ControlNet run ``run_dir``: one sample per plain held-out image, empty prompt, the run's
+    sampler, steps and CFG scale (sampling seed 0), with that image's control image at scale 1 and without any;
+    the plain digits classifier labels them. Cached in DIR/controlnet_eval.json under the run's weights'
+    fingerprint; writes DIR/controlnet_samples.png (one column per digit 0 .. ``grid_n`` - 1, its first held-out
+    image; rows: the control image, the sample with it, the sample without)."""
+    import numpy as np
+    import torch
+
+    from difftrain.data.control import apply_control, check_control
+    from difftrain.data.images import to_unit
+    from difftrain.eval.extractors import build_extractor
+    from difftrain.eval.generator import load_run
+    from difftrain.eval.reference import featurize, read_reference
+    from difftrain.finetune.controlnet import control_space, to_control
+    from difftrain.sampling import generate, grid, sample_shape, save_png
+
+    out = d / "controlnet_eval.json"
+    g = load_run(run_dir, torch.device("cpu"))  # the run's served model (base + branch), its EMA weights
+    if out.is_file() and json.loads(out.read_text()).get("fingerprint") == g.fingerprint:
+        return json.loads(out.read_text())
+    t0 = time.time()
+    shape = sample_shape(g.acfg)
+    side = shape[-1] * g.vae.downsample_factor
+    ref = read_reference(data["plain"]["val"], data["plain"]["num_val"], side, g.cfg.data.channels)
+    labels = ref["labels"]
+    if (labels < 0).any():
+        sys.exit(f"{data['plain']['val']}: held-out images without a label; the class match needs them")
+    # each held-out image's control image as the loader makes it for training (the run's data.control transform on
+    # the decoded uint8 [C, H, W] image), then as the trainer feeds it (PretrainStage.frozen): to [-1, 1], then into
+    # the model's control space (the DiT's: encoded by the run's VAE, as its images are)
+    fn = check_control(g.cfg.data.control)
+    ctrl = torch.stack([apply_control(fn, g.cfg.data.control, im.permute(2, 0, 1), g.cfg.data.channels)
+                        for im in ref["images"]])  # uint8 [N, C, H, W]
+    with torch.no_grad():
+        control = to_control(to_unit(ctrl.to(g.device)), control_space(g.cfg), g.vae)
+    how, n = g.sampling, len(labels)
+    samples = {}
+    for name, c in (("on", control), ("off", None)):
+        samples[name] = generate(g.model, g.diffusion, g.conditioner, g.vae, n=n, shape=shape, steps=how.steps,
+                                 sampler=how.sampler, guidance=how.guidance, seed=0, device=g.device,
+                                 captions=[""] * n, control=c, control_scale=1.0)  # uint8 [N, H, W, C]
+    classifier = build_extractor("digits")
+
+    def classify(images) -> torch.Tensor:
+        return featurize(classifier, torch.as_tensor(images))["logits"].argmax(1)
+
+    pred = {k: classify(v) for k, v in samples.items()}
+    res = {"fingerprint": g.fingerprint, "step": g.step, "sampler": how.sampler, "steps": how.steps,
+           "guidance": how.guidance, "n": n, "match": float((pred["on"] == labels).float().mean()),
+           "match_off": float((pred["off"] == labels).float().mean()),
+           "real_acc": float((classify(ref["images"]) == labels).float().mean()),  # the classifier on the images
+           "labels": labels.tolist(), "pred_on": pred["on"].tolist(), "pred_off": pred["off"].tolist(),
+           "eval_s": time.time() - t0}
+    rows = [int((labels == k).nonzero()[0]) for k in range(grid_n) if (labels == k).any()]
+    pics = np.concatenate([ctrl[rows].permute(0, 2, 3, 1).numpy(), samples["on"][rows], samples["off"][rows]])
+    big = grid(pics, nrow=len(rows)).repeat(4, 0).repeat(4, 1)  # rows: control, with it, without; 4x, nearest
+    save_png(big, d / "controlnet_samples.png")
+    out.write_text(json.dumps(res))
+    return res
 
 
 # ------------------------------------------------------------------------------------------------------- the probe
@@ -204,6 +290,14 @@ def mean_ci(values: list[float]) -> tuple[float, float, float]:
     return m, m - half, m + half
 
 
+def binomial_ci(k: int, n: int) -> tuple[float, float]:
+    """95% Clopper-Pearson interval of a proportion k / n (Clopper & Pearson 1934: exact, from beta quantiles)."""
+    from scipy.stats import beta
+
+    return (float(beta.ppf(0.025, k, n - k + 1)) if k > 0 else 0.0,
+            float(beta.ppf(0.975, k + 1, n - k)) if k < n else 1.0)
+
+
 def paired_ratio(a: list[float], b: list[float]) -> tuple[float, float, float]:
     """a/b paired by seed: geometric mean and 95% t-interval of the log ratios (one seed: no interval)."""
     from pipeline import ratio_ci
@@ -239,9 +333,12 @@ def main() -> None:
     ap.add_argument("--dir", default="runs/bench_finetune")
     ap.add_argument("--quick", action="store_true", help="toy sizes: checks every piece in a few minutes")
     ap.add_argument("--seeds", type=int, default=len(SEEDS), help="seeds 0..N-1 (default 3)")
-    ap.add_argument("--methods", default=",".join(METHODS), help=f"a comma-separated subset of {', '.join(METHODS)}"
-                    " (full is always in: the ratios are to it)")
+    ap.add_argument("--methods", default=",".join([*METHODS, "controlnet"]),
+                    help=f"a comma-separated subset of {', '.join(METHODS)}, controlnet (full is in with any of the "
+                    "others: the ratios are to it; controlnet alone: the base and the ControlNet only)")
     ap.add_argument("--ft-steps", type=int, default=0, help="fine-tuning steps (default 100, --quick 4)")
+    ap.add_argument("--base-steps", type=int, default=0, help="the base's pre-training steps (default 400, --quick 20)")
+    ap.add_argument("--controlnet-steps", type=int, default=0, help="the ControlNet's steps (default 600, --quick 4)")
     ap.add_argument("--base", default="", help="a trained base run to fine-tune (default: DIR/campaign/base, "
                     "trained here on the plain digits)")
     ap.add_argument("--probe", help=argparse.SUPPRESS)  # the torchrun worker of the memory/time probe
@@ -249,10 +346,15 @@ def main() -> None:
     if a.probe:
         return probe(Path(a.probe))
     SEEDS[:] = list(range(a.seeds))
-    n = {**(QUICK if a.quick else FULL), **({"ft": a.ft_steps} if a.ft_steps else {})}
-    wanted = ["full", *(m for m in a.methods.split(",") if m != "full")]
-    if any(m not in METHODS for m in wanted):
-        sys.exit(f"--methods {a.methods}: each must be one of {', '.join(METHODS)}")
+    n = {**(QUICK if a.quick else FULL), **({"ft": a.ft_steps} if a.ft_steps else {}),
+         **({"base": a.base_steps} if a.base_steps else {}),
+         **({"controlnet": a.controlnet_steps} if a.controlnet_steps else {})}
+    asked = a.methods.split(",")
+    if any(m not in METHODS and m != "controlnet" for m in asked):
+        sys.exit(f"--methods {a.methods}: each must be one of {', '.join(METHODS)}, controlnet")
+    with_controlnet = "controlnet" in asked
+    asked = [m for m in asked if m != "controlnet"]
+    wanted = ["full", *(m for m in asked if m != "full")] if asked else []
     d = (REPO / a.dir).resolve() if not Path(a.dir).is_absolute() else Path(a.dir)
     d.mkdir(parents=True, exist_ok=True)
     log = d / "log.txt"
@@ -271,9 +373,27 @@ def main() -> None:
         data[style] = {"train": str(folder / "train" / "{00000..00006}.tar"),
                        "val": str(folder / "val" / "{00000..00000}.tar"), "num_val": 180}
     base_run = str(Path(a.base).resolve()) if a.base else str(d / "campaign" / "base")
-    (d / "campaign.yaml").write_text(campaign_yaml(d, data, n, methods, a.base and base_run))
+    (d / "campaign.yaml").write_text(campaign_yaml(d, data, n, methods, a.base and base_run, with_controlnet))
     print(f"campaign {d / 'campaign.yaml'} (log {log})", flush=True)
     torchrun(2, ["campaign", str(d / "campaign.yaml"), "--skip-eval"], log)
+    tail = {"controlnet_class_match": float("nan"), "controlnet_class_match_off": float("nan")}
+    if with_controlnet:
+        cn = controlnet_match(d, data, d / "campaign" / "controlnet")
+        hits = sum(p == y for p, y in zip(cn["pred_on"], cn["labels"]))
+        lo, hi = binomial_ci(hits, cn["n"])
+        cn_wall = json.loads((d / "campaign" / "controlnet" / "campaign.json").read_text()).get("wall_s")
+        print(f"controlnet ({n['controlnet']} steps, train wall {cn_wall} s): class match with the control image "
+              f"{cn['match']:.3f} ({hits}/{cn['n']}; 95% CI [{lo:.3f}, {hi:.3f}]), without {cn['match_off']:.3f} "
+              f"({cn['n']} plain held-out images, empty prompt, {cn['sampler']} {cn['steps']} steps, CFG "
+              f"{cn['guidance']}; the classifier on the images themselves {cn['real_acc']:.3f}; grid "
+              f"{d / 'controlnet_samples.png'}; sampling + scoring {cn['eval_s']:.0f} s)", flush=True)
+        tail = {"controlnet_class_match": cn["match"], "controlnet_class_match_lo": lo,
+                "controlnet_class_match_hi": hi, "controlnet_class_match_off": cn["match_off"]}
+    if not methods:  # --methods controlnet: the base and the ControlNet only
+        figures = {**tail, "controlnet_steps": n["controlnet"], "base_steps": n["base"], "quick": int(a.quick),
+                   "load_avg_start": load, "wall_s": time.time() - t0}
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()))
+        return
     walls = {}
     for m in methods:
         w = [json.loads((d / "campaign" / f"{m}_s{s}" / "campaign.json").read_text()).get("wall_s") for s in SEEDS]
@@ -330,9 +450,10 @@ def main() -> None:
     figures = {"lora_vs_full_fid": figures[f"{h}_vs_full_fid"], "lora_vs_full_fid_lo": figures[f"{h}_vs_full_fid_lo"],
                "lora_vs_full_fid_hi": figures[f"{h}_vs_full_fid_hi"], "lora_rank": int(h[len("lora"):]),
                "lora_param_pct": pct[h], "lora_vs_full_optim_mem": mem[h] / mem["full"],
-               "controlnet_class_match": float("nan"), "base_fid": base["fid"], **figures,
-               "seeds": len(SEEDS), "ft_steps": n["ft"], "base_steps": n["base"], "quick": int(a.quick),
-               "load_avg_start": load, "wall_s": time.time() - t0}
+               **tail, "base_fid": base["fid"], **figures,
+               "seeds": len(SEEDS), "ft_steps": n["ft"],
+               **({"controlnet_steps": n["controlnet"]} if with_controlnet else {}), "base_steps": n["base"],
+               "quick": int(a.quick), "load_avg_start": load, "wall_s": time.time() - t0}
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()))
 
 

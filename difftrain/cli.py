@@ -5,6 +5,7 @@
     difftrain data stat "data/photos/{00000..00003}.tar" data.image_size=256
     torchrun --nproc_per_node=2 -m difftrain data encode configs/demo.yaml --out data/digits_latent
     torchrun --nproc_per_node=2 -m difftrain train configs/demo.yaml run.dir=runs/demo optim.lr=3e-4
+    difftrain launch configs/demo.yaml --target slurm --nodes 4 --gpus-per-node 8 --out job.sbatch  # or torchrun ...
     torchrun --nproc_per_node=2 -m difftrain distill pairs runs/demo --out data/pairs --count 4096  # reflow pairs
     difftrain sample runs/demo --num 64 --steps 50 --prompt "a handwritten digit 7" --out out/
     difftrain eval runs/demo --ref "data/digits/val/{00000..00000}.tar" --extractor digits --steps 4,8,16
@@ -86,10 +87,12 @@ def _cmd_sample(args) -> None:
         from difftrain.config import ConfigError
         from difftrain.finetune.controlnet import control_input
 
-        if getattr(g.model, "control", None) is None:
-            raise ConfigError(f"--control: '{args.run}' has no ControlNet (config adapt: [{{kind: controlnet}}])")
+        if all(getattr(g.model, m, None) is None for m in ("control", "adapter")):
+            raise ConfigError(f"--control: '{args.run}' has no ControlNet or T2I-Adapter (config adapt: "
+                              "[{kind: controlnet}] or [{kind: t2i_adapter}])")
         h, w = (side * g.vae.downsample_factor for side in sample_shape(g.acfg)[-2:])  # the run's pixels
-        control = control_input(args.control, (h, w), g.cfg.data.channels, g.vae, g.device)
+        space = getattr(getattr(g.model, "control", None), "space", "latents")  # the UNet's ControlNet: pixels
+        control = control_input(args.control, (h, w), g.cfg.data.channels, g.vae, g.device, space)
     images = generate(g.model, g.diffusion, g.conditioner, g.vae, n=args.num, shape=sample_shape(g.acfg),
                       steps=args.steps or how.steps, sampler=sampler_name(args.sampler or how.sampler),
                       guidance=how.guidance if args.guidance is None else args.guidance, seed=args.seed,
@@ -119,6 +122,11 @@ def _cmd_export(args) -> None:
 
     g = load_run(args.run, torch.device("cpu"), merge=False)  # read once: the adapters as trained, then merged
     changes = changes_of(g.cfg)
+    refusal = next((r for r in (c.export_refusal() for c in changes) if r), None)
+    if refusal:
+        from difftrain.models.dit_export import ExportError
+
+        raise ExportError(f"cannot export {args.run}: {refusal}")
     unmerged = copy.deepcopy(g.model) if any(isinstance(c, LoRA) for c in changes) else None
     merge_changes(g.model, changes)
     if g.cfg.diffusion.target == "x_eps":
@@ -136,9 +144,9 @@ def _cmd_export(args) -> None:
         cls_name, scheduler, pipeline = export_pipeline(g, state, args.out)
     else:
         (Path(args.out) / "model_index.json").unlink(missing_ok=True)  # an earlier --pipeline export's: now stale
-        from difftrain.finetune.controlnet_export import save_served
+        from difftrain.finetune.served import save_served
 
-        cls_name, controlnet = save_served(g.model, state, args.out)  # a ControlNet's branch beside the base
+        cls_name, controlnet = save_served(g.model, state, args.out)  # a ControlNet's / T2I-Adapter's beside the base
         # how the served model samples, as a stock diffusers scheduler (DIR/scheduler), or the reason there is none
         scheduler = write_scheduler(args.out, g.diffusion, g.sampling.sampler, g.sampling.steps)
     meta = {"step": g.step, "diffusers_class": cls_name, "timestep_scale": 1000.0, "arch": read_model_config(args.run)[0],
@@ -225,6 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=3e-4")
     t.set_defaults(fn=_cmd_train)
 
+    la = sub.add_parser("launch", help="print (or --out: write) the job script that runs train on N nodes x G "
+                                       "processes under torchrun, sbatch/srun, deepspeed or mpirun")
+    from difftrain.launch.jobs import add_launch_args
+
+    add_launch_args(la)
+    la.set_defaults(fn=_lazy("difftrain.launch.jobs", "run_launch"))
+
     s = sub.add_parser("sample", help="sample images from a run's EMA weights")
     s.add_argument("run")
     s.add_argument("--num", type=int, default=64)
@@ -234,8 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sampler", help="euler | heun | ddim | dpmpp_2m (default: the run's)")
     s.add_argument("--guidance", type=float, help="CFG scale w: uncond + w*(cond - uncond) (default: the run's)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--control", help="control image for a ControlNet run (PNG/JPEG; resized to the run's size)")
-    s.add_argument("--control-scale", type=float, default=1.0, help="ControlNet conditioning scale (0: the base)")
+    s.add_argument("--control", help="control image for a ControlNet / T2I-Adapter run (PNG/JPEG; resized to the "
+                   "run's size)")
+    s.add_argument("--control-scale", type=float, default=1.0,
+                   help="ControlNet / T2I-Adapter conditioning scale (0: the base)")
     s.add_argument("--control-start", type=float, default=0.0, help="first fraction of the steps with control")
     s.add_argument("--control-end", type=float, default=1.0, help="last fraction of the steps with control")
     s.add_argument("--out", required=True)

@@ -140,24 +140,24 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
 
 
 def check_controlnet(cfg: Config, changes: list) -> None:
-    """A ControlNet trains on control images (``data.control``) with the pretraining objective, unpipelined; control
-    images are read only for one."""
-    controlnet = next((c for c in changes if c.kind == "controlnet"), None)
+    """A change that reads control images (``Change.reads_control``: a ControlNet, a T2I-Adapter) trains on them
+    (``data.control``) with the pretraining objective, unpipelined; control images are read only for one."""
+    controlnet = next((c for c in changes if c.reads_control), None)
     control = cfg.data.control
     if controlnet is None:
         if control:
             raise ConfigError(f"config key 'data.control' = {control!r}: no model change reads control images "
-                              "(add adapt: [{kind: controlnet}] or unset it)")
+                              "(add adapt: [{kind: controlnet}] or [{kind: t2i_adapter}], or unset it)")
         return
     if not control:
-        raise ConfigError(f"config key '{controlnet.key}.kind' = controlnet needs control images: set data.control "
+        raise ConfigError(f"config key '{controlnet.key}.kind' = {controlnet.kind} needs control images: set data.control "
                           "(member: each sample's control.png; or a transform such as edges)")
     if cfg.stage != "pretrain":
-        raise ConfigError(f"config key '{controlnet.key}.kind' = controlnet trains with stage pretrain (the "
+        raise ConfigError(f"config key '{controlnet.key}.kind' = {controlnet.kind} trains with stage pretrain (the "
                           f"diffusion objective on a frozen base), not {cfg.stage!r}")
     if cfg.parallel.pp > 1:
-        raise ConfigError(f"config key 'parallel.pp' = {cfg.parallel.pp}: a ControlNet ({controlnet.key}) feeds "
-                          "the base's blocks from a branch beside them, which the pipeline's cut does not carry")
+        raise ConfigError(f"config key 'parallel.pp' = {cfg.parallel.pp}: a {controlnet.kind} ({controlnet.key}) "
+                          "feeds the base's blocks from a branch beside them, which the pipeline's cut does not carry")
 
 
 def check_launch(cfg: Config, world_size: int) -> None:

@@ -100,9 +100,9 @@ def load_export(folder: str | Path, device: torch.device) -> Generator:
     # a pipeline folder (``export --pipeline``) holds the model in its transformer/
     weights = folder / "transformer" if (folder / "model_index.json").is_file() else folder
     model.load_state_dict(model.load_diffusers(weights), strict=True)
-    from difftrain.finetune.controlnet_export import load_controlnet
+    from difftrain.finetune.served import load_served
 
-    load_controlnet(model, folder, device)  # a ControlNet's branch (FOLDER/controlnet), when the export has one
+    load_served(model, folder, device)  # a ControlNet's branch, a T2I-Adapter: when the export has them
     cfg = Config(diffusion=DiffusionConfig(**meta["diffusion"]), encoders=EncodersConfig(**meta["encoders"]))
     cfg.model.cond = "text" if acfg.text_dim > 0 else "class" if acfg.num_classes > 0 else "none"
     cfg.model.num_classes = acfg.num_classes

@@ -19,7 +19,7 @@ state and EMA) and record the base by fingerprint (``Trainer.base_sources``); a 
 rebuild the base from it and refuse another one. Serving a run (``sample``, ``eval``,
 ``export``, a later stage's ``init_from``) applies the run's changes to the plain architecture, loads the
 checkpoint and merges: the served model is the plain architecture with merged weights (and the modules of a change
-that does not merge: a ControlNet branch).
+that does not merge: a ControlNet branch, a T2I-Adapter).
 """
 from __future__ import annotations
 
@@ -33,8 +33,10 @@ from difftrain.finetune.change import Change
 from difftrain.finetune.controlnet import ControlNet
 from difftrain.finetune.difffit import DiffFit
 from difftrain.finetune.lora import LoRA
+from difftrain.finetune.t2i_adapter import T2IAdapter
+from difftrain.quant.qat import QAT
 
-KINDS = {c.kind: c for c in (LoRA, DiffFit, ControlNet)}  # the model changes by config name
+KINDS = {c.kind: c for c in (LoRA, DiffFit, ControlNet, T2IAdapter, QAT)}  # the model changes by config name
 
 
 def changes_of(cfg) -> list[Change]:
@@ -51,7 +53,9 @@ def changes_of(cfg) -> list[Change]:
         cls = kinds[kind]
         args = parse_fields(f"adapt[{i}]", cls.args_class, {k: v for k, v in entry.items() if k != "kind"},
                             f"model change '{kind}'")
-        out.append(cls(args, i))
+        change = cls(args, i)
+        change.context(cfg)
+        out.append(change)
     return out
 
 

@@ -34,7 +34,10 @@ class ControlNetArgs:
 
 
 class ControlBranch(nn.Module):
-    """The trainable branch a :class:`ControlNet` adds to a DiT as ``model.control`` (called by ``DiT.forward``)."""
+    """The trainable branch a :class:`ControlNet` adds to a DiT as ``model.control`` (called by ``DiT.forward``).
+    ``space = "latents"``: ``cond["control"]`` is the control image as the model reads images (VAE latents)."""
+
+    space = "latents"
 
     def __init__(self, blocks: list[nn.Module], dim: int, device: torch.device):
         super().__init__()
@@ -63,14 +66,20 @@ class ControlNet(Change):
     kind = "controlnet"
     args_class = ControlNetArgs
     mergeable = False  # the branch stays: the served model takes a control image
+    reads_control = True
+
+    pixels: tuple[int, int] = (1, 3)  # (the VAE's downsampling factor, the data's channels): the UNet's branch
+
+    def context(self, cfg) -> None:
+        if cfg.model.image_size and cfg.data.image_size:
+            self.pixels = (max(1, cfg.data.image_size // cfg.model.image_size), cfg.data.channels)
 
     def layers(self, model: nn.Module) -> int:
-        from difftrain.models.dit import DiT
         from difftrain.models.dit_video import VideoDiT
 
-        if not isinstance(model, DiT) or isinstance(model, VideoDiT):
-            raise ConfigError(f"config key '{self.key}.kind' = controlnet: built for the image DiT, not "
-                              f"{type(model).__name__} (the UNet's diffusers ControlNetModel is not built yet)")
+        if isinstance(model, VideoDiT):
+            raise ConfigError(f"config key '{self.key}.kind' = controlnet: built for the image DiT and the text UNet, "
+                              f"not {type(model).__name__}")
         depth = len(model.blocks)
         n = self.args.layers or max(1, depth // 2)
         if not 1 <= n <= depth - 1:
@@ -79,10 +88,21 @@ class ControlNet(Change):
         return n
 
     def apply(self, model: nn.Module) -> None:
-        n = self.layers(model)
+        from difftrain.models.unet import UNet
+
+        if isinstance(model, UNet):
+            if self.args.layers:
+                raise ConfigError(f"config key '{self.key}.layers' = {self.args.layers}: the UNet's ControlNet copies "
+                                  "its whole encoder (diffusers' ControlNetModel); leave layers unset")
+            from difftrain.finetune.controlnet_unet import UNetControlBranch
+
+            branch = UNetControlBranch.from_unet(model, *self.pixels, self.key)
+        else:
+            n = self.layers(model)
+            device = next(model.parameters()).device
+            branch = ControlBranch(list(model.blocks[:n]), model.config.hidden_size, device)
         model.requires_grad_(False)  # the base, and any earlier change, is frozen
-        device = next(model.parameters()).device
-        model.control = ControlBranch(list(model.blocks[:n]), model.config.hidden_size, device).requires_grad_(True)
+        model.control = branch.requires_grad_(True)
 
     def owns(self, name: str) -> bool:
         return name.startswith("control.")
@@ -91,11 +111,24 @@ class ControlNet(Change):
         """Nothing folds: the branch is part of the served model."""
 
 
-def control_input(path: str, pixels: tuple[int, int], channels: int, vae, device) -> torch.Tensor:
+def control_space(cfg) -> str:
+    """Where a run's control images enter its model: ``"pixels"`` in [0, 1] for the UNet's ControlNet (diffusers'
+    ``ControlNetModel`` embeds pixels itself), ``"latents"`` otherwise (encoded like the training images)."""
+    from difftrain.models import registry
+
+    return "pixels" if registry.arch_config(cfg.model, text_dim=1)[0] == "unet" else "latents"
+
+
+def to_control(unit: torch.Tensor, space: str, vae) -> torch.Tensor:
+    """Control images in [-1, 1] [B, C, H, W] -> the model's ``cond["control"]`` for ``space``
+    (:func:`control_space`): encoded by the run's VAE, or pixels in [0, 1]."""
+    return (unit + 1) / 2 if space == "pixels" else vae.encode(unit)
+
+
+def control_input(path: str, pixels: tuple[int, int], channels: int, vae, device, space: str = "latents") -> torch.Tensor:
     """A control image file as the model reads it: decoded as the loader decodes images (``open_image``: PNG, JPEG,
-    WEBP, never unpickled, size-checked), ``channels`` 3 or 1, resized to ``pixels`` = (H, W), in [-1, 1], encoded
-    by the run's VAE (pixel space: as is) -> [1, C, h, w]; a file that does not decode is a one-line error naming
-    it."""
+    WEBP, never unpickled, size-checked), ``channels`` 3 or 1, resized to ``pixels`` = (H, W), in [-1, 1], then
+    :func:`to_control` for ``space`` -> [1, C, h, w]; a file that does not decode is a one-line error naming it."""
     import numpy as np
     from PIL import Image
 
@@ -111,4 +144,4 @@ def control_input(path: str, pixels: tuple[int, int], channels: int, vae, device
     img = to_mode(img, channels).resize((pixels[1], pixels[0]), Image.Resampling.BICUBIC)
     a = torch.from_numpy(np.array(img, dtype=np.uint8)).reshape(pixels[0], pixels[1], channels)
     with torch.no_grad():
-        return vae.encode(to_unit(a.permute(2, 0, 1)[None].to(device)))
+        return to_control(to_unit(a.permute(2, 0, 1)[None].to(device)), space, vae)

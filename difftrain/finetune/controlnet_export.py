@@ -1,8 +1,11 @@
-"""A DiT ControlNet's export (finetune/controlnet.py): ``DIR/controlnet/`` beside the base model's diffusers folder.
+"""A ControlNet's export (finetune/controlnet.py): ``DIR/controlnet/`` beside the base model's diffusers folder.
 
-* ``difftrain_controlnet.safetensors`` + ``difftrain_controlnet.json`` (``{"layers": N}``): the branch under our own
+* The UNet's (finetune/controlnet_unet.py): the ``ControlNetModel``'s own ``save_pretrained`` folder, which
+  ``ControlNetModel.from_pretrained`` loads for ``StableDiffusionControlNetPipeline`` and ``difftrain sample`` reads
+  back.
+* The DiT's: ``difftrain_controlnet.safetensors`` + ``difftrain_controlnet.json`` (``{"layers": N}``): the branch under our own
   keys (``control.*``), which ``difftrain sample EXPORT --control IMAGE`` reads back (``generator.load_export``).
-* For a base exported as ``PixArtTransformer2DModel`` (text DiT, adaLN-single), ``config.json`` +
+  For a base exported as ``PixArtTransformer2DModel`` (text DiT, adaLN-single), ``config.json`` +
   ``diffusion_pytorch_model.safetensors`` in the layout of diffusers' PixArt ControlNet research project
   (``examples/research_projects/pixart/controlnet_pixart_alpha.py``, ``PixArtControlNetAdapterModel(num_layers=N)``):
   ``controlnet_blocks.{j}.transformer_block.*`` (a diffusers ``BasicTransformerBlock``, the base block's keys),
@@ -14,7 +17,6 @@
 """
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
@@ -25,17 +27,6 @@ from difftrain.models.diffusers_folder import load_safetensors
 
 OURS = "difftrain_controlnet"
 RESEARCH_CLASS = "PixArtControlNetAdapterModel"
-
-
-@contextlib.contextmanager
-def without_branch(model):
-    """``model`` as its plain architecture (the branch detached) inside, for the base's export."""
-    branch = model.control
-    del model.control
-    try:
-        yield model
-    finally:
-        model.control = branch
 
 
 def research_state(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -64,6 +55,14 @@ def export_controlnet(model, state: dict[str, torch.Tensor], out_dir: str | Path
     folder = Path(out_dir) / "controlnet"
     folder.mkdir(parents=True, exist_ok=True)
     branch = {k: v.detach().cpu().contiguous() for k, v in state.items() if k.startswith("control.")}
+    for f in folder.iterdir():  # an earlier export's files in this folder: now stale
+        f.unlink()
+    if hasattr(model.control, "net"):  # the UNet's: a diffusers ControlNetModel, its own folder
+        net = model.control.net
+        net.save_pretrained(str(folder), state_dict={k.removeprefix("control.net."): v for k, v in branch.items()},
+                            safe_serialization=True)
+        return (f"ControlNet in {folder}: a diffusers ControlNetModel folder (StableDiffusionControlNetPipeline; "
+                f"control images in [0, 1] pixels, conditioning embedding {tuple(net.config.conditioning_embedding_out_channels)})")
     n = len(model.control.blocks)
     save_file(branch, str(folder / f"{OURS}.safetensors"))
     (folder / f"{OURS}.json").write_text(json.dumps({"layers": n}))
@@ -76,21 +75,20 @@ def export_controlnet(model, state: dict[str, torch.Tensor], out_dir: str | Path
     return f"ControlNet ({n} blocks) in {folder}: {RESEARCH_CLASS} layout and {OURS}.safetensors"
 
 
-def save_served(model, state: dict[str, torch.Tensor], out_dir: str | Path) -> tuple[str, str | None]:
-    """``model.save_diffusers`` of the served model's ``state``; a ControlNet's base as usual and its branch beside it
-    (:func:`export_controlnet`). Returns (the diffusers class, the branch's line or None)."""
-    if getattr(model, "control", None) is None:
-        return model.save_diffusers(state, out_dir), None
-    with without_branch(model):
-        cls_name = model.save_diffusers({k: v for k, v in state.items() if not k.startswith("control.")}, out_dir)
-    return cls_name, export_controlnet(model, state, out_dir)
-
-
 def load_controlnet(model, folder: str | Path, device) -> bool:
     """Add the branch an export holds (``folder/controlnet``) to ``model``, with its weights; False when none."""
     from difftrain.finetune.controlnet import ControlNet, ControlNetArgs
 
     meta = Path(folder) / "controlnet" / f"{OURS}.json"
+    config = meta.with_name("config.json")
+    if not meta.is_file() and config.is_file() and json.loads(config.read_text()).get("_class_name") == "ControlNetModel":
+        from diffusers import ControlNetModel
+
+        from difftrain.finetune.controlnet_unet import UNetControlBranch
+
+        model.control = UNetControlBranch(ControlNetModel.from_pretrained(str(config.parent)).to(device).eval())
+        model.requires_grad_(False)
+        return True
     if not meta.is_file():
         return False
     layers = int(json.loads(meta.read_text())["layers"])

@@ -77,12 +77,7 @@ class DiffFit(Change):
         if not isinstance(model, DiT):
             raise ConfigError(f"config key '{self.key}.kind' = 'difffit' applies to a DiT (its scale factors sit on "
                               f"transformer blocks' residual branches), not to {type(model).__name__}")
-        depth = len(model.blocks)
-        blocks = self.args.blocks or list(range((depth + 1) // 2))
-        for b in blocks:
-            if not isinstance(b, int) or isinstance(b, bool) or not 0 <= b < depth:
-                raise ConfigError(f"config key '{self.key}.blocks': {b!r} is not a block index of the model "
-                                  f"(0..{depth - 1})")
+        blocks = self.block_indices(len(model.blocks))
         for s in self.args.scales:
             if s not in BRANCHES:
                 raise ConfigError(f"config key '{self.key}.scales': {s!r} is not one of: {', '.join(BRANCHES)}")
@@ -90,7 +85,7 @@ class DiffFit(Change):
             raise ConfigError(f"config key '{self.key}.scales': 'cross_attn' needs a text-conditional model "
                               "(model.cond=text); this one has no cross-attention")
         out = []
-        for b in sorted(set(blocks)):
+        for b in blocks:
             for s in self.args.scales:
                 out += [m for name in BRANCHES[s] if (m := getattr(model.blocks[b], name, None)) is not None]
         return out

@@ -60,19 +60,7 @@ class LoRA(Change):
         linear = [n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)
                   or (isinstance(m, nn.Linear) and not n.endswith(".base_layer") and n not in ("base_layer",))]
         linear = [n for n in linear if ".lora_" not in n]
-        chosen = set()
-        for t in self.args.targets:
-            rx = GROUPS.get(t, t)
-            try:
-                hits = {n for n in linear if re.fullmatch(rx, n)}
-            except re.error as e:
-                raise ConfigError(f"config key '{self.key}.targets': {t!r} is not a group ({', '.join(GROUPS)}) or "
-                                  f"a valid regular expression ({e})") from None
-            if not hits:
-                raise ConfigError(f"config key '{self.key}.targets': {t!r} matches no Linear layer of the model "
-                                  f"(groups: {', '.join(GROUPS)}; or a regex over names such as {linear[:2]})")
-            chosen |= hits
-        return [n for n in linear if n in chosen]
+        return self.chosen_layers(linear, GROUPS, "Linear layer")
 
     def apply(self, model: nn.Module) -> None:
         from peft import LoraConfig, inject_adapter_in_model
@@ -105,3 +93,18 @@ class LoRA(Change):
                     continue
                 parent, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
+
+
+def set_merged(model: nn.Module, merged: bool) -> None:
+    """Every LoRA layer of ``model`` merged into its base weight (``W + (alpha / r) B A``, peft's ``merge``: one matmul
+    per layer at inference, the adapters kept) or unmerged back (``unmerge``: the base weight restored to rounding,
+    the adapters trainable again). :meth:`LoRA.merge` is the one-way fold for serving."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            if merged and not module.merged:
+                module.merge()
+            elif not merged and module.merged:
+                module.unmerge()
+

@@ -414,9 +414,13 @@ class DiT(nn.Module):
         x, c, mod, text, text_mask = self.embed(x_t, t, cond)  # [B, N, D] ...
         branch = getattr(self, "control", None)  # a ControlNet (finetune/controlnet.py), when one is added
         h = branch.tokens(self, cond) if branch is not None else None  # [B, N, D] | None (no control image)
+        adapter = getattr(self, "adapter", None)  # a T2I-Adapter (finetune/t2i_adapter.py), when one is added
+        feats = adapter(cond) if adapter is not None else {}  # {block i: s F [B, N, D]}; {} without a control image
         for i, block in enumerate(self.blocks):
             if h is not None and 0 < i <= len(branch.blocks):
                 x, h = branch(i - 1, x, h, mod, text, text_mask, cond.get("control_scale", 1.0))
+            if i in feats:
+                x = x + feats[i]  # [B, N, D]
             x = block(x, mod, text, text_mask)  # [B, N, D]
         return self.final(x, c, x_t.shape[-2:])  # [B, C_out, H, W]
 

@@ -201,7 +201,19 @@ class UNet(nn.Module):
         f = 2 ** (self.config.levels - 1)
         if x_t.shape[-1] % f or x_t.shape[-2] % f:
             raise ValueError(f"UNet input {tuple(x_t.shape[-2:])} must be divisible by {f} (levels={self.config.levels})")
-        inner = self.inner
+        emb = self.embed(self.inner, x_t, t, cond)  # [B, 4*C0]
+        h = self.inner.conv_in(x_t)  # [B, C0, H, W]
+        state = {"h": h, "emb": emb, "skips": (h,)}
+        if self.text:
+            mask = cond.get("text_mask")
+            ctx = cond["text_states"].to(x_t.dtype)  # [B, L, D]
+            state["context"] = ctx
+            state["context_bias"] = None if mask is None else ((1.0 - mask.to(x_t.dtype)) * -10000.0).unsqueeze(1)
+        return state
+
+    def embed(self, inner: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        """The time (+ guidance w) (+ class) embedding [B, 4*C0] of ``inner``: this UNet's diffusers model, or a
+        ControlNet's ``ControlNetModel`` (the same modules under the same names, its own weights)."""
         steps = (t * _TIME_SCALE).expand(x_t.shape[0])  # [B]
         w_emb = None
         if self.config.guidance_embed:
@@ -214,14 +226,7 @@ class UNet(nn.Module):
         emb = inner.time_embedding(inner.time_proj(steps).to(x_t.dtype), w_emb)  # [B, 4*C0]
         if inner.class_embedding is not None:
             emb = emb + inner.class_embedding(cond["class_labels"]).to(emb.dtype)
-        h = inner.conv_in(x_t)  # [B, C0, H, W]
-        state = {"h": h, "emb": emb, "skips": (h,)}
-        if self.text:
-            mask = cond.get("text_mask")
-            ctx = cond["text_states"].to(x_t.dtype)  # [B, L, D]
-            state["context"] = ctx
-            state["context_bias"] = None if mask is None else ((1.0 - mask.to(x_t.dtype)) * -10000.0).unsqueeze(1)
-        return state
+        return emb
 
     def run_block(self, i: int, state: dict) -> dict:
         """Run trunk block ``i`` on ``state``; returns the new state (skips pushed or popped)."""
@@ -248,8 +253,15 @@ class UNet(nn.Module):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         state = self.stem(x_t, t, cond)
-        for i in range(2 * self.config.levels + 1):
+        branch = getattr(self, "control", None)  # a ControlNet (finetune/controlnet_unet.py), when one is added
+        res = branch.residuals(self, x_t, t, cond, state) if branch is not None else None  # None: no control image
+        n = self.config.levels
+        for i in range(2 * n + 1):
             state = self.run_block(i, state)
+            if res is not None and i == n - 1:  # diffusers' down_block_additional_residuals: every skip
+                state = {**state, "skips": tuple(s + r for s, r in zip(state["skips"], res[0], strict=True))}
+            elif res is not None and i == n:  # mid_block_additional_residual
+                state = {**state, "h": state["h"] + res[1]}
         return self.head(state)
 
     # ------------------------------------------------------------------ export

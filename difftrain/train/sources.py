@@ -220,10 +220,9 @@ def load_run_weights(run_dir: Path, model: nn.Module, which: str = "ema", merge:
     architecture; ``merge=False`` leaves them applied (unmerged adapters, e.g. to export them)."""
     from difftrain.train.checkpoint import CheckpointError, resume_newest
 
-    from types import SimpleNamespace
-
     from torch.distributed.tensor import DTensor
 
+    from difftrain.config import from_saved
     from difftrain.finetune.adapt import apply_changes, changes_of, merge_changes
     from difftrain.train import build
 
@@ -242,7 +241,7 @@ def load_run_weights(run_dir: Path, model: nn.Module, which: str = "ema", merge:
             if any(isinstance(p, DTensor) for p in model.parameters()):
                 raise ValueError(f"'{run_dir}' was trained with model changes (adapt); it is read into a whole "
                                  "module, then merged, not into a sharded one")
-            changes = changes_of(SimpleNamespace(adapt=adapt))
+            changes = changes_of(from_saved(state["config"]))
             base = (state.get("base") or {}).get(served)
             if base is not None:  # the checkpoint holds what the changes train; the base is read from its source
                 base_source(base, Path(run_dir), served).load(model)

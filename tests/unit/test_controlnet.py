@@ -25,11 +25,16 @@ def _controlnet(family: str = "dit_text", layers: int = 1, before: tuple = ()):
     return changes, base, model, (x, t, cond), control
 
 
-def _train(model) -> None:
+def perturb(module, seed: int = 1) -> None:
+    """Every parameter of ``module`` moved off its init (what training does; zero projections included)."""
     with torch.no_grad():
-        g = torch.Generator().manual_seed(1)
-        for p in model.control.parameters():
+        g = torch.Generator().manual_seed(seed)
+        for p in module.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def _train(model) -> None:
+    perturb(model.control)
 
 
 @pytest.mark.parametrize("family", ["dit_text", "dit_class"])
@@ -91,8 +96,8 @@ def test_merge_keeps_the_branch_and_lora_composes():
 
 
 @pytest.mark.parametrize("family,layers,message", [
-    ("unet", 0, "built for the image DiT, not UNet"),
-    ("dit_video", 0, "built for the image DiT, not VideoDiT"),
+    ("unet", 0, "ControlNetModel pairs with the text UNet (UNet2DConditionModel)"),  # the class-conditional UNet-T
+    ("dit_video", 0, "built for the image DiT and the text UNet, not VideoDiT"),
     ("dit_class", 9, "'adapt[0].layers' = 9"),
 ])
 def test_bad_entries_are_one_line_errors(family, layers, message):
@@ -111,7 +116,7 @@ CN = 'adapt=[{"kind":"controlnet"}]'
     ([CN], "'adapt[0].kind' = controlnet needs control images: set data.control"),
     (["data.control=edges"], "'data.control' = 'edges': no model change reads control images"),
     ([CN, "data.control=edges", "stage=reflow"], "controlnet trains with stage pretrain"),
-    ([CN, "data.control=edges", "parallel.pp=2"], "'parallel.pp' = 2: a ControlNet (adapt[0])"),
+    ([CN, "data.control=edges", "parallel.pp=2"], "'parallel.pp' = 2: a controlnet (adapt[0])"),
 ])
 def test_config_refusals_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as e:

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from difftrain.finetune.controlnet import ControlNet, ControlNetArgs
-from difftrain.finetune.controlnet_export import RESEARCH_CLASS, load_controlnet, save_served
+from difftrain.finetune.controlnet_export import RESEARCH_CLASS, load_controlnet
+from difftrain.finetune.served import save_served
 from tests.unit.test_dit_export import random_model, tiny
 
 diffusers = pytest.importorskip("diffusers")

@@ -70,6 +70,29 @@ def test_fresh_lora_equals_base_and_merged_equals_unmerged(family):
         torch.testing.assert_close(merged(*inputs), trained, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dora", [False, True])
+def test_merge_then_unmerge_restores_the_base_and_the_adapters(dora):
+    """peft's in-place merge (the adapters kept) and unmerge: the same output merged, the base weights back after."""
+    from difftrain.finetune.lora import set_merged
+
+    cfg, base, inputs = _model("dit_text", f"[{{kind: lora, rank: 4, alpha: 8, targets: [attn, mlp], dora: {dora}}}]")
+    model = apply_changes(copy.deepcopy(base), changes_of(cfg), seed=0).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+        before = {n: p.clone() for n, p in model.named_parameters()}
+        out = model(*inputs)
+        set_merged(model, True)
+        moved = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+        assert moved and all("base_layer.weight" in n for n in moved)  # the adapters folded into the base weights
+        torch.testing.assert_close(model(*inputs), out, rtol=0, atol=1e-5)
+        set_merged(model, False)
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p, before[n], rtol=0, atol=1e-6, msg=n)
+        torch.testing.assert_close(model(*inputs), out, rtol=0, atol=1e-5)
+
+
 def test_adapter_weights_come_from_the_run_seed_and_the_scale_is_alpha_over_rank():
     cfg, base, inputs = _model("dit_class", "[{kind: lora, rank: 2, alpha: 4, targets: [attn]}]")
     a, b, c = (apply_changes(copy.deepcopy(base), changes_of(cfg), seed=s) for s in (0, 0, 1))

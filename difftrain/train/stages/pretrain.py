@@ -55,8 +55,11 @@ class PretrainStage(Stage):
     @torch.no_grad()
     def frozen(self, batch: dict, step: int) -> dict:
         cond = self._cond(batch, step)
-        if "control" in batch:  # a ControlNet's control image (data.control), encoded like the images
-            cond = {**cond, "control": self.vae.encode(to_unit(batch["control"].to(self.device, non_blocking=True)))}
+        if "control" in batch:  # a ControlNet's control image (data.control), as its model reads it
+            from difftrain.finetune.controlnet import control_space, to_control
+
+            unit = to_unit(batch["control"].to(self.device, non_blocking=True))
+            cond = {**cond, "control": to_control(unit, control_space(self.shared.cfg), self.vae)}
         return {**batch, "x0": self._x0(batch, step), "cond": cond}
 
     def frozen_pieces(self, step: int) -> list[FrozenPiece]:

@@ -1,0 +1,3 @@
+"""Quantisation (issue 18): LSQ fake quantisation (``fake.py``), fake-quantised Linear / Conv2d layers with
+timestep-aware activation step sizes (``modules.py``) and quantisation-aware training as a model change
+(``qat.py``, ``adapt: [{kind: qat}]``)."""
