@@ -20,7 +20,8 @@ text-conditional DiT-T/2, rectified flow) and fine-tunes it on the bold training
   (alpha = r; lr 1e-3);
 * ``lora4all``: r = 4 on every linear of the blocks: self- and cross-attention, MLP and modulation (lr 1e-3);
 * ``difffit``: ``adapt: [{kind: difffit}]`` (biases, modulation tables and γ on the first half of the blocks;
-  Xie et al. 2023; lr 1e-3).
+  Xie et al. 2023; lr 1e-3);
+* ``lora4hi`` / ``lora4max``: ``lora4`` at lr 3e-3 / 1e-2 (only when ``--methods`` names them).
 
 The rates were not tuned: the adapters at 5x full fine-tuning's, as parameter-efficient methods usually run higher.
 
@@ -82,7 +83,11 @@ METHODS = {
     # r = 4 on every linear, the conditioning paths too (caption cross-attention, the timestep/modulation MLP)
     "lora4all": ["adapt=[{kind: lora, rank: 4, targets: [attn, cross_attn, mlp, modulation]}]", "optim.lr=1e-3"],
     "difffit": ["adapt=[{kind: difffit}]", "optim.lr=1e-3"],
+    # the headline LoRA at higher rates (an adapter's few weights move slowly at full fine-tuning's rate x 5)
+    "lora4hi": ["adapt=[{kind: lora, rank: 4}]", "optim.lr=3e-3"],
+    "lora4max": ["adapt=[{kind: lora, rank: 4}]", "optim.lr=1e-2"],
 }
+RATE_SWEEP = ("lora4hi", "lora4max")  # run when named in --methods only
 LORA_RANKS = [4, 16, 64]
 HEADLINE = 4  # the headline LoRA rank: the largest of LORA_RANKS within 5% trainable parameters on DiT-T/2
 COMMON_FT = ["data.batch_size=32", "optim.warmup_steps=10", "optim.schedule=constant", "optim.ema_decay=0.95"]
@@ -263,9 +268,10 @@ def probe(spec: Path) -> None:
 
 
 def measure(d: Path, n: dict, methods: list[str], log: Path, base: str) -> dict:
-    """The probe's figures, kept in DIR/probe.json (delete it to measure again)."""
+    """The probe's figures, kept in DIR/probe.json (delete it to measure again; measured again when it lacks a
+    method asked for)."""
     out = d / "probe.json"
-    if not out.is_file():
+    if not out.is_file() or set(methods) - set(json.loads(out.read_text())):
         # the fine-tuning runs' settings under FSDP2 on 2 ranks; the trainer's numbers do not depend on the init
         base = [f"data.train={d / 'data' / 'bold' / 'train' / '{00000..00006}.tar'}", "eval.every=0",
                 "run.sample_every=0", "run.progress=false", "data.num_workers=1", "parallel.engine=fsdp2",
@@ -333,7 +339,7 @@ def main() -> None:
     ap.add_argument("--dir", default="runs/bench_finetune")
     ap.add_argument("--quick", action="store_true", help="toy sizes: checks every piece in a few minutes")
     ap.add_argument("--seeds", type=int, default=len(SEEDS), help="seeds 0..N-1 (default 3)")
-    ap.add_argument("--methods", default=",".join([*METHODS, "controlnet"]),
+    ap.add_argument("--methods", default=",".join([*(m for m in METHODS if m not in RATE_SWEEP), "controlnet"]),
                     help=f"a comma-separated subset of {', '.join(METHODS)}, controlnet (full is in with any of the "
                     "others: the ratios are to it; controlnet alone: the base and the ControlNet only)")
     ap.add_argument("--ft-steps", type=int, default=0, help="fine-tuning steps (default 100, --quick 4)")
