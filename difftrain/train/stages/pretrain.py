@@ -46,6 +46,10 @@ class PretrainStage(Stage):
         # diffusion.assign_scope=global gathers over the data-parallel group (none outside a training run)
         group = shared.meshes.dp.get_group() if shared.meshes is not None else None
         self.assigner = build_assigner(cfg.diffusion, seed=cfg.run.seed, group=group)
+        if cfg.data.control:  # where control images enter the model (latents, or pixels for the UNet's ControlNet)
+            from difftrain.finetune.controlnet import control_space
+
+            self.control_space = control_space(cfg)
 
     def modules(self) -> dict[str, ModuleSpec]:
         from difftrain.train.sources import parse_optional
@@ -56,10 +60,10 @@ class PretrainStage(Stage):
     def frozen(self, batch: dict, step: int) -> dict:
         cond = self._cond(batch, step)
         if "control" in batch:  # a ControlNet's control image (data.control), as its model reads it
-            from difftrain.finetune.controlnet import control_space, to_control
+            from difftrain.finetune.controlnet import to_control
 
             unit = to_unit(batch["control"].to(self.device, non_blocking=True))
-            cond = {**cond, "control": to_control(unit, control_space(self.shared.cfg), self.vae)}
+            cond = {**cond, "control": to_control(unit, self.control_space, self.vae)}
         return {**batch, "x0": self._x0(batch, step), "cond": cond}
 
     def frozen_pieces(self, step: int) -> list[FrozenPiece]:
