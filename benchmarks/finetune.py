@@ -21,7 +21,8 @@ text-conditional DiT-T/2, rectified flow) and fine-tunes it on the bold training
 * ``lora4all``: r = 4 on every linear of the blocks: self- and cross-attention, MLP and modulation (lr 1e-3);
 * ``difffit``: ``adapt: [{kind: difffit}]`` (biases, modulation tables and γ on the first half of the blocks;
   Xie et al. 2023; lr 1e-3);
-* ``lora4hi`` / ``lora4max``: ``lora4`` at lr 3e-3 / 1e-2 (only when ``--methods`` names them).
+* ``lora4hi`` / ``lora4max`` / ``lora4x3``: ``lora4`` at lr 3e-3 / 1e-2 / 3e-2, ``lora4allmax``: ``lora4all`` at
+  lr 1e-2 (only when ``--methods`` names them).
 
 The rates were not tuned: the adapters at 5x full fine-tuning's, as parameter-efficient methods usually run higher.
 
@@ -86,8 +87,10 @@ METHODS = {
     # the headline LoRA at higher rates (an adapter's few weights move slowly at full fine-tuning's rate x 5)
     "lora4hi": ["adapt=[{kind: lora, rank: 4}]", "optim.lr=3e-3"],
     "lora4max": ["adapt=[{kind: lora, rank: 4}]", "optim.lr=1e-2"],
+    "lora4x3": ["adapt=[{kind: lora, rank: 4}]", "optim.lr=3e-2"],
+    "lora4allmax": ["adapt=[{kind: lora, rank: 4, targets: [attn, cross_attn, mlp, modulation]}]", "optim.lr=1e-2"],
 }
-RATE_SWEEP = ("lora4hi", "lora4max")  # run when named in --methods only
+RATE_SWEEP = ("lora4hi", "lora4max", "lora4x3", "lora4allmax")  # run when named in --methods only
 LORA_RANKS = [4, 16, 64]
 HEADLINE = 4  # the headline LoRA rank: the largest of LORA_RANKS within 5% trainable parameters on DiT-T/2
 COMMON_FT = ["data.batch_size=32", "optim.warmup_steps=10", "optim.schedule=constant", "optim.ema_decay=0.95"]

@@ -55,6 +55,7 @@ class WeightQuant(LogStep):
 
     def __init__(self, weight: torch.Tensor, bits: int, symmetric: bool, granularity: str, group_size: int):
         super().__init__()
+        self.spec = {"bits": bits, "symmetric": symmetric, "granularity": granularity, "group_size": group_size}
         self.granularity, self.group_size = granularity, group_size
         self.qmin, self.qmax = int_range(bits, symmetric)
         with torch.no_grad():
@@ -79,6 +80,8 @@ class ActQuant(LogStep):
     def __init__(self, bits: int, symmetric: bool, intervals: int, percentile: float, clock: TimeContext | None,
                  key: str):
         super().__init__()
+        # what rebuilds it (JSON; an export's loader passes it back with a clock and a key)
+        self.spec = {"bits": bits, "symmetric": symmetric, "intervals": intervals, "percentile": percentile}
         self.qmin, self.qmax = int_range(bits, symmetric)
         self.percentile, self.clock, self.key = percentile, clock, key
         self.register_buffer("step0", torch.ones(intervals))
