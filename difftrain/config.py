@@ -158,7 +158,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = budget(1e-4, gt=0.0)
+    lr: float = budget(1e-4, ge=0.0)  # 0: no update (stage trajectory's PTQ baseline: calibration only)
     betas: list = budget([0.9, 0.999])  # two numbers in [0, 1)
     weight_decay: float = budget(0.0, ge=0.0)
     eps: float = budget(1e-8, gt=0.0)
@@ -174,7 +174,10 @@ class OptimConfig:
 
 @dataclass
 class ParallelConfig:
-    engine: str = execution("ddp")  # a key of train/engine.py ENGINES: ddp | fsdp2 (checked in config_checks)
+    engine: str = execution("ddp")  # train/engine.py ENGINES: ddp | fsdp2 | deepspeed (checked in config_checks)
+    # engine deepspeed (train/deepspeed_engine.py): ZeRO stage 1 (optimizer state), 2 (+ gradients), 3 (+ parameters)
+    zero_stage: int = execution(1, ge=1, le=3)
+    zero_persistence_threshold: int = execution(100000, ge=0)  # ZeRO-3: smaller parameters stay whole on every rank
     # -1 = whatever the other dimensions leave. Defaults: ddp replicates over all ranks; fsdp2 shards
     # over all ranks; set both for HSDP (e.g. dp_replicate=nodes, dp_shard=gpus per node).
     dp_replicate: int = execution(-1, ge=-1)  # -1 or >= 1

@@ -116,6 +116,12 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if cfg.parallel.engine not in ENGINES:
         raise ConfigError(f"config key 'parallel.engine' = {cfg.parallel.engine!r} is not one of: "
                           f"{', '.join(ENGINES)}")
+    if cfg.parallel.engine == "deepspeed" and cfg.parallel.pp > 1:
+        raise ConfigError(f"config key 'parallel.pp' = {cfg.parallel.pp} with parallel.engine=deepspeed: the pipeline "
+                          "runs on ddp or fsdp2 (DeepSpeed's own pipeline engine is not used); set parallel.pp=1")
+    if cfg.parallel.engine != "deepspeed" and cfg.parallel.zero_stage != 1:
+        raise ConfigError(f"config key 'parallel.zero_stage' = {cfg.parallel.zero_stage} applies to "
+                          f"parallel.engine=deepspeed, not {cfg.parallel.engine!r}")
     if cfg.stage not in STAGES:
         raise ConfigError(f"config key 'stage' = {cfg.stage!r} is not one of: {', '.join(STAGES)}")
     stage = STAGES[cfg.stage]

@@ -16,6 +16,7 @@ device tensor in the param group, set after each step from a table of the schedu
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 from abc import ABC, abstractmethod
 
@@ -191,9 +192,10 @@ class TorchEngine(Engine):
 
     @classmethod
     def from_stage(cls, specs: dict, meshes: Meshes, pcfg: ParallelConfig, ocfg: OptimConfig, device: torch.device,
-                   total_steps: int) -> "TorchEngine":
+                   total_steps: int, batch_size: int | None = None) -> "TorchEngine":
         """Materialise a stage's declared modules (``Stage.modules``) and train the trainable ones. A module read from
-        a run's checkpoint under FSDP2 goes meta -> sharded -> loaded, so it never exists whole on a rank."""
+        a run's checkpoint under FSDP2 goes meta -> sharded -> loaded, so it never exists whole on a rank.
+        ``batch_size``: the global batch (DeepSpeed's config needs it; unused here)."""
         from difftrain.train.stages.base import DERIVED, FROZEN, TRAINABLE
 
         sharded_load = set()  # FSDP2 modules read from a run: meta -> sharded -> DCP load of their own shards
@@ -344,3 +346,5 @@ class TorchEngine(Engine):
 
 
 ENGINES: dict[str, type[Engine]] = {"ddp": TorchEngine, "fsdp2": TorchEngine}  # config key parallel.engine
+# "deepspeed": train/deepspeed_engine.py registers itself (it subclasses Engine; deepspeed is imported on first use)
+importlib.import_module("difftrain.train.deepspeed_engine")

@@ -125,7 +125,8 @@ class Trainer:
                     self.engine.frozen[n] = s.init(self.device).requires_grad_(False).eval()
         else:
             self.engine = ENGINES[cfg.parallel.engine].from_stage(self.specs, self.meshes, cfg.parallel, cfg.optim,
-                                                                  self.device, cfg.run.steps)
+                                                                  self.device, cfg.run.steps,
+                                                                  batch_size=cfg.data.batch_size)
         self.stage.bind(self.engine.live())
         # a frozen module is recorded in checkpoints by its source and fingerprint (a resume refuses another one)
         self.frozen_sources = {n: s.source.fingerprint() for n, s in self.specs.items()
