@@ -5,7 +5,7 @@ from setuptools import find_packages, setup
 
 def _requirements() -> list[str]:
     lines = (Path(__file__).parent / "requirements.txt").read_text().splitlines()
-    return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+    return [ln.split("#")[0].strip() for ln in lines if ln.split("#")[0].strip()]
 
 
 setup(

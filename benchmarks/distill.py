@@ -102,6 +102,17 @@ def run(args: list[str], log: Path, what: str | None = None) -> None:
     print(f"  {what or 'difftrain ' + args[args.index('difftrain') + 1]} ... {time.time() - t0:.0f} s", flush=True)
 
 
+def workdir(arg: str) -> tuple[Path, Path, dict]:
+    """(DIR, its log.txt, the digits data set in DIR/data: written on the first run, found on a resumed one)."""
+    from difftrain.data.demo import write_digits
+
+    d = (REPO / arg).resolve() if not Path(arg).is_absolute() else Path(arg)
+    d.mkdir(parents=True, exist_ok=True)
+    data = ({"train": str(d / "data" / "train" / "{00000..00006}.tar")} if (d / "data" / "train").is_dir()
+            else write_digits(d / "data", image_size=16, progress=False))
+    return d, d / "log.txt", data
+
+
 def torchrun(nproc: int, args: list[str], log: Path, what: str | None = None) -> None:
     """``args`` under torchrun: difftrain's subcommand and its arguments, or (with ``what``) a script and its."""
     run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
@@ -180,15 +191,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="toy sizes: checks every piece in a few minutes")
     a = ap.parse_args()
     n = QUICK if a.quick else FULL
-    d = (REPO / a.dir).resolve() if not Path(a.dir).is_absolute() else Path(a.dir)
-    d.mkdir(parents=True, exist_ok=True)
-    log = d / "log.txt"
-    t0 = time.time()
-    load = os.getloadavg()[0]
-    from difftrain.data.demo import write_digits
-
-    data = ({"train": str(d / "data" / "train" / "{00000..00006}.tar")} if (d / "data" / "train").is_dir()
-            else write_digits(d / "data", image_size=16, progress=False))
+    t0, load = time.time(), os.getloadavg()[0]
+    d, log, data = workdir(a.dir)
     few = [(m, 0) for m in FEW]
     (d / "campaign.yaml").write_text(campaign_yaml(d, data, n, few))
     print(f"campaign {d / 'campaign.yaml'} (log {log})", flush=True)

@@ -128,17 +128,26 @@ def _cmd_export(args) -> None:
 
         raise ExportError(f"cannot export {args.run}: {refusal}")
     unmerged = copy.deepcopy(g.model) if any(isinstance(c, LoRA) for c in changes) else None
-    merge_changes(g.model, changes)
     if g.cfg.diffusion.target == "x_eps":
         from difftrain.models.dit_export import ExportError
 
         raise ExportError(f"cannot export {args.run}: diffusion.target=x_eps (x and eps predictions merged by the "
                           "noise level) has no diffusers scheduler; train the student with target x or v to export it")
+    from difftrain.quant.export import export_quantised
+
+    # a QAT run's integers (DIR/quantized) or torchao folder (DIR/torchao), read from the prepared model
+    quant_meta, changes_left, no_root, quant_lines = export_quantised(g.model, changes, args.out, args.pipeline, g.step)
+    merge_changes(g.model, changes_left)
     from difftrain.models.scheduler_export import write_scheduler
 
     state = {k: v.detach() for k, v in g.model.state_dict().items()}
     pipeline = controlnet = None
-    if args.pipeline:  # a whole stock pipeline folder (transformer/, vae/, text_encoder/, ...), or one line why not
+    if no_root:  # activation quantisers: the served model is DIR/quantized or DIR/torchao; an earlier root model goes
+        cls_name = None
+        for f in ("config.json", "diffusion_pytorch_model.safetensors"):
+            (Path(args.out) / f).unlink(missing_ok=True)
+        scheduler = write_scheduler(args.out, g.diffusion, g.sampling.sampler, g.sampling.steps)
+    elif args.pipeline:  # a whole stock pipeline folder (transformer/, vae/, text_encoder/, ...), or one line why not
         from difftrain.models.pipeline_export import export_pipeline
 
         cls_name, scheduler, pipeline = export_pipeline(g, state, args.out)
@@ -162,8 +171,12 @@ def _cmd_export(args) -> None:
     lora = export_run_adapters(unmerged, changes, args.run, g.step, g.cfg, args.out)  # for its base (lora.base)
     if lora:
         meta["lora"] = lora
+    meta.update(quant_meta)
     (Path(args.out) / "difftrain.json").write_text(json.dumps(meta, indent=1))
-    print(f"exported EMA weights of step {g.step} as diffusers {cls_name} to {args.out}")
+    print(f"exported EMA weights of step {g.step} as diffusers {cls_name} to {args.out}" if cls_name else
+          f"exported EMA weights of step {g.step} to {args.out}")
+    for line in quant_lines:
+        print(line)
     if pipeline:
         print(f"pipeline: DiffusionPipeline.from_pretrained({str(args.out)!r}) -> diffusers {pipeline['class']}; "
               f"call it with {', '.join(f'{k}={v!r}' for k, v in pipeline['call'].items())}")

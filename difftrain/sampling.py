@@ -17,6 +17,7 @@ from difftrain.diffusion.diffusion import Diffusion
 from difftrain.diffusion.guidance import guided_denoiser
 from difftrain.diffusion.keyed import keyed_randn
 from difftrain.diffusion.samplers import SAMPLERS, STOCHASTIC, time_grid
+from difftrain.quant.modules import check_sampling_grid
 from difftrain.train.supervise import point
 
 
@@ -89,6 +90,7 @@ def sample_model_space(model, diffusion: Diffusion, conditioner, x_T: torch.Tens
         return fn(x, t).float()
 
     ts = time_grid(steps, 1.0, 0.0).to(x_T.device)
+    check_sampling_grid(model, ts[:-1])  # timestep-aware activation scales: learnt for these t
     extra = {"noise": noise} if sampler in STOCHASTIC else {}
     return SAMPLERS[sampler](denoise, x_T, ts, path=diffusion.path, progress=progress, **extra)
 

@@ -119,7 +119,7 @@ class Campaign:
             if up.kind == PAIRS:
                 out += self._pairs_data(s.from_)
                 out.append(("init_from", f"{self.run_dir(up.from_)}@ema"))
-            elif s.stage in ("progressive", "dmd"):
+            elif s.stage in ("progressive", "dmd", "trajectory"):
                 out.append(("stage_args.teacher", f"{self.run_dir(s.from_)}@ema"))
             elif s.stage == "consistency":  # distilled from it, or (stage_args.teacher: "") tuned from it (ECT)
                 out += [("init_from", f"{self.run_dir(s.from_)}@ema"),

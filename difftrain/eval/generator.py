@@ -96,13 +96,21 @@ def load_export(folder: str | Path, device: torch.device) -> Generator:
         raise ConfigError(f"'{folder}/difftrain.json' has no 'arch': re-export it with this version of difftrain")
     cls = registry.arch_class(meta["arch"])
     acfg = cls.config_class(**meta["model"])
-    model = registry.materialize(registry.build(meta["arch"], acfg), device, seed=0)
-    # a pipeline folder (``export --pipeline``) holds the model in its transformer/
-    weights = folder / "transformer" if (folder / "model_index.json").is_file() else folder
-    model.load_state_dict(model.load_diffusers(weights), strict=True)
-    from difftrain.finetune.served import load_served
+    if "served" in meta:  # no model here that difftrain serves (a torchao scheme with activations: DIR/torchao)
+        raise ConfigError(f"'{folder}' holds no model difftrain serves: {meta['served']} (the call in its "
+                          "difftrain.json 'torchao'); sample or evaluate the run itself")
+    if "quantized" in meta:  # a QAT run's export: the integer model in its quantized/ (quant/serve.py)
+        from difftrain.quant.serve import load_quantized
 
-    load_served(model, folder, device)  # a ControlNet's branch, a T2I-Adapter: when the export has them
+        model = load_quantized(folder, device)
+    else:
+        model = registry.materialize(registry.build(meta["arch"], acfg), device, seed=0)
+        # a pipeline folder (``export --pipeline``) holds the model in its transformer/
+        weights = folder / "transformer" if (folder / "model_index.json").is_file() else folder
+        model.load_state_dict(model.load_diffusers(weights), strict=True)
+        from difftrain.finetune.served import load_served
+
+        load_served(model, folder, device)  # a ControlNet's branch, a T2I-Adapter: when the export has them
     cfg = Config(diffusion=DiffusionConfig(**meta["diffusion"]), encoders=EncodersConfig(**meta["encoders"]))
     cfg.model.cond = "text" if acfg.text_dim > 0 else "class" if acfg.num_classes > 0 else "none"
     cfg.model.num_classes = acfg.num_classes

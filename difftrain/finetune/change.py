@@ -17,7 +17,7 @@ class Change(ABC):
     reads_control = False  # True: the change reads a control image, ``cond["control"]`` (data.control)
 
     def __init__(self, args, index: int = 0):
-        self.args = args
+        self.args, self.index = args, index
         self.key = f"adapt[{index}]"  # its config key, named in errors
 
     def export_refusal(self) -> str | None:

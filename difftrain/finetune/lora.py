@@ -76,6 +76,9 @@ class LoRA(Change):
                 m.set_adapter(list(m.lora_A))
         for p in model.parameters():  # train this adapter only: the base and any earlier change are frozen
             p.requires_grad_(id(p) not in before)
+        from difftrain.quant.qalora import attach
+
+        attach(model)  # on a quantised base (qat before it): QALoRA, the adapter inside the weight quantiser
 
     def owns(self, name: str) -> bool:
         return any(f".{k}.{self.args.name}." in f".{name}" or name.endswith(f".{k}.{self.args.name}")

@@ -14,19 +14,26 @@ Layers: every Linear and Conv2d except the model's input and output layers (the 
 et al. 2023, arXiv:2302.04304) and EfficientDM (He et al. 2023, arXiv:2310.03270); ``targets`` narrows that to
 groups (``finetune/lora.py``'s ``attn``, ``cross_attn``, ``mlp``, ``modulation``) or module-name regexes.
 
-One fake-quant implementation for both layer types (ours, not torchao's ``QATConfig`` / ``FakeQuantizedLinear``):
-torchao 0.18's QAT covers ``nn.Linear`` (and ``nn.Embedding``) only, computes weight scales from the weight at every
-step (min/max) unless its prototype ``range_learning`` is on, and has static activation scales for no t-interval;
-convolutions need ours anyway, and two implementations would give the UNet's Linear and Conv2d layers different
-numerics and two convert paths. torchao's place is the dynamic per-token activation mode and quantise-on-load
-export (later parts of issue 18).
+Schemes (``scheme``): ``lsq`` (the default) is ours for both layer types, with learned step sizes and static
+activations: torchao 0.18's QAT covers ``nn.Linear`` (and ``nn.Embedding``) only, computes weight scales from the
+weight at every step (min/max) unless its prototype ``range_learning`` is on, and has static activation scales for
+no t-interval. The torchao schemes (``int8_weight``, ``int4_weight``, ``int8_dynamic``, ``int8_dynamic_int4_weight``;
+``quant/torchao_scheme.py``) train with torchao's own fake quantizers for a torchao PTQ config, on Linear and Conv2d
+layers alike, with torchao's dynamic per-token activations (kept apart from our static mode), so that convert gives
+torchao's integers and ``difftrain export`` can write the weights diffusers' ``TorchAoConfig`` quantises on load
+(``quant/torchao_export.py``).
+
+Timestep-aware activations: ``t_intervals`` > 1 (EfficientDM's per-step step sizes) or ``tdq`` (TDQ's small network
+of t); calibration over the first ``calibrate`` training forwards (``modules.ActQuant``). The PTQ baseline is the
+same change with nothing trained (``optim.lr=0``): the weights' min/max step sizes and the calibrated activations.
+
+Engines: DDP, FSDP2 (calibration writes buffers only, never a sharded parameter) and the pipeline (t rides on the
+wire between segments; calibration reduces over a segment's data-parallel replicas). QALoRA: a LoRA after qat in
+``adapt`` adds its update inside the weight quantiser (``quant/qalora.py``).
 
 Served model: with ``act_bits`` = 0 convert restores the plain architecture (the change is mergeable); with
 activations quantised the layers keep their activation quantisers after convert (``mergeable`` False, as a
-ControlNet's branch), since the plain architecture cannot reproduce them. Not yet: LoRA in the same run (QALoRA: LoRA
-on the quantised base, merged into the integer weights), a pipelined or FSDP2 run with activation quantisation
-(calibration writes the step sizes in the first forward; FSDP2 would write an unsharded copy, a pipeline segment
-lacks t), the dynamic per-token activation mode, and export of the integers.
+ControlNet's branch), since the plain architecture cannot reproduce them.
 """
 from __future__ import annotations
 
@@ -38,6 +45,7 @@ from difftrain.config import ConfigError, identity
 from difftrain.finetune.change import Change
 from difftrain.finetune.lora import GROUPS
 from difftrain.quant.modules import ActQuant, Quantised, TimeContext, WeightQuant, fold, quantise
+from difftrain.quant.torchao_scheme import SCHEMES, check_scheme, torchao_quantisers
 
 EDGES = r"(.*\.)?(patch_embed|final_layer\.linear|conv_in|conv_out)"  # input/output layers: full precision
 TARGETS = {"all": rf"(?!(?:{EDGES})$).*", **GROUPS}  # all: every layer but the input and output ones
@@ -53,7 +61,10 @@ class QATArgs:
     group_size: int = identity(32, ge=1)  # input weights per step size (granularity=group)
     t_intervals: int = identity(1, ge=1)  # activation step sizes over t ∈ [0, 1]; 1: not timestep-aware
     percentile: float = identity(1.0, gt=0.0, le=1.0)  # activation calibration: this quantile of |x| (1: max)
+    calibrate: int = identity(1, ge=1)  # activation calibration: the first N training forwards (their maximum)
+    tdq: bool = identity(False)  # activation step sizes s(t) from TDQ's small network of t (not t_intervals)
     targets: list = identity(["all"])  # "all" (every Linear / Conv2d but the edges), groups, or name regexes
+    scheme: str = identity("lsq", ("lsq", *SCHEMES))  # lsq: ours; else torchao's numerics (quant/torchao_scheme.py)
 
 
 class QAT(Change):
@@ -64,27 +75,33 @@ class QAT(Change):
         super().__init__(args, index)
         if args.act_bits == 1:
             raise ConfigError(f"config key '{self.key}.act_bits' = 1: use 0 (weights only) or 2..16 bits")
+        if args.scheme != "lsq":
+            check_scheme(args, self.key)
+        if args.tdq and args.t_intervals > 1:
+            raise ConfigError(f"config key '{self.key}.tdq': TDQ's network of t replaces the per-interval step sizes "
+                              f"(t_intervals = {args.t_intervals}); choose one")
+        if args.tdq and not args.act_bits:
+            raise ConfigError(f"config key '{self.key}.tdq': timestep-dependent step sizes are for activations; set "
+                              "act_bits too")
         if args.t_intervals > 1 and not args.act_bits:
             raise ConfigError(f"config key '{self.key}.t_intervals' = {args.t_intervals}: timestep-aware step sizes "
                               "are for activations; set act_bits too")
         self.mergeable = args.act_bits == 0  # activation quantisers stay in the served model
 
-    def export_refusal(self) -> str | None:
-        if self.args.act_bits:
-            return (f"{self.key} quantises activations (act_bits={self.args.act_bits}): the served model keeps its "
-                    "activation quantisers, which no diffusers folder holds (the integer export is not built yet); "
-                    "difftrain sample/eval serve the run itself")
-        return None
-
     def context(self, cfg) -> None:
-        kinds = [e.get("kind") for e in cfg.adapt if isinstance(e, dict)]
-        if "lora" in kinds:
-            raise ConfigError(f"config key '{self.key}': qat with lora in one run (QALoRA) is not built yet; train "
-                              "qat alone")
-        if self.args.act_bits and (cfg.parallel.pp > 1 or cfg.parallel.engine == "fsdp2"):
-            raise ConfigError(f"config key '{self.key}.act_bits': activation quantisation runs under DDP only for "
-                              f"now (parallel.engine={cfg.parallel.engine}, parallel.pp={cfg.parallel.pp}); "
-                              "weights-only qat (act_bits=0) runs on any engine")
+        for i, e in enumerate(cfg.adapt):  # QALoRA: LoRA after qat, its update inside the weight quantiser
+            if not isinstance(e, dict) or e.get("kind") != "lora":
+                continue
+            if i < self.index:
+                raise ConfigError(f"config key 'adapt[{i}]': a LoRA before qat would sit beside the quantised layer; "
+                                  "put qat first (adapt: [{kind: qat, ...}, {kind: lora, ...}] is QALoRA)")
+            if e.get("dropout", 0.0) or e.get("dora", False):
+                raise ConfigError(f"config key 'adapt[{i}].{'dropout' if e.get('dropout', 0.0) else 'dora'}': QALoRA "
+                                  "adds the adapter into the weight before quantising it: no input dropout, no DoRA")
+        if (self.args.t_intervals > 1 or self.args.tdq) and cfg.parallel.activation_checkpointing:
+            raise ConfigError(f"config key '{self.key}': timestep-aware activation step sizes read t when a layer "
+                              "runs, and activation checkpointing re-runs layers in the backward pass after another "
+                              "forward may have set another t; set parallel.activation_checkpointing=false")
 
     def layers(self, model: nn.Module) -> list[str]:
         """The names of ``model``'s Linear / Conv2d layers the targets choose (each target checked to match one)."""
@@ -105,14 +122,19 @@ class QAT(Change):
                     raise ConfigError(f"config key '{self.key}.group_size' = {a.group_size} does not divide layer "
                                       f"{n}'s {fan_in} input weights; pick a divisor, or targets without it")
         clock = None
-        if a.t_intervals > 1:
+        if a.t_intervals > 1 or a.tdq:
             clock = TimeContext()
             model.register_forward_pre_hook(clock.hook, with_kwargs=True)
+            model.quant_clock = clock  # a pipeline segment sets it itself (it runs blocks, not the model's forward)
         model.requires_grad_(True)  # QAT fine-tunes the whole model through the quantisers
         for n in layers:
             layer = model.get_submodule(n)
+            if a.scheme != "lsq":  # torchao's fake quantizers (quant/torchao_scheme.py)
+                quantise(layer, *torchao_quantisers(a, layer))
+                continue
             wq = WeightQuant(layer.weight, a.weight_bits, a.symmetric, a.granularity, a.group_size)
-            aq = ActQuant(a.act_bits, a.act_symmetric, a.t_intervals, a.percentile, clock, self.key).to(
+            aq = ActQuant(a.act_bits, a.act_symmetric, a.t_intervals, a.percentile, clock, self.key, a.calibrate,
+                          a.tdq).to(
                 layer.weight.device) if a.act_bits else None
             quantise(layer, wq, aq)
 

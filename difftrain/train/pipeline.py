@@ -111,6 +111,10 @@ class PipelineEngine(TorchEngine):
                                    wrap=lambda m: parallelize(m, meshes, pcfg, device, ddp=False), init=init,
                                    carry=carry[0] if carry else None)
         self.dp_group = meshes.dp.get_group() if pcfg.engine == "ddp" and meshes.dims.dp > 1 else None
+        from difftrain.quant.modules import set_calibration_group
+
+        for m in [*self.pipe.modules, *(self.pipe.targets or [])]:  # a segment's replicas: its dp ranks
+            set_calibration_group(m, meshes.dp.get_group())
         # the pp ranks again, as a group of their own for frozen outputs delivered mid-step (fill.CurrentFill)
         grid = meshes.world.mesh.reshape(self.pp, -1)
         self.p2p_group, _ = dist.new_subgroups_by_enumeration([grid[:, c].tolist() for c in range(grid.shape[1])])
@@ -149,6 +153,7 @@ class PipelineEngine(TorchEngine):
         # the EMA of what trains, the live weights of what does not (a frozen base under model changes)
         mine = {n: whole(t) for n, t in self.pipe.union().named_parameters() if not t.requires_grad}
         mine.update({n.removeprefix(self.name + "."): whole(t) for n, t in self.ema.state_dict().items()})
+        mine.update({n: whole(t) for n, t in self.pipe.union().named_buffers() if n in self.pipe.union().state_dict()})
         parts = [None] * self.pp
         dist.all_gather_object(parts, mine, group=self.pp_group)
         state = {k: v for p in parts for k, v in p.items()}

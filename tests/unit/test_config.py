@@ -26,8 +26,7 @@ def test_demo_config_loads_with_overrides():
     ("eval.extractor=resnet:/w.pt", "config key 'eval.extractor' = 'resnet:/w.pt': the name before ':' must be one "
                                     "of digits, inception, clip"),
     # value ranges
-    ("optim.lr=-1", "config key 'optim.lr' must be > 0.0, got -1.0"),
-    ("optim.lr=0", "config key 'optim.lr' must be > 0.0, got 0.0"),
+    ("optim.lr=-1", "config key 'optim.lr' must be >= 0.0, got -1.0"),
     ("optim.lr=.nan", "config key 'optim.lr' must be a finite number, got nan"),
     ("run.log_every=0", "config key 'run.log_every' must be >= 1, got 0"),
     ("run.steps=-5", "config key 'run.steps' must be >= 1, got -5"),

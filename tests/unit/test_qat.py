@@ -18,7 +18,7 @@ from difftrain.config_checks import load_config
 from difftrain.finetune.adapt import apply_changes, changes_of, merge_changes
 from difftrain.quant.fake import fake_quant, grouped, int_range, to_ints
 from difftrain.quant.modules import ActQuant, Quantised, TimeContext, WeightQuant
-from tests.unit.test_lora import FAMILIES as LORA_FAMILIES, _model
+from tests.unit.test_lora import _model
 
 SCHEMES = [(4, True, "channel"), (4, False, "group"), (3, True, "tensor"), (8, False, "channel"), (2, True, "group")]
 
@@ -97,7 +97,7 @@ def test_a_sample_in_interval_k_uses_step_size_k():
     aq = ActQuant(4, True, 4, 1.0, clock, "adapt[0]")
     with torch.no_grad():
         aq.step0.copy_(torch.tensor([0.1, 0.2, 0.3, 0.4]))
-    aq.calibrated.fill_(True)
+    aq.eval()  # no calibration: the step sizes above
     clock.t = torch.tensor([0.0, 0.26, 0.74, 1.0])  # intervals 0, 1, 2 and (t = 1) the last
     x = torch.randn(8, 5, 6)  # a batch of 2 B rows, b-major (a video block's (B·frames))
     out = aq(x)
@@ -186,19 +186,118 @@ def test_bad_entries_are_one_line_errors(entry, key):
 
 
 @pytest.mark.parametrize("extra,match", [
-    (["adapt=[{kind: qat}, {kind: lora}]"], r"adapt\[0\]': qat with lora .*QALoRA"),
-    (["adapt=[{kind: qat, act_bits: 8}]", "parallel.engine=fsdp2"], r"adapt\[0\]\.act_bits'.*DDP only"),
+    (["adapt=[{kind: lora}, {kind: qat}]"], r"adapt\[0\]': a LoRA before qat .*put qat first"),
+    (["adapt=[{kind: qat}, {kind: lora, dropout: 0.1}]"], r"adapt\[1\]\.dropout': QALoRA"),
+    (["adapt=[{kind: qat, act_bits: 8, t_intervals: 4}]", "parallel.activation_checkpointing=true"],
+     r"adapt\[0\]': timestep-aware .*activation_checkpointing=false"),
+    (["adapt=[{kind: qat, act_bits: 8, t_intervals: 4, tdq: true}]"], r"adapt\[0\]\.tdq'.*choose one"),
+    (["adapt=[{kind: qat, tdq: true}]"], r"adapt\[0\]\.tdq'.*set act_bits"),
 ])
-def test_what_is_not_built_yet_is_refused_in_one_line(extra, match):
+def test_combinations_that_cannot_work_are_refused_in_one_line(extra, match):
     with pytest.raises(ConfigError, match=match) as e:
         load_config(None, ["model.name=DiT-T/2", "model.cond=class", "model.num_classes=10", *extra])
     assert "\n" not in str(e.value)
 
 
-def test_export_refuses_activation_quantisers_in_one_line():
-    """A weights-only run exports its folded weights; one with activation quantisers is refused (no diffusers folder
-    holds them), naming the change."""
-    weights, acts = (changes_of(load_config(None, [*LORA_FAMILIES["dit_class"], f"adapt=[{e}]"]))[0] for e in
-                     ("{kind: qat, weight_bits: 8}", "{kind: qat, weight_bits: 8, act_bits: 8}"))
-    assert weights.export_refusal() is None
-    assert "adapt[0] quantises activations (act_bits=8)" in acts.export_refusal()
+def test_calibration_takes_each_intervals_maximum_over_forwards_then_waits_for_unseen_ones_and_writes_no_parameter():
+    clock = TimeContext()
+    aq = ActQuant(8, True, 4, 1.0, clock, "adapt[0]", calibrate=2)
+    with torch.no_grad():
+        aq.log_scale.fill_(0.1)  # where an optimizer left it: calibration moves buffers only
+    x1, x2, x3 = torch.randn(4, 6), torch.randn(4, 6) * 3, torch.randn(4, 6) * 100
+    clock.t = torch.tensor([0.1, 0.1, 0.3, 0.3])  # intervals 0, 0, 1, 1
+    aq(x1)
+    clock.t = torch.tensor([0.1, 0.6, 0.6, 0.6])  # intervals 0, 2, 2, 2
+    aq(x2)
+    want = torch.stack([torch.maximum(x1[:2].abs().max(), x2[0].abs().max()), x1[2:].abs().max(),
+                        x2[1:].abs().max()])
+    torch.testing.assert_close(aq.step0, torch.cat([want, want.max().reshape(1)]) / 127)  # interval 3, unseen:
+    clock.t = torch.tensor([0.1, 0.9, 0.9, 0.9])  # the largest seen, until a forward reaches it
+    aq(x3)  # a third forward: past the 2 calibration forwards, only the unseen interval 3 calibrates
+    torch.testing.assert_close(aq.step0, torch.cat([want, x3[1:].abs().max().reshape(1)]) / 127)
+    aq(x3 * 10)  # every interval seen: calibration is over
+    torch.testing.assert_close(aq.step0, torch.cat([want, x3[1:].abs().max().reshape(1)]) / 127)
+    assert torch.equal(aq.log_scale, torch.full((4,), 0.1)) and int(aq.calibrated) == 3
+    fresh = ActQuant(8, True, 4, 1.0, clock, "adapt[0]").eval()
+    fresh(x1)  # eval forwards never calibrate (no collective a lone rank would wait on)
+    assert int(fresh.calibrated) == 0 and torch.equal(fresh.step0, torch.ones(4))
+
+
+def test_tdq_starts_as_the_static_step_and_learns_a_function_of_t():
+    clock = TimeContext()
+    tdq = ActQuant(4, False, 1, 1.0, clock, "adapt[0]", tdq=True)
+    static = ActQuant(4, False, 1, 1.0, None, "adapt[0]")
+    clock.t = torch.tensor([0.05, 0.95])
+    x = torch.randn(2, 16) * 2
+    torch.testing.assert_close(tdq(x), static(x), rtol=0, atol=0)  # zero-initialised last layer: the static step
+    tdq(x).square().sum().backward()
+    assert tdq.tdq.mlp[2].weight.grad.abs().sum() > 0  # the network of t receives LSQ's gradient
+    with torch.no_grad():
+        tdq.tdq.mlp[2].weight.normal_()
+    s, _ = tdq.step_sizes(x)
+    assert s[0].item() != s[1].item()  # two t, two step sizes
+
+
+def test_qalora_with_b_zero_is_the_quantised_model_and_merges_into_integer_weights():
+    cfg, base, (x, t, cond) = _model("dit_class", "[{kind: qat, weight_bits: 4, act_bits: 8, t_intervals: 2}, "
+                                                  "{kind: lora, rank: 4, targets: [attn, mlp]}]")
+    changes = changes_of(cfg)
+    naive = apply_changes(copy.deepcopy(base), changes[:1], seed=0)
+    model = apply_changes(copy.deepcopy(base), changes, seed=0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, cond), naive(x, t, cond), rtol=0, atol=0)  # B = 0
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(".lora_B." in n for n in trainable) and any("act_quant.log_scale" in n for n in trainable)
+    assert any("weight_quant.log_scale" in n for n in trainable)
+    assert not any(n.endswith(".weight") and "lora_" not in n and "quant" not in n for n in trainable)  # W frozen
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-1)
+    for _ in range(2):
+        opt.zero_grad()
+        model(x, t, cond).square().mean().backward()
+        opt.step()
+    with torch.no_grad():
+        prepared = model(x, t, cond)
+        assert not torch.allclose(prepared, naive(x, t, cond))
+        converted = merge_changes(copy.deepcopy(model), changes)
+        torch.testing.assert_close(converted(x, t, cond), prepared, rtol=0, atol=1e-5)
+        layer = converted.get_submodule("blocks.0.attn.qkv")
+        assert type(layer).__name__ == "QuantisedLinear" and layer.weight_quant is None  # one folded layer
+        wq = model.get_submodule("blocks.0.attn.qkv").base_layer.weight_quant
+        levels = grouped(layer.weight, "channel", 32)[0, 0].div(wq.scale[0, 0]).round().unique().numel()
+        assert levels <= 16  # W + ΔW on the 4-bit grid
+
+
+@pytest.mark.parametrize("form", ["dit_class", "unet"])
+def test_pipeline_segments_carry_t_to_timestep_aware_quantisers(form):
+    from difftrain.parallelism.pipeline.segments import make_segment, num_blocks
+
+    _, model, _, (x, t, cond) = _qat(form, "weight_bits: 8, act_bits: 6, t_intervals: 4")
+    with torch.no_grad():
+        model(x, torch.full_like(t, 0.5), cond)  # calibrated (every interval from the same batch)
+        for m in model.modules():
+            if isinstance(m, ActQuant):
+                m.log_scale.copy_(torch.tensor([0.0, 0.5, 1.0, 1.5]))  # each interval its own step size
+        want = model(x, t, cond)
+        cut = num_blocks(model) // 2
+        first, last = (make_segment(copy.deepcopy(model), lo, hi) for lo, hi in [(0, cut), (cut, num_blocks(model))])
+        keys = ["class_labels"]
+        wire = first(x, t, *[cond[k] for k in keys])
+        last.clock.t = None  # the second segment learns t from the wire alone
+        torch.testing.assert_close(last(*wire), want, rtol=0, atol=1e-5)
+
+
+
+def test_an_n_step_grid_takes_n_distinct_intervals_and_a_grid_beyond_the_calibrated_ones_is_refused():
+    from difftrain.diffusion.samplers import time_grid
+    from difftrain.quant.modules import check_sampling_grid, interval
+
+    ts = time_grid(6, 1.0, 0.0)[:-1].float()  # the points an N-step sampler evaluates: 1, 5/6, ..., 1/6
+    assert interval(ts, 6).tolist() == [5, 4, 3, 2, 1, 0]
+    _, model, _, (x, _, cond) = _qat("dit_class", "weight_bits: 8, act_bits: 8, t_intervals: 6, calibrate: 3")
+    for t in ts[:3]:  # calibrated on the first half of the trajectory only: t ∈ (1/2, 1]
+        model(x, t.expand(2), cond)
+    check_sampling_grid(model, ts[:3])
+    with pytest.raises(ConfigError, match=r"adapt\[0\]: .* calibrated for t-intervals \[3, 4, 5\] of 6; sampling "
+                                          r"evaluates t = 0.5 in interval 2") as e:
+        check_sampling_grid(model, ts)
+    assert "\n" not in str(e.value)

@@ -15,9 +15,9 @@ from difftrain.train.stages.base import SamplingDefaults
 
 def test_stage_choices_are_the_registry():
     with pytest.raises(ConfigError, match="config key 'stage' = 'nope' is not one of: pretrain, reflow, progressive, "
-                                          "consistency, dmd"):
+                                          "consistency, dmd, trajectory"):
         load_config(None, ["stage=nope"])
-    assert set(STAGES) == {"pretrain", "reflow", "progressive", "consistency", "dmd"}
+    assert set(STAGES) == {"pretrain", "reflow", "progressive", "consistency", "dmd", "trajectory"}
 
 
 REFLOW = ["stage=reflow", "data.kind=latent", "data.require_caption=false", "diffusion.path=rf",

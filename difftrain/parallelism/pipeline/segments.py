@@ -57,6 +57,22 @@ class _Segment(nn.Module):
         object.__setattr__(self, "model", model)
         for name, child in model.named_children():
             setattr(self, name, child)
+        # timestep-aware activation quantisation (quant/qat.py) reads t in every segment: t rides on the wire
+        self.clock = getattr(model, "quant_clock", None)
+
+    def time_in(self, args: tuple) -> tuple:
+        """Set the quantisers' clock from the first segment's t or the wire's last tensor (removed)."""
+        if self.clock is None:
+            return args
+        if self.first:
+            self.clock.t = args[1].detach()
+            return args
+        self.clock.t = args[-1].detach()
+        return args[:-1]
+
+    def time_out(self, wire: tuple) -> tuple:
+        return wire + (self.clock.t.to(wire[0].device, torch.float32).expand(wire[0].shape[0]).contiguous(),) \
+            if self.clock is not None else wire
 
 
 class DiTSegment(_Segment):
@@ -78,6 +94,7 @@ class DiTSegment(_Segment):
 
     def forward(self, *args: torch.Tensor):
         m = self.model
+        args = self.time_in(args)
         if self.first:
             x_t, t, *cond = args
             x, c, mod, text, mask = m.embed(x_t, t, dict(zip(cond_keys(m), cond)))
@@ -91,7 +108,7 @@ class DiTSegment(_Segment):
         if self.last:
             return m.final(x, c, self.grid)
         wire = (x, c) + ((mod,) if self.single else ()) + ((text, mask.to(x.dtype)) if self.text else ())
-        return _contiguous(wire)
+        return _contiguous(self.time_out(wire))
 
 
 class UNetSegment(_Segment):
@@ -112,6 +129,7 @@ class UNetSegment(_Segment):
 
     def forward(self, *args: torch.Tensor):
         m = self.model
+        args = self.time_in(args)
         if self.first:
             x_t, t, *cond = args
             state = m.stem(x_t, t, dict(zip(cond_keys(m), cond)))
@@ -130,7 +148,7 @@ class UNetSegment(_Segment):
         if self.last:
             return m.head(state)
         ctx = (state["context"], state["context_bias"]) if self.text else ()
-        return _contiguous((state["h"], state["emb"], *ctx, *state["skips"]))
+        return _contiguous(self.time_out((state["h"], state["emb"], *ctx, *state["skips"])))
 
 
 class _ContiguousGrad(torch.autograd.Function):

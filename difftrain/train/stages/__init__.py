@@ -7,9 +7,10 @@ from difftrain.train.stages.dmd import DMDStage
 from difftrain.train.stages.pretrain import PretrainStage
 from difftrain.train.stages.progressive import ProgressiveStage
 from difftrain.train.stages.reflow import ReflowStage
+from difftrain.train.stages.trajectory import TrajectoryStage
 
 STAGES: dict[str, type[Stage]] = {s.name: s for s in (PretrainStage, ReflowStage, ProgressiveStage,
-                                                             ConsistencyStage, DMDStage)}
+                                                             ConsistencyStage, DMDStage, TrajectoryStage)}
 
 
 def stage_args(cfg):
