@@ -2,8 +2,8 @@
 training (QAT), plain and timestep-aware, at W8A8 / W4A8 / W4A4 with static activation step sizes, and torchao's
 dynamic per-token activations as a row of their own; on the digits teacher and on a 2-step distilled student.
 
-    python benchmarks/qat.py                      # the full run (resumable; ~75 min here, estimated below)
-    python benchmarks/qat.py --quick              # every piece at toy size (701 s here): checks the script
+    python benchmarks/qat.py                      # the full run (resumable; 56 min here: 2313 s + 1024 s)
+    python benchmarks/qat.py --quick              # every piece at toy size (594 s here): checks the script
 
 Everything is the real CLI under torchrun (2 gloo processes). One campaign (``difftrain campaign``,
 docs/CAMPAIGNS.md) trains:
@@ -66,7 +66,8 @@ the 2 cores, other jobs running): teacher 600 steps x ~0.6 s (its 20 quick steps
 trajectories) ~ 1490 s; QAT on pd2 6 x 128 x ~1.1 s (its quick steps took ~0.75x the teacher rows') ~ 850 s; PTQ 14
 runs x 8 steps ~ 180 s; ~6 s per stage around its training (30 stages) ~ 200 s; evaluation: ~50 s per teacher
 model at 500 samples (the quick: ~20 s per 100 samples on one rank) x 19 + ~7 s x 13 for pd2 ~ 1040 s; exports and
-latency ~ 60 s. About 4500 s (75 min); less on an idle machine. A quick run (--quick) took 701 s end to end.
+latency ~ 60 s. About 4500 s (75 min); less on an idle machine. Measured on 2026-12-07: the campaign 2313 s, then
+evaluation, exports and latency 1024 s (docs/BENCHMARKS.md); a quick run took 594 s end to end.
 """
 from __future__ import annotations
 

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
 from difftrain.models.dit_export import ExportError
@@ -64,10 +65,7 @@ def unpack(stored: torch.Tensor, shape: tuple[int, ...], bits: int, symmetric: b
     if storage(bits, symmetric) != PACKED:
         return stored.float().reshape(shape)
     u = torch.stack([stored & 0xF, stored >> 4], -1).flatten()
-    n = 1
-    for d in shape:
-        n *= d
-    return (u[:n].float() + int_range(bits, symmetric)[0]).reshape(shape)
+    return (u[:math.prod(shape)].float() + int_range(bits, symmetric)[0]).reshape(shape)
 
 
 def quantised_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -124,8 +122,9 @@ def save_quantized(model: nn.Module, folder: str | Path, meta: dict) -> dict:
     tensors = {k: t.to("cpu").contiguous().clone() for k, t in tensors.items()}
     out = Path(folder) / FOLDER
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / WEIGHTS), metadata={"format": FORMAT, "version": str(VERSION)})
-    digest = hashlib.sha256((out / WEIGHTS).read_bytes()).hexdigest()
+    data = save(tensors, metadata={"format": FORMAT, "version": str(VERSION)})
+    (out / WEIGHTS).write_bytes(data)
+    digest = hashlib.sha256(data).hexdigest()
     acts = [m.act_quant for m in layers.values() if m.act_quant is not None]
     config = {**meta, "format": FORMAT, "version": VERSION, "weights": WEIGHTS, "sha256": digest,
               "clock": any(a.clock is not None for a in acts),  # timestep-aware: t from the model's forward

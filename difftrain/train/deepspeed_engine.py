@@ -40,7 +40,8 @@ from torch import nn
 
 from difftrain.config import ConfigError, OptimConfig, ParallelConfig
 from difftrain.parallelism.dims import Meshes
-from difftrain.train.engine import ENGINES, Engine, lr_table, spec_meta_copy
+from difftrain.train.ema import lerp_shadow, warmup_decay
+from difftrain.train.engine import ENGINES, Engine, all_finite, lr_table, spec_meta_copy
 
 _ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -182,15 +183,14 @@ class DeepSpeedEngine(Engine):
         self._set_lr()
         self.ds.step()
         ok = torch.tensor(bool(self.ds.was_step_applied()))
-        norm = self.ds.get_global_grad_norm()
-        norm = torch.as_tensor(float("inf") if norm is None else float(norm), dtype=torch.float32)
+        norm = self.ds.get_global_grad_norm()  # a float or a device tensor: kept as it is (no host sync)
+        norm = torch.as_tensor(float("inf") if norm is None else norm, dtype=torch.float32)
         self.updates += ok
         self._set_lr()
-        decay = min(self.decay, (1 + step) / (10 + step))  # the warm-up of train/ema.py
-        if ok:
+        if ok:  # DeepSpeed's own flag, a host bool already
             with torch.no_grad():
-                held = [self._held(p) for p in self.params.values()]
-                torch._foreach_lerp_(list(self.ema.shadow.values()), held, 1.0 - decay)
+                lerp_shadow(list(self.ema.shadow.values()), [self._held(p) for p in self.params.values()],
+                      warmup_decay(self.decay, step), None)
         return norm.to(self.device), ok.to(self.device)
 
     def _set_lr(self) -> None:
@@ -203,11 +203,8 @@ class DeepSpeedEngine(Engine):
 
     @torch.no_grad()
     def finite_state(self) -> bool:
-        held = [self._held(p) for p in self.params.values()] + list(self.ema.shadow.values())
-        bad = torch.tensor([0.0 if all(bool(t.isfinite().all()) for t in held) else 1.0])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        return not bool(bad[0])
+        return all_finite([self._held(p) for p in self.params.values()] + list(self.ema.shadow.values()),
+                          self.device)
 
     # -- checkpoint state: whole tensors under TorchEngine's keys ----------------------------------------------
     @torch.no_grad()

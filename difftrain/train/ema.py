@@ -18,7 +18,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def _lerp(shadow: list, live: list, decay: float, ok: torch.Tensor | None) -> None:
+def lerp_shadow(shadow: list, live: list, decay: float, ok: torch.Tensor | None) -> None:
     """``shadow += (1 - decay) * ok * (live - shadow)`` over lists of local tensors (``ok`` None: always)."""
     if ok is None:
         torch._foreach_lerp_(shadow, live, 1.0 - decay)
@@ -41,7 +41,13 @@ def follow(target: nn.Module, live: nn.Module, decay: float, ok: torch.Tensor | 
     missing = [n for (n, _), (_, q) in zip(target.named_parameters(), pairs) if q is None]
     if missing:
         raise ValueError(f"target network parameter '{missing[0]}' has no counterpart in the live module")
-    _lerp([_local(p) for p, _ in pairs], [_local(q) for _, q in pairs], decay, ok)
+    lerp_shadow([_local(p) for p, _ in pairs], [_local(q) for _, q in pairs], decay, ok)
+
+
+def warmup_decay(decay: float, step: int) -> float:
+    """The EMA decay at ``step``: warmed up as in Karras et al. 2022 / common practice (no averaging over the first
+    steps), ``decay`` after."""
+    return min(decay, (1 + step) / (10 + step))
 
 
 class EMA:
@@ -54,9 +60,8 @@ class EMA:
     def update(self, step: int, ok: torch.Tensor | None = None) -> None:
         """``shadow += (1 - decay) * (live - shadow)``; with ``ok`` (a 0-dim bool device tensor) the weight is
         multiplied by it, so a skipped step leaves the EMA bitwise unchanged without a host sync."""
-        # Warm-up as in Karras et al. 2022 / common practice: no averaging over the first steps.
-        decay = min(self.decay, (1 + step) / (10 + step))
-        _lerp([_local(self.shadow[n]) for n in self.params], [_local(p) for p in self.params.values()], decay, ok)
+        lerp_shadow([_local(self.shadow[n]) for n in self.params], [_local(p) for p in self.params.values()],
+              warmup_decay(self.decay, step), ok)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow

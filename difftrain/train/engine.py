@@ -133,6 +133,17 @@ def agree_finite(norm: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def all_finite(tensors: list[torch.Tensor], device: torch.device) -> bool:
+    """Whether every rank's ``tensors`` (the float ones: what this rank holds) are finite; collective, one host
+    sync (an engine's ``finite_state``, at checkpoint steps only)."""
+    local = [t for t in tensors if t.is_floating_point()]
+    bad = (~torch.stack([t.isfinite().all() for t in local]).all() if local else torch.tensor(False))
+    bad = bad.to(device=device, dtype=torch.float32).reshape(1)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not bool(bad[0])
+
+
 def spec_meta_copy(spec, original: nn.Module, meshes: Meshes, pcfg: ParallelConfig, device: torch.device) -> nn.Module:
     """A derived module: ``spec.meta()`` sharded like ``original`` (FSDP2: the same blocks on the same mesh; DDP: no
     wrapper, it takes no gradient), materialised, then the original's parameters and buffers copied shard by shard,
@@ -282,13 +293,7 @@ class TorchEngine(Engine):
 
     @torch.no_grad()
     def finite_state(self) -> bool:
-        local = [_local(t) for t in (*self.params, *self.ema.state_dict().values())
-                 if t.is_floating_point()]
-        bad = (~torch.stack([t.isfinite().all() for t in local]).all() if local else torch.tensor(False))
-        bad = bad.to(device=self.device, dtype=torch.float32).reshape(1)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        return not bool(bad[0])
+        return all_finite([_local(t) for t in (*self.params, *self.ema.state_dict().values())], self.device)
 
     # -- checkpoint state: tensors only; the LR schedule is a function of the applied updates -----
     def frozen_keys(self) -> dict[str, set[str]]:

@@ -153,7 +153,9 @@ class PipelineEngine(TorchEngine):
         # the EMA of what trains, the live weights of what does not (a frozen base under model changes)
         mine = {n: whole(t) for n, t in self.pipe.union().named_parameters() if not t.requires_grad}
         mine.update({n.removeprefix(self.name + "."): whole(t) for n, t in self.ema.state_dict().items()})
-        mine.update({n: whole(t) for n, t in self.pipe.union().named_buffers() if n in self.pipe.union().state_dict()})
+        union = self.pipe.union()
+        persistent = union.state_dict().keys()  # buffers a checkpoint holds (not the non-persistent ones)
+        mine.update({n: whole(t) for n, t in union.named_buffers() if n in persistent})
         parts = [None] * self.pp
         dist.all_gather_object(parts, mine, group=self.pp_group)
         state = {k: v for p in parts for k, v in p.items()}

@@ -231,22 +231,11 @@ def test_cli_export_of_a_real_run_writes_the_folder_torchao_quantises_to_our_int
     ``difftrain export``: DIR/torchao loaded by the printed call holds the integers of the run's weights, and gives the
     outputs of the root folder (the converted model, its weights dequantised)."""
     from difftrain import cli
-    from difftrain.config_checks import load_config
     from difftrain.eval.generator import load_run
-    from difftrain.train.trainer import Trainer
-    from tests.chaos.test_untrusted_files import _close
-    from tests.conftest import REPO
-    from tests.distributed.test_resume import COMMON
+    from tests.unit.test_quant_export import small_qat_run
 
     run, out = tmp_path / "run", tmp_path / "export"
-    cfg = load_config(REPO / COMMON[0], [*COMMON[1:], "run.steps=2", "run.ckpt_every=2", "data.num_workers=0",
-                                         f"data.train={digits['train']}", f"run.dir={run}",
-                                         f"adapt=[{{kind: qat, {ENTRIES['int4_weight']}}}]"])
-    trainer = Trainer(cfg)
-    try:
-        trainer.fit()
-    finally:
-        _close(trainer)
+    small_qat_run(digits, run, f"{{kind: qat, {ENTRIES['int4_weight']}}}")
     cli.main(["export", str(run), "--out", str(out)])
     printed = capsys.readouterr().out
     meta = json.loads((out / "difftrain.json").read_text())

@@ -200,26 +200,30 @@ RUNS = {"w4a8": "{kind: qat, weight_bits: 4, act_bits: 8, t_intervals: 2, granul
         "w8": "{kind: qat, weight_bits: 8, symmetric: false}"}
 
 
-@pytest.fixture(scope="module")
-def runs(digits, tmp_path_factory):
-    """Two real QAT runs of 2 steps (the small DiT of tests/distributed/test_resume.py): W4A8 with timestep-aware
-    activation step sizes, and weights-only W8."""
+def small_qat_run(digits, run_dir, entry: str) -> None:
+    """A real in-process QAT run of 2 steps with the qat ``entry`` (the small DiT of tests/distributed/
+    test_resume.py), checkpointed at its end."""
     from difftrain.config_checks import load_config
     from difftrain.train.trainer import Trainer
     from tests.chaos.test_untrusted_files import _close
     from tests.conftest import REPO
     from tests.distributed.test_resume import COMMON
 
+    cfg = load_config(REPO / COMMON[0], [*COMMON[1:], "run.steps=2", "run.ckpt_every=2", "data.num_workers=0",
+                                         f"data.train={digits['train']}", f"run.dir={run_dir}", f"adapt=[{entry}]"])
+    trainer = Trainer(cfg)
+    try:
+        trainer.fit()
+    finally:
+        _close(trainer)
+
+
+@pytest.fixture(scope="module")
+def runs(digits, tmp_path_factory):
+    """Two real QAT runs: W4A8 with timestep-aware activation step sizes, and weights-only W8."""
     d = tmp_path_factory.mktemp("qat_runs")
     for name, entry in RUNS.items():
-        cfg = load_config(REPO / COMMON[0], [*COMMON[1:], "run.steps=2", "run.ckpt_every=2", "data.num_workers=0",
-                                             f"data.train={digits['train']}", f"run.dir={d / name}",
-                                             f"adapt=[{entry}]"])
-        trainer = Trainer(cfg)
-        try:
-            trainer.fit()
-        finally:
-            _close(trainer)
+        small_qat_run(digits, d / name, entry)
     return d
 
 
