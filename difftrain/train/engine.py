@@ -144,6 +144,7 @@ def all_finite(tensors: list[torch.Tensor], device: torch.device) -> bool:
     return not bool(bad[0])
 
 
+@torch.no_grad()
 def spec_meta_copy(spec, original: nn.Module, meshes: Meshes, pcfg: ParallelConfig, device: torch.device) -> nn.Module:
     """A derived module: ``spec.meta()`` sharded like ``original`` (FSDP2: the same blocks on the same mesh; DDP: no
     wrapper, it takes no gradient), materialised, then the original's parameters and buffers copied shard by shard,
