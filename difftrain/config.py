@@ -170,6 +170,9 @@ class OptimConfig:
     ema_decay: float = budget(0.999, ge=0.0, lt=1.0)
     # consecutive steps skipped for a non-finite loss or gradient before the run stops (train/engine.py)
     max_bad_steps: int = execution(10, ge=1)
+    # the fused AdamW (and norms): torch's, NVIDIA apex's FusedAdam + FusedLayerNorm (train/apex.py: required), or
+    # auto = apex where it imports on CUDA, else torch's
+    impl: str = execution("auto", ["auto", "apex", "torch"])
 
 
 @dataclass
@@ -178,11 +181,21 @@ class ParallelConfig:
     # engine deepspeed (train/deepspeed_engine.py): ZeRO stage 1 (optimizer state), 2 (+ gradients), 3 (+ parameters)
     zero_stage: int = execution(1, ge=1, le=3)
     zero_persistence_threshold: int = execution(100000, ge=0)  # ZeRO-3: smaller parameters stay whole on every rank
+    # DeepSpeed's CPU offload (train/deepspeed_engine.py): the fp32 master weights, gradients and AdamW state in
+    # host memory, stepped by DeepSpeedCPUAdam (ZeRO 1-3); and, ZeRO-3 only, the parameter partitions too
+    zero_offload_optimizer: bool = execution(False)
+    zero_offload_params: bool = execution(False)
     # -1 = whatever the other dimensions leave. Defaults: ddp replicates over all ranks; fsdp2 shards
     # over all ranks; set both for HSDP (e.g. dp_replicate=nodes, dp_shard=gpus per node).
     dp_replicate: int = execution(-1, ge=-1)  # -1 or >= 1
     dp_shard: int = execution(-1, ge=-1)  # -1 or >= 1
-    tp: int = execution(1, ge=1)
+    tp: int = execution(1, ge=1)  # tensor parallelism of the DiT's blocks (parallelism/tensor_parallel.py; fsdp2)
+    # dtensor: DTensor's parallel styles; megatron: megatron-core's column/row-parallel linear functions on the same
+    # shards (its backward all-reduce overlapped with the weight gradient on GPU)
+    tp_impl: str = execution("dtensor", ["dtensor", "megatron"])
+    # sequence parallelism (with tp > 1, dtensor): between the blocks' matmuls (norms, modulation, residuals) each tp
+    # rank holds 1/tp of the tokens; the all-reduces become all-gather + reduce-scatter (Korthikanti et al. 2022)
+    sp: bool = execution(False)
     # pipeline ranks (docs/PIPELINE.md): the backbone is cut into pp segments (2 pp with interleaved_1f1b and
     # zero_bubble), one (two) per rank; every pp rank of a data-parallel slice reads the same batch
     pp: int = execution(1, ge=1)

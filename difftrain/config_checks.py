@@ -57,6 +57,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     for name in ("dp_replicate", "dp_shard"):
         if getattr(cfg.parallel, name) == 0:
             raise ConfigError(f"config key 'parallel.{name}' must be >= 1 or -1 (inferred), got 0")
+    from difftrain.train.apex import check as check_apex
+
+    check_apex(cfg.optim.impl)
     b = cfg.optim.betas
     if (len(b) != 2 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in b)
             or not all(0.0 <= x < 1.0 for x in b)):
@@ -107,8 +110,12 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         if pc.pp_frozen == "fill" and pc.pp_schedule not in ("gpipe", "1f1b"):
             raise ConfigError(f"config key 'parallel.pp_frozen' = fill works with pp_schedule gpipe or 1f1b, not "
                               f"{pc.pp_schedule!r}; use balanced (or auto)")
-        if pc.tp != 1:
-            raise ConfigError("config key 'parallel.tp' must be 1 (tensor parallelism is not built yet)")
+    if pc.sp and (pc.tp == 1 or pc.pp > 1 or pc.tp_impl != "dtensor"):
+        raise ConfigError("config key 'parallel.sp' needs parallel.tp > 1 with tp_impl dtensor and pp 1 (sequence "
+                          "parallelism across pipeline segments or with megatron's functions is not built yet)")
+    if pc.tp != 1 and pc.engine != "fsdp2":
+        raise ConfigError(f"config key 'parallel.tp' = {pc.tp} with parallel.engine={pc.engine}: tensor parallelism "
+                          "composes with fsdp2 (replicate with dp_shard=1, dp_replicate=N: HSDP as DDP)")
     from difftrain.train.stages import STAGES, stage_args
 
     from difftrain.train.engine import ENGINES
@@ -122,6 +129,14 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if cfg.parallel.engine != "deepspeed" and cfg.parallel.zero_stage != 1:
         raise ConfigError(f"config key 'parallel.zero_stage' = {cfg.parallel.zero_stage} applies to "
                           f"parallel.engine=deepspeed, not {cfg.parallel.engine!r}")
+    for key in ("zero_offload_optimizer", "zero_offload_params"):
+        if getattr(cfg.parallel, key) and cfg.parallel.engine != "deepspeed":
+            raise ConfigError(f"config key 'parallel.{key}' = true applies to parallel.engine=deepspeed, not "
+                              f"{cfg.parallel.engine!r}")
+    if cfg.parallel.zero_offload_params and cfg.parallel.zero_stage < 3:
+        raise ConfigError(f"config key 'parallel.zero_offload_params' = true needs parallel.zero_stage=3 (the "
+                          f"parameters are partitioned only there), not {cfg.parallel.zero_stage}; "
+                          f"parallel.zero_offload_optimizer offloads stages 1-3")
     if cfg.stage not in STAGES:
         raise ConfigError(f"config key 'stage' = {cfg.stage!r} is not one of: {', '.join(STAGES)}")
     stage = STAGES[cfg.stage]

@@ -162,11 +162,15 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, D = x.shape
-        # unbind (not permute + unpack): autograd then writes the three grads straight into qkv's layout
-        q, k, v = (u.transpose(1, 2) for u in self.qkv(x).view(B, N, 3, self.heads, D // self.heads).unbind(2))  # [B, H, N, hd]
+        # unbind (not permute + unpack): autograd then writes the three grads straight into qkv's layout. Shapes are
+        # read from qkv's output: under tensor parallelism it holds this rank's heads (H = heads / tp), and under
+        # sequence parallelism every token of x's 1/tp share (parallelism/tensor_parallel.py)
+        qkv = self.qkv(x)  # [B, N, 3 H hd]
+        B, N, hd = qkv.shape[0], qkv.shape[1], x.shape[-1] // self.heads
+        qkv = qkv.view(B, N, 3, -1, hd)  # [B, N, 3, H, hd]
+        q, k, v = (u.transpose(1, 2) for u in qkv.unbind(2))  # [B, H, N, hd]
         o = F.scaled_dot_product_attention(q, k, v)  # [B, H, N, hd]
-        return self.proj(o.transpose(1, 2).reshape(B, N, D))  # [B, N, D]
+        return self.proj(o.transpose(1, 2).reshape(B, N, -1))  # [B, N, D]
 
 
 class CrossAttention(nn.Module):
@@ -178,12 +182,13 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        B, N, D = x.shape
-        L, hd = text.shape[1], D // self.heads
-        q = self.q(x).view(B, N, self.heads, hd).transpose(1, 2)  # [B, H, N, hd]
-        k, v = (u.transpose(1, 2) for u in self.kv(text).view(B, L, 2, self.heads, hd).unbind(2))  # [B, H, L, hd]
+        L, hd = text.shape[1], x.shape[-1] // self.heads
+        q = self.q(x)  # [B, N, H hd] (H: this rank's heads under TP; N: every token under SP)
+        B, N = q.shape[:2]
+        q = q.view(B, N, -1, hd).transpose(1, 2)  # [B, H, N, hd]
+        k, v = (u.transpose(1, 2) for u in self.kv(text).view(B, L, 2, -1, hd).unbind(2))  # [B, H, L, hd]
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=text_mask[:, None, None, :])  # [B, H, N, hd]
-        return self.proj(o.transpose(1, 2).reshape(B, N, D))  # [B, N, D]
+        return self.proj(o.transpose(1, 2).reshape(B, N, -1))  # [B, N, D]
 
 
 class Mlp(nn.Module):

@@ -52,8 +52,6 @@ class ParallelDims:
                 f" = {prod} != world size {self.world_size}")
         if engine == "ddp" and self.dp_shard != 1:
             raise ConfigError("config key 'parallel.dp_shard' must be 1 with parallel.engine=ddp (use fsdp2 to shard)")
-        if self.tp != 1:
-            raise ConfigError("config key 'parallel.tp' must be 1 for now (tensor parallelism is not built yet)")
 
     @property
     def dp(self) -> int:
@@ -81,6 +79,11 @@ class Meshes:
         if self.dims.dp_replicate > 1:
             return self.world["dp_replicate", "dp_shard"]
         return self.world["dp_shard"]
+
+    @cached_property
+    def tp(self) -> DeviceMesh:
+        """The tensor-parallel ranks of this rank's data-parallel and pipeline slice (they read the same batch)."""
+        return self.world["tp"]
 
     @cached_property
     def pp(self) -> DeviceMesh:

@@ -1,5 +1,5 @@
 """Apply parallelism to a single-device model from outside, in torchtitan's order:
-(TP, not built yet) -> activation checkpointing -> compile -> FSDP2 | DDP.
+TP (``tensor_parallel.py``) -> activation checkpointing -> compile -> FSDP2 | DDP.
 
 Every function keeps parameter names (FQNs) unchanged except DDP's ``module.`` wrapper, which the
 engine and DCP's state-dict helpers see through, so checkpoints move between engines and world sizes.
@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from difftrain.config import ParallelConfig
 from difftrain.parallelism.dims import Meshes
+from difftrain.parallelism.tensor_parallel import apply_tp
 
 
 def trunk_blocks(model: nn.Module) -> list[nn.Module]:
@@ -85,6 +86,8 @@ def parallelize(model: nn.Module, meshes: Meshes, pcfg: ParallelConfig, device: 
                 ddp: bool = True) -> nn.Module:
     """Returns the module to call for forward (the DDP wrapper, or the same sharded module). ``ddp=False``: a
     pipeline segment (``SEGMENT_ENGINES``: no DDP wrapper)."""
+    if pcfg.tp > 1:
+        apply_tp(model, trunk_blocks(model), meshes.tp, pcfg.tp_impl, pcfg.sp)
     if pcfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     if pcfg.compile:

@@ -12,6 +12,15 @@ Trillion Parameter Models", section 5), its gradient accumulation and its gradie
   trainable parameters only (a client optimizer; ``zero_allow_untested_optimizer``), its learning rate written into
   DeepSpeed's param groups before each step from our table indexed by applied updates (``train/engine.py``
   ``lr_table``); DeepSpeed's own scheduler is not used.
+- **CPU offload** (ZeRO-Offload, Ren et al. 2021, "ZeRO-Offload: Democratizing Billion-Scale Model Training").
+  ``parallel.zero_offload_optimizer`` (ZeRO 1-3: DeepSpeed's ``offload_optimizer: {device: cpu}``) keeps the fp32
+  master partitions, their gradients and the AdamW moments in host memory and steps them there;
+  ``parallel.zero_offload_params`` (ZeRO-3 only: ``offload_param``) keeps the parameter partitions there too, so the
+  EMA's partitions (``p.ds_tensor``'s device) live in host memory as well. The optimizer is then DeepSpeed's
+  ``DeepSpeedCPUAdam(adamw_mode=True)`` (its C++ op, compiled by ninja on first use), what DeepSpeed users get with
+  offload, rather than torch's AdamW over host tensors: the same update (decoupled decay ``p *= 1 - lr * wd``, then
+  ``p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)``), vectorised, so it differs from torch's by fp32
+  rounding only (a few ulps per step; the tests hold it to DDP within 1e-5). Its step count is an int, not a tensor.
 - **Skipped steps.** DeepSpeed's ZeRO optimizers skip a step whose global grad norm is not finite, on every rank
   (``stage_1_and_2.py`` / ``stage3.py`` ``step``: the norm is all-reduced, then the step returns after clearing the
   gradients), also in fp32. A non-finite loss on any rank back-propagates non-finite gradients, whose all-reduced
@@ -24,8 +33,9 @@ Trillion Parameter Models", section 5), its gradient accumulation and its gradie
   reader), never ``DeepSpeedEngine.save_checkpoint`` (``torch.save``, a pickle). The tensors are whole, under
   TorchEngine's keys (``model.NAME.*``, ``optim.NAME.FQN.{step,exp_avg,exp_avg_sq}``, ``ema.NAME.*``), assembled
   parameter by parameter with DeepSpeed's ``safe_get_full_*`` / ``GatheredParameters`` and written back with
-  ``safe_set_full_*``: a checkpoint is independent of the ZeRO stage and world size, so export, ``sample`` and a
-  DDP/FSDP2 resume read it. The cost: each rank holds the whole state at a save (DCP writes it once).
+  ``safe_set_full_*``: a checkpoint is independent of the ZeRO stage, offload and world size, so export, ``sample``
+  and a DDP/FSDP2 resume read it (tested: a 2-rank ZeRO-3 checkpoint resumed by 1 rank, offloaded and under DDP).
+  The cost: each rank holds the whole state at a save (DCP writes it once).
 
 Frozen modules (encoders, a teacher) stay outside DeepSpeed: plain modules on every rank, no optimizer state. One
 trainable module per run (stages with several, or derived target networks under ZeRO-3, are refused in one line).
@@ -33,12 +43,14 @@ trainable module per run (stages with several, or derived target networks under 
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from difftrain.config import ConfigError, OptimConfig, ParallelConfig
+from difftrain.launch.env import discover
 from difftrain.parallelism.dims import Meshes
 from difftrain.train.ema import lerp_shadow, warmup_decay
 from difftrain.train.engine import ENGINES, Engine, all_finite, lr_table, spec_meta_copy
@@ -47,13 +59,22 @@ _ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 def ds_config(pcfg: ParallelConfig, ocfg: OptimConfig, batch_size: int, dp: int) -> dict:
-    """DeepSpeed's config from ours: batch split as our trainer splits it, clipping, ZeRO stage, fp32."""
+    """DeepSpeed's config from ours: batch split as our trainer splits it, clipping, ZeRO stage, CPU offload, fp32."""
     micro = batch_size // (dp * ocfg.grad_accum)
+    zero = {"stage": pcfg.zero_stage}
+    if pcfg.zero_stage == 3:
+        zero["stage3_param_persistence_threshold"] = pcfg.zero_persistence_threshold
+        # DeepSpeed's memory-efficient linear replaces torch.nn.functional.linear for the whole process, for good
+        # ("This will persist unless manually reset"): it would reach the frozen modules, torchao's QAT and the later
+        # stages of a campaign run in the same process, so it is off
+        zero["memory_efficient_linear"] = False
+    if pcfg.zero_offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if pcfg.zero_offload_params:
+        zero["offload_param"] = {"device": "cpu"}
     return {"train_batch_size": micro * dp * ocfg.grad_accum, "train_micro_batch_size_per_gpu": micro,
             "gradient_accumulation_steps": ocfg.grad_accum, "gradient_clipping": ocfg.grad_clip,
-            "zero_optimization": {"stage": pcfg.zero_stage, **({"stage3_param_persistence_threshold":
-                                                               pcfg.zero_persistence_threshold}
-                                                              if pcfg.zero_stage == 3 else {})},
+            "zero_optimization": zero,
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 2**62, "wall_clock_breakdown": False}
 
@@ -65,7 +86,7 @@ class DeepSpeedEngine(Engine):
                  total_steps: int, batch_size: int, dp: int):
         import deepspeed
 
-        self.name, self.device, self.stage = name, device, pcfg.zero_stage
+        self.name, self.device, self.stage, self.offload = name, device, pcfg.zero_stage, pcfg.zero_offload_optimizer
         self.frozen: dict[str, nn.Module] = {}
         self.derived: dict[str, nn.Module] = {}
         self.base_keys: dict[str, set[str]] = {}
@@ -73,8 +94,17 @@ class DeepSpeedEngine(Engine):
         self.updates = torch.zeros((), dtype=torch.long)  # applied updates (skipped steps excluded)
         module.to(device)
         self.params = {n: p for n, p in module.named_parameters() if p.requires_grad}
-        optimizer = torch.optim.AdamW(list(self.params.values()), lr=float(self.lr_table[0]), betas=tuple(ocfg.betas),
-                                      eps=ocfg.eps, weight_decay=ocfg.weight_decay)
+        adamw = dict(lr=float(self.lr_table[0]), betas=tuple(ocfg.betas), eps=ocfg.eps, weight_decay=ocfg.weight_decay)
+        if self.offload:  # DeepSpeed's C++ AdamW over the host partitions (module docstring)
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(list(self.params.values()), adamw_mode=True, **adamw)
+        else:
+            optimizer = torch.optim.AdamW(list(self.params.values()), **adamw)
+        # DeepSpeed asserts LOCAL_RANK in the environment, which torchrun and its own launcher export: under srun,
+        # MPICH or as a single process it is ours (launch/env.py)
+        os.environ.setdefault("LOCAL_RANK", str(discover().local_rank))
+        _forget_destroyed_world()
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, config=ds_config(pcfg, ocfg, batch_size, dp), dist_init_required=False)
         self._init_adam_state()
@@ -90,10 +120,10 @@ class DeepSpeedEngine(Engine):
         moments), so that a resume has tensors to read into before any step (ZeRO-3 creates them lazily)."""
         inner = self.optimizer.optimizer
         flat = getattr(self.optimizer, "fp32_partitioned_groups_flat", None)  # ZeRO-3: its sub-groups' partitions
+        step = 0 if self.offload else torch.tensor(0.0)  # DeepSpeedCPUAdam's C++ op takes an int
         for p in flat if flat is not None else [p for g in inner.param_groups for p in g["params"]]:
             if not inner.state.get(p):
-                inner.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                                  "exp_avg_sq": torch.zeros_like(p)}
+                inner.state[p] = {"step": step, "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
 
     @classmethod
     def from_stage(cls, specs: dict, meshes: Meshes, pcfg: ParallelConfig, ocfg: OptimConfig, device: torch.device,
@@ -145,6 +175,7 @@ class DeepSpeedEngine(Engine):
         """The whole tensor whose ZeRO-3 flat partitions of ``p``'s layout the ranks hold as ``part`` (collective)."""
         if not hasattr(p, "ds_tensor"):
             return part.clone()
+        part = part.to(self.device)  # offloaded partitions live in host memory; NCCL gathers device tensors
         parts = [torch.empty_like(part) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, part.contiguous())
         return torch.cat(parts)[:p.ds_numel].view(p.ds_shape)
@@ -277,6 +308,19 @@ class DeepSpeedEngine(Engine):
         finally:
             for p, b in zip(params, backup):
                 self._set_held(p, b)
+
+
+def _forget_destroyed_world() -> None:
+    """DeepSpeed keeps its clone of the world group for the life of the process (``utils/groups.py``
+    ``_WORLD_GROUP``); after the process group it was made in is destroyed (a second run in one process: in-process
+    tests, a sweep), its collectives fail on the stale group. Forgotten here, DeepSpeed clones the current world."""
+    from deepspeed.utils import groups
+
+    if groups._WORLD_GROUP is not None:
+        try:
+            dist.get_process_group_ranks(groups._WORLD_GROUP)
+        except KeyError:  # not a group of the current world
+            groups._WORLD_GROUP = None
 
 
 class _EMA:

@@ -29,11 +29,14 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.placement_types import _StridedShard
 
-from difftrain.config import OptimConfig, ParallelConfig
+from difftrain.config import ConfigError, OptimConfig, ParallelConfig
 from difftrain.errors import DifftrainError
 from difftrain.parallelism.dims import Meshes
 from difftrain.parallelism.parallelize import parallelize
+from difftrain.parallelism.tensor_parallel import load_whole_into, savable
+from difftrain.train import apex
 from difftrain.train.ema import EMA, _local
 
 
@@ -102,10 +105,42 @@ def lr_table(ocfg: OptimConfig, total_steps: int, device: torch.device) -> torch
 
 @torch.no_grad()
 def local_grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
-    """Grad norm of these parameters over the data-parallel shards (DTensor norms reduce over the mesh)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
-    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+    """Grad norm of these parameters over the data-parallel and tensor-parallel shards (DTensor norms reduce over
+    their mesh). Under tensor parallelism the grads are of several kinds (plain, sharded on the tp mesh, on the 2-D
+    (dp, tp) mesh; strided): each kind's norm is taken apart, then combined."""
+    norms = []
+    for kind, group in grad_kinds(params).items():
+        grads = [p.grad for p in group]
+        if kind is not None and any(isinstance(p, _StridedShard) for p in kind[1]):
+            norms.append(_sharded_norm(grads))
+            continue
+        norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    if len(norms) == 1:
+        return norms[0]
+    return torch.stack([n.float() for n in norms]).square().sum().sqrt() if norms else torch.zeros(())
+
+
+def grad_kinds(params: list[nn.Parameter]) -> dict:
+    """The parameters that have a grad, by the grad's kind, (mesh, placements) or None for plain tensors: foreach
+    ops take one kind at a time."""
+    kinds: dict = {}
+    for p in params:
+        g = p.grad
+        if g is not None:
+            kinds.setdefault((g.device_mesh, g.placements) if isinstance(g, DTensor) else None, []).append(p)
+    return kinds
+
+
+def _sharded_norm(group: list) -> torch.Tensor:
+    """The 2-norm of DTensors sharded (strided or not) on every dim they are placed on: local squares summed over the
+    sharded mesh dims (DTensor's norm rule does not follow strided placements)."""
+    mesh, placements = group[0].device_mesh, group[0].placements
+    sq = torch.stack([g.to_local().float().square().sum() for g in group]).sum()
+    for dim, p in enumerate(placements):
+        if p.is_shard() or isinstance(p, _StridedShard):
+            dist.all_reduce(sq, group=mesh.get_group(dim))
+    return sq.sqrt()
 
 
 @torch.no_grad()
@@ -118,7 +153,8 @@ def clip_grad_norm_(params: list[nn.Parameter], max_norm: float, group=None) -> 
         dist.all_reduce(sq, group=group)
         norm = sq.sqrt()
     if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, norm, foreach=True)
+        for group in grad_kinds(params).values():
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, norm, foreach=True)
     return norm
 
 
@@ -182,7 +218,11 @@ class TorchEngine(Engine):
         self.modules = modules
         self.device = device
         self.kind = pcfg.engine
+        self.tp = pcfg.tp > 1
         done = set(modules) if wrapped is True else set(wrapped or ())
+        self.apex = apex.wanted(ocfg.impl, device)
+        for n in set(modules) - done if self.apex else ():
+            apex.fuse_norms(modules[n])
         self.models = {n: m if n in done else parallelize(m, meshes, pcfg, device) for n, m in modules.items()}
         self.container = nn.ModuleDict(self.models)  # one tree: parameter and state-dict names are NAME.*
         self.frozen: dict[str, nn.Module] = {}
@@ -194,9 +234,13 @@ class TorchEngine(Engine):
         self.lr_table = lr_table(ocfg, total_steps, device)
         self.updates = torch.zeros((), dtype=torch.long, device=device)  # applied updates (skipped steps excluded)
         self.lr_t = self.lr_table[:1].clone().reshape(())  # the param group's lr, rewritten in place each step
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=self.lr_t, betas=tuple(ocfg.betas), eps=ocfg.eps, weight_decay=ocfg.weight_decay,
-            fused=True)
+        if self.apex:  # a float lr, set before each step (its kernels take no device tensor)
+            self.optimizer = apex.fused_adamw(self.params, float(self.lr_t), tuple(ocfg.betas), ocfg.eps,
+                                              ocfg.weight_decay)
+        else:
+            self.optimizer = torch.optim.AdamW(
+                self.params, lr=self.lr_t, betas=tuple(ocfg.betas), eps=ocfg.eps, weight_decay=ocfg.weight_decay,
+                fused=True)
         # read by Adam.step and passed to the fused kernel, which skips the update where it is 1.0 (GradScaler's hook)
         self.optimizer.found_inf = torch.zeros((), dtype=torch.float32, device=device)
         self.ema = EMA(nn.ModuleDict(modules), ocfg.ema_decay)
@@ -233,6 +277,9 @@ class TorchEngine(Engine):
             if s.role == FROZEN:
                 engine.frozen[n] = build(n, s, False).requires_grad_(False).eval()
             elif s.role == DERIVED:  # the original's architecture, sharded as it is, holding a copy of its weights
+                if pcfg.tp > 1:
+                    raise ConfigError(f"config key 'parallel.tp' = {pcfg.tp}: this stage's derived module '{n}' (a "
+                                      "target network) is not split by tensor parallelism yet; use tp 1")
                 if s.of not in trainable:
                     raise ValueError(f"derived module '{n}' copies '{s.of}', which is not a trainable module")
                 module = spec_meta_copy(s, trainable[s.of], meshes, pcfg, device)
@@ -273,8 +320,14 @@ class TorchEngine(Engine):
     def step(self, step: int, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         norm = clip_grad_norm_(self.params, self.max_norm, self.norm_group)
         ok = agree_finite(norm, loss)
-        self.optimizer.found_inf = (~ok).to(torch.float32)
-        self.optimizer.step()
+        if self.apex:  # FusedAdam cannot skip on the device: decide on the host
+            if bool(ok):
+                for group in self.optimizer.param_groups:
+                    group["lr"] = float(self.lr_t)
+                self.optimizer.step()
+        else:
+            self.optimizer.found_inf = (~ok).to(torch.float32)
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.updates += ok
         self._set_lr()
@@ -315,6 +368,11 @@ class TorchEngine(Engine):
         return {k: v for k, v in sd.items() if k not in base}
 
     def state_dict(self) -> dict:
+        """Under tensor parallelism the strided shards (fused q/k/v) are whole here, everything else as held."""
+        out = self._state_dict()
+        return savable(out) if self.tp else out
+
+    def _state_dict(self) -> dict:
         model_sd = self._without_base(get_model_state_dict(self.container, options=self._sd_options), None)
         optim_sd = get_optimizer_state_dict(self.container, self.optimizer, options=self._sd_options)
         out = {"model": model_sd, "optim": optim_sd["state"], "ema": self.ema.state_dict()}
@@ -325,6 +383,8 @@ class TorchEngine(Engine):
         return out
 
     def load_state_dict(self, sd: dict, step: int, updates: int | None = None) -> None:
+        if self.tp:  # whole tensors (state_dict's) into the strided shards they stand for
+            sd = load_whole_into(self._state_dict(), sd)
         # without its base, a module's state is partial: the base keys keep the weights its source gave them
         partial = StateDictOptions(strict=False) if self.base_keys else self._sd_options
         set_model_state_dict(self.container, sd["model"], options=partial)
@@ -335,7 +395,7 @@ class TorchEngine(Engine):
                                  options=self._sd_options)
         self.ema.load_state_dict(sd["ema"])
         for group in self.optimizer.param_groups:  # load_state_dict put a deep copy of the lr tensor there
-            group["lr"] = self.lr_t
+            group["lr"] = float(self.lr_t) if self.apex else self.lr_t
         # the updates applied so far (skipped steps excluded): the train state's count; for older checkpoints the
         # optimizer's own step counters, whose maximum is it only when every step updates every parameter
         steps = [s["step"] for s in self.optimizer.state.values() if "step" in s]

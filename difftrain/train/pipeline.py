@@ -145,10 +145,10 @@ class PipelineEngine(TorchEngine):
     def ema_swapped_in(self):
         """``live()`` holds the whole model with every segment's EMA weights (gathered over the pp ranks) while
         inside: sampling and validation run it as usual. Needs the whole model to fit one device."""
-        from torch.distributed.tensor import DTensor
+        from difftrain.parallelism.tensor_parallel import full_tensor
 
         def whole(t):
-            return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu()
+            return full_tensor(t).detach().cpu()
 
         # the EMA of what trains, the live weights of what does not (a frozen base under model changes)
         mine = {n: whole(t) for n, t in self.pipe.union().named_parameters() if not t.requires_grad}

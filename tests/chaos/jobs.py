@@ -12,6 +12,9 @@ from pathlib import Path
 from tests.conftest import REPO
 from tests.distributed.test_resume import COMMON
 
+# the DeepSpeed engine's chaos cases: ZeRO-3 with every parameter partitioned (none kept whole on every rank)
+ZERO3 = ("parallel.engine=deepspeed", "parallel.zero_stage=3", "parallel.zero_persistence_threshold=0")
+
 
 class Job:
     """``difftrain train`` on the small test config, started at once; ``torchrun`` with ``nproc`` > 0 ranks."""

@@ -1,6 +1,7 @@
 """SIGTERM / SIGINT at any moment (startup, the first steps, sampling, a save in progress) ends a 2-rank torchrun job
 with a complete checkpoint of the last finished step, well inside torchrun's 30 s grace, every rank agreeing
-without waiting for a log step (log_every is larger than the run)."""
+without waiting for a log step (log_every is larger than the run); in the first steps also under the DeepSpeed
+engine (ZeRO-3, whose save gathers the partitions)."""
 import re
 import signal
 import time
@@ -8,7 +9,7 @@ import time
 import pytest
 
 from difftrain.train.checkpoint import MARKER, complete_checkpoints
-from tests.chaos.jobs import Job
+from tests.chaos.jobs import ZERO3, Job
 
 pytestmark = pytest.mark.slow
 LONG = ("run.steps=100000", "run.log_every=100000", "run.ckpt_every=0", "run.trace_samples=true")
@@ -35,8 +36,9 @@ def test_sigterm_during_startup_ends_at_once(digits, tmp_path):
     assert not job.leftovers()
 
 
-def test_sigterm_in_the_first_steps_saves_the_last_step(digits, tmp_path):
-    job = Job(tmp_path / "first", digits, *LONG)
+@pytest.mark.parametrize("engine", [(), ZERO3], ids=["ddp", "deepspeed_zero3"])
+def test_sigterm_in_the_first_steps_saves_the_last_step(digits, tmp_path, engine):
+    job = Job(tmp_path / "first", digits, *LONG, *engine)
     job.wait_for(lambda: job.trained(1), "step 1")
     sent = job.signal(signal.SIGTERM)  # the agent forwards it to the ranks
     job.wait(60)

@@ -3,7 +3,7 @@ and a corrupt file in the newest checkpoint is named in one line while the previ
 
 Every crafted payload is first shown to be live (plain ``pickle`` or stock DCP runs it: a marker file appears), then
 read through the entry points that read a run: ``difftrain export``, ``difftrain sample``, ``load_run_weights`` and a
-resume (``Trainer.maybe_resume``). The marker must not appear and the error is one line naming the file.
+resume (``Trainer.maybe_resume``, also under the DeepSpeed ZeRO-3 engine). The marker must not appear and the error is one line naming the file.
 In-process, on a real run trained here (one process, gloo) and real files; one slow test under torchrun checks that
 two FSDP2 ranks fall back together when only one rank's shard is corrupt, and finish like an uninterrupted run.
 """
@@ -13,6 +13,7 @@ import os
 import pickle
 import shutil
 import struct
+from unittest import mock
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,7 @@ from difftrain.train import checkpoint as ckpt
 from difftrain.train.build import check_init_from, load_weights_only, read_model_config
 from difftrain.train.sources import load_run_weights
 from difftrain.train.trainer import Trainer
+from tests.chaos.jobs import ZERO3
 from tests.conftest import REPO
 from tests.distributed.test_resume import COMMON, assert_same, assert_same_weights, train, weights
 from tests.unit.test_init_from import WEIGHTS, model as tiny_model
@@ -50,9 +52,9 @@ def run(digits, tmp_path_factory) -> Path:
     return d
 
 
-def _config(run_dir: Path, train: str):
+def _config(run_dir: Path, train: str, *extra: str):
     return load_config(REPO / COMMON[0], [*COMMON[1:], "run.steps=4", "run.ckpt_every=2", "data.num_workers=0",
-                                   f"data.train={train}", f"run.dir={run_dir}"])
+                                   f"data.train={train}", f"run.dir={run_dir}", *extra])
 
 
 def _close(trainer) -> None:
@@ -204,14 +206,20 @@ def via_load_run_weights(run_dir: Path, tmp_path: Path, capsys) -> str:
     return _one_line(err.value)
 
 
-def via_resume(run_dir: Path, tmp_path: Path, capsys) -> str:
-    trainer = Trainer(_config(run_dir, _train_spec(run_dir)))
+def via_resume(run_dir: Path, tmp_path: Path, capsys, *engine: str) -> str:
+    trainer = Trainer(_config(run_dir, _train_spec(run_dir), *engine))
     try:
         with pytest.raises(ckpt.CheckpointError) as err:
             trainer.maybe_resume()
     finally:
         _close(trainer)
     return _one_line(err.value)
+
+
+def via_resume_deepspeed(run_dir: Path, tmp_path: Path, capsys) -> str:
+    """The resume under the DeepSpeed engine (ZeRO-3), which reads through the same restricted reader."""
+    with mock.patch.dict(os.environ):  # the engine exports LOCAL_RANK for DeepSpeed (no launcher here)
+        return via_resume(run_dir, tmp_path, capsys, *ZERO3)
 
 
 def _train_spec(run_dir: Path) -> str:
@@ -223,7 +231,7 @@ def _one_line(e: BaseException) -> str:
     return str(e)
 
 
-ENTRY_POINTS = [via_export, via_sample, via_load_run_weights, via_resume]
+ENTRY_POINTS = [via_export, via_sample, via_load_run_weights, via_resume, via_resume_deepspeed]
 
 
 @pytest.mark.parametrize("entry", ENTRY_POINTS, ids=lambda f: f.__name__)

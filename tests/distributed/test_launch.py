@@ -5,10 +5,11 @@ one-process run of the same global batch (4 steps of a tiny DiT):
 - torchrun: two agents on this machine as two "nodes" (``--nnodes 2``, c10d rendezvous over 127.0.0.1)
 - mpirun -np 2 with no MASTER_ADDR / MASTER_PORT: mpi4py broadcasts rank 0's address and port
 - srun's environment (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID / SLURM_JOB_NODELIST / SLURM_JOB_ID), no MASTER_*
-- the deepspeed launcher with a ``localhost`` hostfile (no ssh: only localhost slots are tested here)
+- the deepspeed launcher with a ``localhost`` hostfile (no ssh: only localhost slots are tested here), running the
+  DDP engine and the DeepSpeed ZeRO-3 engine
 - every target's script parses (``bash -n``); a layout the config cannot run is refused before a script is written
 
-The four launched jobs are in the slow tier (~2.5-3.5 min together on the 2-core CPU machine); the script checks
+The five launched jobs are in the slow tier (~3-4 min together on the 2-core CPU machine); the script checks
 are not."""
 import os
 import shlex
@@ -132,9 +133,13 @@ def test_srun_environment_without_master_addr(reference, data, tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("deepspeed") is None, reason="the deepspeed launcher is not installed: "
                     "pip install -e .[cluster]")
-def test_deepspeed_launcher_on_localhost(reference, data, tmp_path):
+@pytest.mark.parametrize("engine", [(), ("parallel.engine=deepspeed", "parallel.zero_stage=3")],
+                         ids=["ddp", "deepspeed_zero3"])
+def test_deepspeed_launcher_on_localhost(reference, data, tmp_path, engine):
+    """Our engines under DeepSpeed's own launcher: DDP, and the ZeRO-3 engine (train/deepspeed_engine.py)."""
     d = tmp_path / "run"
-    script = _script(tmp_path, "deepspeed", 1, 2, "--port", str(_free_port()), overrides=[*data, f"run.dir={d}"])
+    script = _script(tmp_path, "deepspeed", 1, 2, "--port", str(_free_port()),
+                     overrides=[*data, *engine, f"run.dir={d}"])
     assert "localhost slots=2" in open(script).read()
     _run_together([["bash", script]], [_env()], tmp_path)
     _same_as_reference(d, reference)

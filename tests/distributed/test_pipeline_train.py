@@ -1,6 +1,5 @@
-"""Tier 2: the trainer with ``parallel.pp=2`` (2 gloo ranks, one launch; pp=2 x dp=2 with DDP and FSDP2 on 4)
-equals a single process on the same
-global batch: 1F1B and GPipe with the frozen work in the bubbles, 1F1B with it pre-computed, interleaved 1F1B
+"""Tier 2: the trainer with ``parallel.pp=2`` (2 gloo ranks, one launch; pp=2 x dp=2 with DDP and FSDP2, and
+pp=2 x tp=2, on 4) equals a single process on the same global batch: 1F1B and GPipe with the frozen work in the bubbles, 1F1B with it pre-computed, interleaved 1F1B
 and ZB-V with the balanced fallback, the UNet; and checkpoints cross between pipelined and plain runs both
 ways (resumed runs end where an uninterrupted single process ends). Weights are read back from each run's DCP
 checkpoint, which the segments write together."""
@@ -31,7 +30,9 @@ CASES = {
 }
 
 
-FOUR = {"dit_pp2_ddp2": "parallel.engine=ddp", "dit_pp2_fsdp2": "parallel.engine=fsdp2"}
+FOUR = {"dit_pp2_ddp2": "parallel.engine=ddp", "dit_pp2_fsdp2": "parallel.engine=fsdp2",
+        # tensor parallelism inside the segments (2 tp ranks per stage), sampled: the EMA gathered whole over pp x tp
+        "dit_pp2_tp2": "parallel.engine=fsdp2 parallel.tp=2 run.sample_every=5 run.sample_num=4 run.sample_steps=2"}
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +114,8 @@ def test_pipelined_run_logs_losses_and_samples(runs):
     from PIL import Image
 
     grids = [np.asarray(Image.open(runs / d / "samples" / "step_00000005.png"), dtype=np.int16)
-             for d in ("single_dit", "dit_1f1b_fill")]
-    assert grids[0].std() > 10 and np.abs(grids[0] - grids[1]).max() <= 2
+             for d in ("single_dit", "dit_1f1b_fill", "dit_pp2_tp2")]
+    assert grids[0].std() > 10 and np.abs(grids[0] - grids[1]).max() <= 2 and np.abs(grids[0] - grids[2]).max() <= 2
     ref, got = losses(runs / "single_dit"), losses(runs / "dit_1f1b_fill")
     assert len(got) == len(ref) == 5
     torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-4, atol=1e-5)

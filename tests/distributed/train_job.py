@@ -13,6 +13,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from difftrain.config_checks import load_config
 from difftrain.eval.validate import Validation
+from difftrain.parallelism.tensor_parallel import full_tensor
 from difftrain.sampling import SampleGrid
 from difftrain.train.trainer import Trainer
 
@@ -27,8 +28,11 @@ def main():
         cfg = load_config(path, words)
         trainer = Trainer(cfg, callbacks=[SampleGrid(), Validation()])
         trainer.fit()
-        sd = get_model_state_dict(trainer.engine.models[trainer.stage.served],
-                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        served = trainer.engine.models[trainer.stage.served]
+        if cfg.parallel.tp > 1:  # DTensor's full_tensor does not undo FSDP2 over tp's strided q/k/v rows
+            sd = {k: full_tensor(v).cpu() for k, v in get_model_state_dict(served).items()}
+        else:
+            sd = get_model_state_dict(served, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         ema = trainer.engine.ema.shadow.values()
         local = sum((t.to_local() if isinstance(t, DTensor) else t).numel() for t in ema)
         sizes = [None] * dist.get_world_size()

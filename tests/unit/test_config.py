@@ -94,7 +94,7 @@ def test_parallel_dims_inference(engine, rep, shard, world, expect):
     (dict(engine="ddp", dp_shard=2), 4, "config key 'parallel.dp_shard' must be 1 with parallel.engine=ddp"),
     (dict(engine="fsdp2", dp_replicate=3, dp_shard=-1), 4, "cannot infer parallel.dp_shard"),
     (dict(engine="fsdp2", dp_replicate=2, dp_shard=3), 4, "parallel.dp_replicate*dp_shard*tp*pp = 2*3*1*1 = 6"),
-    (dict(tp=2), 4, "config key 'parallel.tp' must be 1 for now"),
+    (dict(engine="fsdp2", tp=3), 4, "cannot infer parallel.dp_shard: the other dimensions (3) do not divide"),
 ])
 def test_parallel_dims_errors(kw, world, message):
     with pytest.raises(ConfigError) as e:

@@ -16,8 +16,9 @@ VARS = ["MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_
 
 @pytest.fixture()
 def environ(monkeypatch):
-    for v in VARS:
-        monkeypatch.delenv(v, raising=False)
+    for v in VARS:  # set, then deleted: monkeypatch then restores each (absent ones too) after what rendezvous writes
+        monkeypatch.setenv(v, "")
+        monkeypatch.delenv(v)
     monkeypatch.setenv("PATH", "/nonexistent")  # no scontrol: our own parser reads the node list
 
     def set_(**kv):

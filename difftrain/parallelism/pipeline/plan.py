@@ -80,8 +80,9 @@ def _params(m) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
-def preset_profile(name: str, hw: Hardware) -> tuple[Profile, int, str]:
-    """(per-sample profile, global batch, description) of a preset, counted on the meta device in bf16."""
+def preset_profile(name: str, hw: Hardware) -> tuple[Profile, int, str, torch.nn.Module]:
+    """(per-sample profile, global batch, description, the backbone on meta) of a preset, counted on the meta device
+    in bf16."""
     from difftrain.models.dit import DiT, DiTConfig
 
     p = PRESETS[name]
@@ -100,11 +101,12 @@ def preset_profile(name: str, hw: Hardware) -> tuple[Profile, int, str]:
                                  params=_params(text)),
                   profile_frozen("sd_vae_encoder", lambda: vae.encode(img).latent_dist.mean, "flops", hw,
                                  params=_params(vae.encoder) + _params(vae.quant_conv))]
-    return Profile(blocks, frozen, 1, hw.p2p_bw, hw.latency), p["global_batch"], p["about"]
+    return Profile(blocks, frozen, 1, hw.p2p_bw, hw.latency), p["global_batch"], p["about"], model
 
 
-def config_profile(path: str, hw: Hardware, overrides: tuple = ()) -> tuple[Profile, int, str]:
-    """The profile of a run config's model and encoders (built on meta from their config.json files)."""
+def config_profile(path: str, hw: Hardware, overrides: tuple = ()) -> tuple[Profile, int, str, torch.nn.Module]:
+    """The profile of a run config's model and encoders (built on meta from their config.json files), its global
+    batch, a description and the backbone on meta."""
     import json
 
     from difftrain.config import ConfigError
@@ -151,7 +153,7 @@ def config_profile(path: str, hw: Hardware, overrides: tuple = ()) -> tuple[Prof
         if STAGES[cfg.stage].carried(cfg):  # a target network's no-grad forward rides along: twice the rows forward
             blocks = [BlockCost(b.fwd * 2, b.bwd, b.out_bytes * 2, b.saved_bytes, b.params) for b in blocks]
     about = f"{m.name} at model size {m.image_size} from {path}"
-    return Profile(blocks, frozen, 1, hw.p2p_bw, hw.latency), cfg.data.batch_size, about
+    return Profile(blocks, frozen, 1, hw.p2p_bw, hw.latency), cfg.data.batch_size, about, model
 
 
 def stage_note(path: str, overrides: tuple = ()) -> tuple[str, bool]:
@@ -302,6 +304,40 @@ def _hidden(c: Candidate) -> float:
     return max(0.0, 1 - c.result.unplaced / frozen) if frozen else 1.0
 
 
+def engines_table(profile: Profile, model: torch.nn.Module, gpus: int, global_batch: int, hw: Hardware,
+                  headroom: float = 0.9) -> list[str]:
+    """Data parallelism over all ``gpus`` with each engine of ``memory.CASES``: the model state one rank holds
+    (``memory.predict``: fp32 weights, gradients, AdamW and EMA as difftrain keeps them), plus the simulated
+    activations of the fastest micro-batch count that fits, and that candidate's simulated iteration. ZeRO-1/2 move
+    DDP's gradient volume and ZeRO-3 FSDP's (Rajbhandari et al. 2020, sec. 7), so they are timed as those; offload
+    (host transfers) and tensor parallelism are not simulated (their activations are the data-parallel candidate's)."""
+    from difftrain.parallelism.memory import CASES, memory_table, predict, shapes_of
+
+    shapes = shapes_of(model)
+    cands = [c for c in candidates(profile, gpus, global_batch, hw) if c.pp == 1]
+    budget = headroom * hw.memory
+    lines = [f"engines on {gpus} x {hw.name}, data parallel, global batch {global_batch}: model state per rank "
+             f"(fp32 weights and gradients, AdamW, EMA) and simulated iteration",
+             "| engine | state GB | + activations GB (M) | fits | ms/iter | img/s |", "|---|---|---|---|---|---|"]
+    for case in CASES:
+        if gpus % case.tp:
+            continue
+        state = predict(shapes, case, gpus).total
+        timed = case.tp == 1 and not case.offload_optimizer
+        fsdp = case.engine == "fsdp2" or case.zero_stage == 3
+        mine = sorted((c for c in cands if c.fsdp == fsdp or gpus == 1), key=lambda c: -c.throughput)
+        fit = [c for c in mine if state + c.result.memory[0]["activations"] <= budget]
+        c = fit[0] if fit else min(mine, key=lambda c: c.result.memory[0]["activations"], default=None)
+        if c is None:
+            continue
+        act = c.result.memory[0]["activations"]
+        speed = (f"{c.result.time * 1e3:.4g} | {c.throughput:,.0f}" if timed else "not simulated | -")
+        lines.append(f"| {case.name} | {state / 1e9:.2f} | {act / 1e9:.2f} (M={c.n_mb}) | "
+                     f"{'yes' if fit else 'no'} | {speed} |")
+    lines += ["", "model state per rank by kind (memory.predict)", *memory_table(shapes, gpus)]
+    return lines
+
+
 def add_plan_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("config", help=f"a preset ({', '.join(PRESETS)}) or a run config YAML")
     ap.add_argument("overrides", nargs="*", help="the run config's dotted KEY=VALUE overrides (e.g. stage=progressive)")
@@ -309,19 +345,24 @@ def add_plan_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--hardware", default="h100", choices=sorted(HARDWARE))
     ap.add_argument("--global-batch", type=int, default=0, help="override the preset's / config's global batch")
     ap.add_argument("--timeline", default="", help="write the best plan's simulated iteration as a PNG")
+    ap.add_argument("--engines", action="store_true",
+                    help="also a table per engine (ddp, fsdp2, ZeRO-1/2/3, offload, tp=2): per-rank bytes of "
+                         "parameters, gradients, optimizer state and EMA, and the data-parallel iteration")
 
 
 def run_plan(a: argparse.Namespace) -> None:
     hw = HARDWARE[a.hardware]
     over = tuple(getattr(a, "overrides", ()) or ())
-    profile, batch, about = (preset_profile(a.config, hw) if a.config in PRESETS else
-                             config_profile(a.config, hw, over))
+    profile, batch, about, model = (preset_profile(a.config, hw) if a.config in PRESETS else
+                                    config_profile(a.config, hw, over))
     note, pipelined = stage_note(a.config, over) if a.config not in PRESETS else ("", True)
     batch = a.global_batch or batch
     cands = [c for c in candidates(profile, a.gpus, batch, hw) if pipelined or c.pp == 1]
     if note:
         print(note)
     print(explain(cands, a.gpus, hw, about, profile))
+    if getattr(a, "engines", False):
+        print("\n" + "\n".join(engines_table(profile, model, a.gpus, batch, hw)))
     best = max((c for c in cands if c.fits), key=lambda c: c.throughput, default=None)
     if a.timeline and best is not None:
         from difftrain.parallelism.pipeline.simulate import plot_timeline
