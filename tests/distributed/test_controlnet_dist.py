@@ -5,7 +5,7 @@ frozen base and the trainable modules in one sharded model): all end with the sa
 left out of the checkpoints; ``difftrain sample --control`` with scale 0 (or no control image) gives the base run's
 samples, with control it does not, and the export serves the same. The ControlNet on the class-conditional DiT
 (``cn``: PixArt-δ's branch) and on the text UNet (``ucn``: diffusers' ControlNetModel, control in pixels), the
-T2I-Adapter on the DiT (``ta``)."""
+T2I-Adapter on the DiT (``ta``); the DiT's ControlNet also under DeepSpeed ZeRO-3 (``cn_zero3``)."""
 from __future__ import annotations
 
 import sys
@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import run_cmd, torchrun
 from tests.distributed.test_consistency_dist import assert_close
+from tests.distributed.test_deepspeed_dist import DS3
 from tests.distributed.test_distill_stages import SMALL
 from tests.distributed.test_resume import checkpoint, part
 
@@ -50,12 +51,15 @@ def runs(digits, tmp_path_factory):
         one += [kind, f"{run} run.dir={out}/{kind}_single"]
         two += [f"{kind}_ddp", f"{run} run.dir={out}/{kind}_ddp",
                 f"{kind}_fsdp2", f"{run} parallel.engine=fsdp2 run.dir={out}/{kind}_fsdp2"]
+    # the DiT's ControlNet under DeepSpeed ZeRO-3 (every parameter partitioned; the frozen base outside DeepSpeed)
+    run = f"{small} {CHANGES['cn'][0]} {TRAIN} init_from={out}/base@ema"
+    two += ["cn_zero3", f"{run} {DS3} run.dir={out}/cn_zero3"]
     torchrun(1, ["tests/distributed/train_job.py", str(out / "single"), *one])
     torchrun(2, ["tests/distributed/train_job.py", str(out / "two"), *two])
     return out
 
 
-@pytest.mark.parametrize("run", [f"{k}_{e}" for k in CHANGES for e in ("ddp", "fsdp2")])
+@pytest.mark.parametrize("run", [f"{k}_{e}" for k in CHANGES for e in ("ddp", "fsdp2")] + ["cn_zero3"])
 def test_two_ranks_equal_one_process_and_train_only_the_change(runs, run):
     kind = run.split("_")[0]
     _, prefix, zero, _, _ = CHANGES[kind]

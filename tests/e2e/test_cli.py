@@ -81,7 +81,7 @@ def test_config_error_is_one_line_before_any_process_group(tmp_path):
     assert p.returncode == 2
     assert p.stderr.strip().splitlines() == [
         "difftrain: error: unknown config key 'optim.lrr'; valid keys in 'optim': lr, betas, weight_decay, eps, "
-        "warmup_steps, schedule, min_lr_ratio, grad_clip, grad_accum, ema_decay, max_bad_steps"]
+        "warmup_steps, schedule, min_lr_ratio, grad_clip, grad_accum, ema_decay, max_bad_steps, impl"]
     assert not any(tmp_path.iterdir())
 
 
