@@ -188,7 +188,7 @@ def _split(t: DTensor):
     return t.placements[tp], t.device_mesh["tp"], [(n, p) for n, p in zip(names, t.placements) if n != "tp"]
 
 
-def _tp_local_shape(t: DTensor, tp_placement, tp_size: int) -> torch.Size:
+def _tp_local_shape(t: DTensor, tp_size: int) -> torch.Size:
     shape = list(t.shape)
     shape[0] //= tp_size  # FusedColwiseParallel splits dim 0 evenly (check_tp: tp divides the heads)
     return torch.Size(shape)
@@ -201,7 +201,7 @@ def whole(t: DTensor) -> torch.Tensor:
     rows, which is how the shards were cut (DTensor's own full_tensor does not invert the nesting)."""
     tp_placement, tp_mesh, dp = _split(t)
     local = t.to_local()
-    tp_shape = _tp_local_shape(t, tp_placement, tp_mesh.size())
+    tp_shape = _tp_local_shape(t, tp_mesh.size())
     for name, p in dp:
         if p.is_replicate():
             continue
